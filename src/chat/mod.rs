@@ -1,0 +1,202 @@
+//! Message logic. A client operation runs on the caller's user shard ([`execute`]),
+//! which owns the caller's devices and conversation rows; it asks the conversation's
+//! shard ([`conv`]) for anything about messages. Deliveries go to each recipient's
+//! user shard ([`user`]).
+
+pub mod conv;
+pub mod filter;
+pub mod user;
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use prost::Message as _;
+
+use crate::codes::ApiError;
+use crate::ids::{self, ConvRef};
+use crate::limits;
+use crate::proto::pb::{
+    client_frame::Body, ConvType, PullDirection, PullMessagesRequest, SendMessageRequest,
+};
+use crate::shard::msg::ShardMsg;
+use crate::shard::Shard;
+
+pub use conv::ConvState;
+pub use user::UserState;
+
+/// Who is asking: from the connection or the HTTP token.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: String,
+    pub device: String,
+    pub admin: bool,
+}
+
+/// A checked send, for the conversation's shard.
+#[derive(Debug)]
+pub struct SendCmd {
+    pub conv_id: String,
+    pub conv_type: ConvType,
+    pub sender: String,
+    pub sender_device: String,
+    /// Everyone who gets the message (and a conversation row): both parties for p2p.
+    pub members: Vec<String>,
+    pub client_msg_id: String,
+    pub msg_type: i32,
+    pub content: String,
+    pub reply_to_msg_id: String,
+    pub at_users: Vec<String>,
+}
+
+/// A checked pull, for the conversation's shard.
+#[derive(Debug)]
+pub struct PullCmd {
+    pub conv_id: String,
+    pub user: String,
+    pub anchor_seq: i64,
+    pub limit: usize,
+    pub backward: bool,
+    /// The caller's clear_seq: nothing at or below it is returned.
+    pub clear_seq: i64,
+}
+
+/// Runs one client operation on the caller's user shard. Returns the encoded
+/// XxxResponse for the RESPONSE envelope (or the HTTP JSON reply).
+pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<Bytes, ApiError> {
+    let owner = shard.user_shard(&caller.user);
+    if owner != shard.id {
+        let caller = caller.clone();
+        return shard
+            .call(owner, move |reply| ShardMsg::Execute {
+                reply,
+                caller,
+                body: Box::new(body),
+            })
+            .await;
+    }
+    match body {
+        Body::Send(req) => send(shard, caller, req).await,
+        Body::Pull(req) => pull(shard, caller, req).await,
+        Body::Heartbeat(_) => Ok(crate::proto::pb::HeartbeatResponse {
+            server_ts: crate::proto::envelope::now_ms(),
+        }
+        .encode_to_vec()
+        .into()),
+        Body::PushAck(_) => Ok(Bytes::new()),
+        _ => Err(ApiError::invalid("operation not supported yet")),
+    }
+}
+
+async fn send(
+    shard: &Rc<Shard>,
+    caller: &Caller,
+    req: SendMessageRequest,
+) -> Result<Bytes, ApiError> {
+    let conv_type =
+        ConvType::try_from(req.conv_type).map_err(|_| ApiError::invalid("conv_type"))?;
+    ids::check_id("target", &req.target)?;
+    if req.client_msg_id.len() > limits::MAX_CLIENT_MSG_ID_LEN || req.client_msg_id.contains('\0') {
+        return Err(ApiError::invalid(format!(
+            "client_msg_id must be at most {} bytes without NUL",
+            limits::MAX_CLIENT_MSG_ID_LEN
+        )));
+    }
+    if !(0..=limits::MAX_USER_MSG_TYPE).contains(&req.msg_type) {
+        return Err(ApiError::invalid(
+            "msg_type must be 0-99 (100+ are system messages)",
+        ));
+    }
+    if req.at_users.len() > limits::MAX_AT_USERS {
+        return Err(ApiError::invalid("too many at_users"));
+    }
+    for u in &req.at_users {
+        ids::check_id("at_users", u)?;
+    }
+    if !req.reply_to_msg_id.is_empty() && ulid::Ulid::from_string(&req.reply_to_msg_id).is_err() {
+        return Err(ApiError::invalid("reply_to_msg_id must be a msg_id"));
+    }
+    let max = shard.cfg.max_content_bytes;
+    if req.content.len() > max {
+        return Err(ApiError::ContentTooLarge {
+            size: req.content.len(),
+            max,
+        });
+    }
+    let content = filter::apply(&shard.cfg, req.content)?;
+    let (conv_id, members) = match conv_type {
+        ConvType::P2p => {
+            if req.target == caller.user {
+                return Err(ApiError::invalid("target must be another user"));
+            }
+            (
+                ids::p2p_conv_id(&caller.user, &req.target),
+                vec![caller.user.clone(), req.target.clone()],
+            )
+        }
+        ConvType::Group => {
+            return Err(ApiError::invalid(
+                "group conversations are not supported yet",
+            ))
+        }
+        ConvType::Unspecified => return Err(ApiError::invalid("conv_type must be P2P or GROUP")),
+    };
+    user::take_send_token(shard, &caller.user)?;
+    let cmd = SendCmd {
+        conv_id,
+        conv_type,
+        sender: caller.user.clone(),
+        sender_device: caller.device.clone(),
+        members,
+        client_msg_id: req.client_msg_id,
+        msg_type: req.msg_type,
+        content,
+        reply_to_msg_id: req.reply_to_msg_id,
+        at_users: req.at_users,
+    };
+    let target = shard.conv_shard(&cmd.conv_id);
+    shard
+        .call(target, |reply| ShardMsg::Send {
+            reply,
+            send: Box::new(cmd),
+        })
+        .await
+}
+
+async fn pull(
+    shard: &Rc<Shard>,
+    caller: &Caller,
+    req: PullMessagesRequest,
+) -> Result<Bytes, ApiError> {
+    let conv = ConvRef::parse(&req.conv_id)?;
+    if let ConvRef::P2p { .. } = conv {
+        if !conv.p2p_has(&caller.user) {
+            return Err(ApiError::Forbidden("not a member of this conversation"));
+        }
+    }
+    let direction =
+        PullDirection::try_from(req.direction).map_err(|_| ApiError::invalid("direction"))?;
+    if req.anchor_seq < 0 {
+        return Err(ApiError::invalid("anchor_seq must be >= 0"));
+    }
+    let limit = match req.limit {
+        l if l < 0 => return Err(ApiError::invalid("limit must be >= 0")),
+        0 => limits::PULL_DEFAULT_LIMIT,
+        l => l.min(limits::PULL_MAX_LIMIT),
+    } as usize;
+    let clear_seq = user::row_of(shard, &caller.user, &req.conv_id)?.map_or(0, |r| r.clear_seq);
+    let cmd = PullCmd {
+        conv_id: req.conv_id,
+        user: caller.user.clone(),
+        anchor_seq: req.anchor_seq,
+        limit,
+        backward: direction == PullDirection::Backward,
+        clear_seq,
+    };
+    let target = shard.conv_shard(&cmd.conv_id);
+    shard
+        .call(target, |reply| ShardMsg::Pull {
+            reply,
+            pull: Box::new(cmd),
+        })
+        .await
+}

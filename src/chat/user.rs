@@ -1,0 +1,157 @@
+//! The user side, on the user's shard: online devices, conversation rows, the send
+//! rate limit, and delivery of pushes to devices.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use crate::codes::ApiError;
+use crate::ids::ConvRef;
+use crate::proto::envelope::now_ms;
+use crate::proto::store_pb::ConvRow;
+use crate::shard::conn::Conn;
+use crate::shard::msg::Delivery;
+use crate::shard::Shard;
+use crate::store::embedded::WriteSet;
+
+/// A user this shard owns. Kept small: an online user with one device costs this
+/// struct, its map key and one `Rc` per device.
+#[derive(Default)]
+pub struct UserState {
+    /// Online connections, at most one per device.
+    pub conns: Vec<Rc<Conn>>,
+    /// Conversation rows by conv_id, loaded from the store on first use.
+    rows: Option<Box<HashMap<String, ConvRow>>>,
+    /// Send tokens left (token bucket, refilled at `rate_limit` per second).
+    tokens: f32,
+    /// When the bucket was last refilled, ms since the epoch (0 = never).
+    refilled_at: i64,
+}
+
+/// Adds a connection; returns the one it replaces (same device), if any.
+pub fn register(shard: &Shard, conn: &Rc<Conn>) -> Option<Rc<Conn>> {
+    let mut users = shard.users.borrow_mut();
+    let u = users.entry(conn.user.to_string()).or_default();
+    let old = u
+        .conns
+        .iter()
+        .position(|c| c.device == conn.device)
+        .map(|i| u.conns.swap_remove(i));
+    u.conns.push(conn.clone());
+    old
+}
+
+/// Removes a connection that ended; drops the user's entry when nothing else is kept.
+pub fn unregister(shard: &Shard, conn: &Rc<Conn>) {
+    let mut users = shard.users.borrow_mut();
+    if let Some(u) = users.get_mut(&*conn.user) {
+        u.conns.retain(|c| c.id != conn.id);
+        if u.conns.is_empty() && u.rows.is_none() {
+            users.remove(&*conn.user);
+        }
+    }
+}
+
+/// Takes one send token, or answers 42901.
+pub fn take_send_token(shard: &Shard, user: &str) -> Result<(), ApiError> {
+    let rate = shard.cfg.rate_limit as f32;
+    if rate == 0.0 {
+        return Ok(());
+    }
+    let burst = rate * 2.0;
+    let now = now_ms();
+    let mut users = shard.users.borrow_mut();
+    let u = users.entry(user.to_string()).or_default();
+    let elapsed = if u.refilled_at == 0 {
+        f32::MAX
+    } else {
+        (now - u.refilled_at).max(0) as f32 / 1000.0
+    };
+    u.tokens = (u.tokens + elapsed * rate).min(burst);
+    u.refilled_at = now;
+    if u.tokens >= 1.0 {
+        u.tokens -= 1.0;
+        Ok(())
+    } else {
+        Err(ApiError::RateLimited)
+    }
+}
+
+/// Runs `f` on the user's rows, loading them from the store first if needed.
+fn with_rows<R>(
+    shard: &Shard,
+    user: &str,
+    f: impl FnOnce(&mut HashMap<String, ConvRow>) -> R,
+) -> Result<R, ApiError> {
+    let mut users = shard.users.borrow_mut();
+    let u = users.entry(user.to_string()).or_default();
+    if u.rows.is_none() {
+        let loaded: HashMap<String, ConvRow> = shard.store.rows(user)?.into_iter().collect();
+        u.rows = Some(Box::new(loaded));
+    }
+    match u.rows.as_deref_mut() {
+        Some(rows) => Ok(f(rows)),
+        None => Err(ApiError::Internal("rows not loaded".into())),
+    }
+}
+
+/// The caller's row of a conversation, if it has one.
+pub fn row_of(shard: &Shard, user: &str, conv_id: &str) -> Result<Option<ConvRow>, ApiError> {
+    with_rows(shard, user, |rows| rows.get(conv_id).cloned())
+}
+
+/// Updates the recipients' rows (creating them on the first message) and writes the
+/// pushed frame to every online device but the sending one.
+pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
+    let conv = match ConvRef::parse(&d.conv_id) {
+        Ok(c) => c,
+        Err(_) => return,
+    };
+    let mut write = WriteSet::new();
+    for user in &d.users {
+        let changed = with_rows(shard, user, |rows| {
+            let mut changed = false;
+            let row = rows.entry(d.conv_id.clone()).or_insert_with(|| {
+                changed = true;
+                ConvRow {
+                    conv_type: conv.conv_type() as i32,
+                    target: match &conv {
+                        ConvRef::P2p { .. } => conv.p2p_peer(user).unwrap_or_default().to_string(),
+                        ConvRef::Group { group } => group.to_string(),
+                    },
+                    created_at: d.send_time,
+                    ..ConvRow::default()
+                }
+            });
+            if row.deleted && d.seq > row.clear_seq {
+                row.deleted = false;
+                changed = true;
+            }
+            row.max_seq = row.max_seq.max(d.seq);
+            row.updated_at = row.updated_at.max(d.send_time);
+            changed.then(|| row.clone())
+        });
+        match changed {
+            Ok(Some(row)) => {
+                write.row(user, &d.conv_id, &row);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, user, "conversation row not updated"),
+        }
+        let conns: Vec<Rc<Conn>> = shard
+            .users
+            .borrow()
+            .get(user.as_str())
+            .map(|u| u.conns.clone())
+            .unwrap_or_default();
+        for c in conns {
+            if *c.user == *d.except_user && *c.device == *d.except_device {
+                continue;
+            }
+            shard.counters.pushes.set(shard.counters.pushes.get() + 1);
+            c.send(shard, d.frame.clone());
+        }
+    }
+    if !write.is_empty() {
+        shard.store.stage_detached(write);
+    }
+}

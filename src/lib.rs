@@ -1,0 +1,31 @@
+//! imshard: a thread-per-core instant-messaging connection server.
+//!
+//! # Layout
+//! - [`server`]: start-up (threads, pinning, runtimes) and shutdown.
+//! - [`shard`]: the per-core runtime. A [`shard::Shard`] owns, on its one thread, the
+//!   connections and conversation rows of the users with `hash(user) % N == i` and the
+//!   seq counters, messages and dedupe of conversations with `hash(conv) % N == i`.
+//!   [`shard::ring`]: SPSC rings between shards; [`shard::msg`]: every message they
+//!   carry; [`shard::conn`]: a WebSocket connection; [`shard::accept`]: accept,
+//!   upgrade, hand-over; [`shard::timer`]: the heartbeat wheel.
+//! - [`chat`]: message logic. [`chat::execute`] runs a client operation on the
+//!   caller's shard; [`chat::conv`] is the conversation side (seq, dedupe, durable
+//!   send, pull); [`chat::user`] the user side (devices, rows, delivery).
+//! - [`api`]: the HTTP JSON API, `/healthz`, `/metrics`.
+//! - [`proto`]: wire formats: protobuf types, WebSocket frames, HTTP, envelopes.
+//! - [`store`]: the storage interface and its embedded (fjall) backend.
+//! - [`auth`]: JWT verification and minting; [`config`]: flags, env, TOML.
+//! - [`codes`]: error codes, close codes, kick reasons; [`limits`]: protocol limits;
+//!   [`ids`]: identifiers and conversation ids.
+
+pub mod api;
+pub mod auth;
+pub mod chat;
+pub mod codes;
+pub mod config;
+pub mod ids;
+pub mod limits;
+pub mod proto;
+pub mod server;
+pub mod shard;
+pub mod store;

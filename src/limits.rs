@@ -1,0 +1,29 @@
+//! Fixed limits of the protocol (PROTOCOL.md). Configurable limits live in `config`.
+
+/// Identifiers (user, device, group): 1 to this many characters of `[A-Za-z0-9_.@]`.
+pub const MAX_ID_LEN: usize = 64;
+/// Pull: default and maximum `limit`.
+pub const PULL_DEFAULT_LIMIT: i32 = 50;
+pub const PULL_MAX_LIMIT: i32 = 200;
+/// GetMessagesByIds: 1 to this many ids.
+pub const BY_IDS_MAX: usize = 50;
+/// GetConversations: default and maximum page size.
+pub const CONV_PAGE_DEFAULT: i32 = 50;
+pub const CONV_PAGE_MAX: i32 = 200;
+/// GetUnread: default and maximum messages per conversation.
+pub const UNREAD_PER_CONV_DEFAULT: i32 = 50;
+pub const UNREAD_PER_CONV_MAX: i32 = 200;
+/// The dedupe window for (sender, client_msg_id).
+pub const DEDUPE_WINDOW_MS: i64 = 24 * 3600 * 1000;
+/// client_msg_id: at most this many bytes.
+pub const MAX_CLIENT_MSG_ID_LEN: usize = 128;
+/// at_users: at most this many entries.
+pub const MAX_AT_USERS: usize = 100;
+/// msg_type: user messages are 0..=99; 100+ are system messages the server writes.
+pub const MAX_USER_MSG_TYPE: i32 = 99;
+/// An HTTP request head (request line and headers) may be at most this long.
+pub const MAX_HTTP_HEAD: usize = 16 * 1024;
+/// At most this many headers in an HTTP request.
+pub const MAX_HTTP_HEADERS: usize = 32;
+/// Control frames carry at most 125 bytes (RFC 6455).
+pub const MAX_CONTROL_PAYLOAD: usize = 125;

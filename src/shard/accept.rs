@@ -1,0 +1,187 @@
+//! Accepting: every shard listens on the same port (SO_REUSEPORT), reads the HTTP
+//! request, and either upgrades it to a WebSocket (after checking the JWT; handing the
+//! socket to the user's shard when that is another one) or serves the HTTP API.
+
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::time::Duration;
+
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::{ListenerOpts, TcpListener, TcpStream};
+
+use super::conn::{self, Upgrade};
+use super::msg::{HandOver, ShardMsg};
+use super::Shard;
+use crate::codes::ApiError;
+use crate::proto::http::{self, Head, HttpError};
+
+/// How long a client may take to send a request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest HTTP request body (JSON API).
+const MAX_BODY: usize = 2 << 20;
+
+/// Binds this shard's listener on the shared port.
+pub fn bind(shard: &Shard) -> std::io::Result<TcpListener> {
+    let opts = ListenerOpts::new()
+        .reuse_port(true)
+        .reuse_addr(true)
+        .backlog(65535);
+    TcpListener::bind_with_config(shard.cfg.listen, &opts)
+}
+
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                monoio::spawn(serve_http(shard.clone(), stream));
+            }
+            Err(e) => {
+                // Out of descriptors (EMFILE/ENFILE): back off instead of spinning.
+                tracing::warn!(error = %e, shard = shard.id, "accept failed");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Reads one request head (and body) from `stream`, within the head timeout.
+async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<Option<(Head, Vec<u8>)>, HttpError> {
+    let read_all = async {
+        loop {
+            if let Some((head, n)) = http::parse_head(buf, MAX_BODY)? {
+                let need = n + head.content_length;
+                while buf.len() < need {
+                    if !read_more(stream, buf).await {
+                        return Ok(None);
+                    }
+                }
+                let body = buf[n..need].to_vec();
+                buf.drain(..need);
+                return Ok(Some((head, body)));
+            }
+            if !read_more(stream, buf).await {
+                return Ok(None);
+            }
+        }
+    };
+    match monoio::time::timeout(HEAD_TIMEOUT, read_all).await {
+        Ok(r) => r,
+        Err(_) => Ok(None),
+    }
+}
+
+/// Appends what the socket has to `buf`; false at EOF or error.
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    let chunk = Vec::with_capacity(4096);
+    let (res, chunk) = stream.read(chunk).await;
+    match res {
+        Ok(n) if n > 0 => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+        _ => false,
+    }
+}
+
+async fn serve_http(shard: Rc<Shard>, mut stream: TcpStream) {
+    let mut buf = Vec::new();
+    loop {
+        let (head, body) = match read_request(&mut stream, &mut buf).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                let reply = http::response(
+                    e.status(),
+                    "application/json",
+                    error_json(&e.api_error()).as_bytes(),
+                    false,
+                );
+                let _ = stream.write_all(reply).await;
+                return;
+            }
+        };
+        if head.path == "/ws" {
+            let leftover = std::mem::take(&mut buf);
+            upgrade(shard, stream, head, leftover).await;
+            return;
+        }
+        let keep_alive = head.keep_alive;
+        let reply = crate::api::handle(&shard, &head, &body).await;
+        if stream.write_all(reply).await.0.is_err() || !keep_alive {
+            return;
+        }
+    }
+}
+
+fn error_json(e: &ApiError) -> String {
+    serde_json::json!({"code": e.code(), "message": e.to_string(), "data": null,
+        "timestamp": crate::proto::envelope::now_ms()})
+    .to_string()
+}
+
+/// Checks an upgrade request and its token; hands it to the user's shard.
+async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: Head, leftover: Vec<u8>) {
+    let checked = check_upgrade(&shard, &head);
+    let (claims, key) = match checked {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = stream.write_all(http::json_err(&e, false)).await;
+            return;
+        }
+    };
+    let up = Upgrade {
+        user: claims.sub,
+        device: claims.did,
+        device_type: claims.dty,
+        ws_key: key,
+        leftover,
+    };
+    let owner = shard.user_shard(&up.user);
+    if owner == shard.id {
+        conn::upgrade(shard, stream, up).await;
+        return;
+    }
+    let raw = stream.into_raw_fd();
+    // SAFETY: `into_raw_fd` gave up the stream's ownership of this descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    shard.post(
+        owner,
+        ShardMsg::HandOver(Box::new(HandOver {
+            fd,
+            user: up.user,
+            device: up.device,
+            device_type: up.device_type,
+            ws_key: up.ws_key,
+            leftover: up.leftover,
+        })),
+    );
+}
+
+fn check_upgrade(shard: &Shard, head: &Head) -> Result<(crate::auth::Claims, String), ApiError> {
+    if head.method != "GET" {
+        return Err(ApiError::invalid("WebSocket upgrade must be GET"));
+    }
+    let token = head
+        .token()
+        .ok_or(ApiError::Unauthenticated("missing token"))?;
+    let claims = shard.verifier.verify(&token).map_err(ApiError::from)?;
+    if !head
+        .header("upgrade")
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+        || !head.header_has_token("connection", "upgrade")
+    {
+        return Err(ApiError::invalid("expected a WebSocket upgrade request"));
+    }
+    if head.header("sec-websocket-version") != Some("13") {
+        return Err(ApiError::invalid("Sec-WebSocket-Version must be 13"));
+    }
+    let key = head
+        .header("sec-websocket-key")
+        .filter(|k| !k.is_empty())
+        .ok_or(ApiError::invalid("missing Sec-WebSocket-Key"))?;
+    Ok((claims, key.to_string()))
+}

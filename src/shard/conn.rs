@@ -1,0 +1,449 @@
+//! A WebSocket connection owned by its user's shard.
+//!
+//! Memory while idle is the [`Conn`] struct, the reader task waiting on a readiness
+//! poll (an io_uring PollAdd, no buffer), one wheel entry and the user's entry in the
+//! shard map. A read buffer is borrowed from the shard's pool only while bytes are
+//! being read; a partial frame is the only thing a connection keeps between reads.
+//!
+//! Writes are coalesced: frames queue in `out` and one writer task per busy connection
+//! drains the queue with a single write per batch. A connection whose queue passes
+//! `outbound_queue_bytes` is cut (slow reader): it resyncs by seq on reconnect, and
+//! nothing is lost because everything pushed was already stored.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
+use prost::Message as _;
+
+use super::msg::HandOver;
+use super::Shard;
+use crate::chat::{self, Caller};
+use crate::codes::{close, kick, ApiError};
+use crate::proto::envelope::{self, decode_client_frame, FrameError};
+use crate::proto::pb::{client_frame::Body, HeartbeatResponse};
+use crate::proto::{http, ws};
+
+/// Bytes read per readiness wake-up (the pooled buffer size).
+const READ_CHUNK: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Open,
+    /// A close frame is queued; the socket shuts down once the queue is written.
+    Closing,
+    Closed,
+}
+
+/// One connection. Shared (`Rc`) by the reader task, the writer task while it runs,
+/// the user's device list and (weakly) the timer wheel.
+pub struct Conn {
+    pub id: u64,
+    pub user: Box<str>,
+    pub device: Box<str>,
+    pub device_type: Box<str>,
+    fd: RawFd,
+    phase: Cell<Phase>,
+    /// Frames waiting to be written, and their total size.
+    out: RefCell<VecDeque<Bytes>>,
+    out_bytes: Cell<usize>,
+    /// The write half; taken by the writer task while it writes.
+    writer: RefCell<Option<OwnedWriteHalf<TcpStream>>>,
+    writing: Cell<bool>,
+    /// Wheel second of the last frame received.
+    pub last_active: Cell<u32>,
+}
+
+impl Conn {
+    pub fn is_open(&self) -> bool {
+        self.phase.get() == Phase::Open
+    }
+
+    /// Queues a frame; starts the writer if it is not running. Cuts a slow reader.
+    pub fn send(self: &Rc<Self>, shard: &Rc<Shard>, frame: Bytes) {
+        if self.phase.get() != Phase::Open {
+            return;
+        }
+        let size = self.out_bytes.get() + frame.len();
+        if size > shard.cfg.outbound_queue_bytes {
+            shard
+                .counters
+                .slow_reader_cuts
+                .set(shard.counters.slow_reader_cuts.get() + 1);
+            self.out.borrow_mut().clear();
+            self.out_bytes.set(0);
+            self.close(shard, close::KICKED, Some(kick::SLOW_READER));
+            return;
+        }
+        self.out_bytes.set(size);
+        self.out.borrow_mut().push_back(frame);
+        self.start_writer();
+    }
+
+    /// Queues an optional KICKOUT and a close frame, then shuts the socket down.
+    pub fn close(self: &Rc<Self>, shard: &Rc<Shard>, code: u16, kick_reason: Option<&str>) {
+        if self.phase.get() != Phase::Open {
+            return;
+        }
+        if let Some(reason) = kick_reason {
+            self.send(shard, envelope::kickout_frame(reason));
+        }
+        self.push_raw(ws::close_frame(code, kick_reason.unwrap_or("")));
+        self.phase.set(Phase::Closing);
+        self.start_writer();
+    }
+
+    /// Ends the connection now, without writing anything more.
+    pub fn abort(&self) {
+        if self.phase.replace(Phase::Closed) != Phase::Closed {
+            // SAFETY: plain syscall on a descriptor this connection owns; shutting
+            // down wakes the reader (EOF) and fails a pending write.
+            unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        }
+    }
+
+    fn push_raw(&self, frame: Bytes) {
+        self.out_bytes.set(self.out_bytes.get() + frame.len());
+        self.out.borrow_mut().push_back(frame);
+    }
+
+    fn start_writer(self: &Rc<Self>) {
+        if !self.writing.replace(true) {
+            monoio::spawn(write_loop(self.clone()));
+        }
+    }
+}
+
+/// Drains the queue: one write per batch of frames.
+async fn write_loop(conn: Rc<Conn>) {
+    let Some(mut w) = conn.writer.borrow_mut().take() else {
+        conn.writing.set(false);
+        return;
+    };
+    loop {
+        let batch = {
+            let mut q = conn.out.borrow_mut();
+            match q.len() {
+                0 => None,
+                1 => q.pop_front(),
+                _ => {
+                    let mut buf = BytesMut::with_capacity(conn.out_bytes.get());
+                    for f in q.drain(..) {
+                        buf.extend_from_slice(&f);
+                    }
+                    Some(buf.freeze())
+                }
+            }
+        };
+        let Some(batch) = batch else { break };
+        conn.out_bytes
+            .set(conn.out_bytes.get().saturating_sub(batch.len()));
+        let (res, _) = w.write_all(batch).await;
+        if res.is_err() {
+            conn.abort();
+            break;
+        }
+    }
+    *conn.writer.borrow_mut() = Some(w);
+    conn.writing.set(false);
+    if conn.phase.get() == Phase::Closing {
+        conn.abort();
+    }
+}
+
+/// Called on the owning shard for a connection another shard accepted.
+pub fn adopt(shard: &Rc<Shard>, h: HandOver) {
+    shard
+        .counters
+        .handovers
+        .set(shard.counters.handovers.get() + 1);
+    // SAFETY: the fd came out of a TcpStream on the accepting shard (into_raw_fd) and
+    // nothing else owns it.
+    let std_stream = unsafe { std::net::TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
+    match TcpStream::from_std(std_stream) {
+        Ok(stream) => {
+            monoio::spawn(upgrade(
+                shard.clone(),
+                stream,
+                Upgrade {
+                    user: h.user,
+                    device: h.device,
+                    device_type: h.device_type,
+                    ws_key: h.ws_key,
+                    leftover: h.leftover,
+                },
+            ));
+        }
+        Err(e) => tracing::warn!(error = %e, "handed-over socket unusable"),
+    }
+}
+
+/// An authenticated upgrade request, ready for the 101.
+pub struct Upgrade {
+    pub user: String,
+    pub device: String,
+    pub device_type: String,
+    pub ws_key: String,
+    pub leftover: Vec<u8>,
+}
+
+/// Answers 101, registers the connection (replacing one of the same device) and runs
+/// its reader until it closes.
+pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, up: Upgrade) {
+    let resp = http::upgrade_response(&ws::accept_key(up.ws_key.as_bytes()));
+    if stream.write_all(resp).await.0.is_err() {
+        return;
+    }
+    let fd = stream.as_raw_fd();
+    let (rd, wr) = stream.into_split();
+    let now = shard.timers.borrow().now();
+    let id = shard.next_conn_id.get();
+    shard.next_conn_id.set(id + 1);
+    let conn = Rc::new(Conn {
+        id,
+        user: up.user.into_boxed_str(),
+        device: up.device.into_boxed_str(),
+        device_type: up.device_type.into_boxed_str(),
+        fd,
+        phase: Cell::new(Phase::Open),
+        out: RefCell::new(VecDeque::new()),
+        out_bytes: Cell::new(0),
+        writer: RefCell::new(Some(wr)),
+        writing: Cell::new(false),
+        last_active: Cell::new(now),
+    });
+    {
+        let mut timers = shard.timers.borrow_mut();
+        let at = now + timers.timeout();
+        timers.insert(Rc::downgrade(&conn), at);
+    }
+    if let Some(old) = chat::user::register(&shard, &conn) {
+        old.close(&shard, close::KICKED, Some(kick::REPLACED));
+    }
+    shard
+        .counters
+        .connections
+        .set(shard.counters.connections.get() + 1);
+    shard
+        .counters
+        .connections_total
+        .set(shard.counters.connections_total.get() + 1);
+    read_loop(&shard, &conn, rd, up.leftover).await;
+    conn.abort();
+    chat::user::unregister(&shard, &conn);
+    shard
+        .counters
+        .connections
+        .set(shard.counters.connections.get() - 1);
+}
+
+/// Reads frames until the peer goes away or the connection is closed.
+async fn read_loop(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    mut rd: OwnedReadHalf<TcpStream>,
+    mut pending: Vec<u8>,
+) {
+    let mut assembler = ws::Assembler::default();
+    let max = shard.cfg.max_frame_bytes;
+    let mut last_read_full = false;
+    loop {
+        if !pending.is_empty() && !process(shard, conn, &mut pending, &mut assembler, max) {
+            return;
+        }
+        if conn.phase.get() == Phase::Closed {
+            return;
+        }
+        while shard.ring.backlog() > super::ring::BACKLOG_HIGH {
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        if !last_read_full && pending.is_empty() {
+            // SAFETY: monoio's split halves share the stream through an UnsafeCell the
+            // same way its own read and write futures do; `readable` only clones the
+            // fd into a PollAdd op and never touches the stream's other state.
+            let stream = unsafe { &*rd.0.get() };
+            if stream.readable(false).await.is_err() {
+                return;
+            }
+        }
+        let buf = shard.take_read_buf(READ_CHUNK);
+        let (res, buf) = rd.read(buf).await;
+        match res {
+            Ok(0) | Err(_) => {
+                shard.give_read_buf(buf);
+                return;
+            }
+            Ok(n) => {
+                last_read_full = n == buf.capacity();
+                conn.last_active.set(shard.timers.borrow().now());
+                if pending.is_empty() {
+                    let mut data = buf;
+                    let ok = process(shard, conn, &mut data, &mut assembler, max);
+                    if !ok {
+                        return;
+                    }
+                    // Keep only the partial frame; the buffer goes back to the pool.
+                    if !data.is_empty() {
+                        pending = data.clone();
+                    }
+                    shard.give_read_buf(data);
+                } else {
+                    pending.extend_from_slice(&buf);
+                    shard.give_read_buf(buf);
+                }
+            }
+        }
+    }
+}
+
+/// Parses and handles every complete frame at the front of `data`, leaving the rest.
+/// Returns false when the connection must stop reading.
+fn process(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    data: &mut Vec<u8>,
+    asm: &mut ws::Assembler,
+    max: usize,
+) -> bool {
+    let mut used = 0;
+    let keep_going = loop {
+        match ws::parse_client_frame(&data[used..], max) {
+            Ok(None) => break true,
+            Ok(Some((frame, n))) => {
+                used += n;
+                match asm.push(frame, max) {
+                    Ok(None) => {}
+                    Ok(Some(msg)) => {
+                        if !on_message(shard, conn, msg) {
+                            break false;
+                        }
+                    }
+                    Err(e) => {
+                        conn.close(shard, e.close_code(), None);
+                        break false;
+                    }
+                }
+            }
+            Err(e) => {
+                conn.close(shard, e.close_code(), None);
+                break false;
+            }
+        }
+    };
+    data.drain(..used);
+    keep_going
+}
+
+fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: ws::Message) -> bool {
+    match msg {
+        ws::Message::Binary(payload) => on_client_frame(shard, conn, &payload),
+        ws::Message::Text(_) => {
+            conn.close(shard, close::UNSUPPORTED_DATA, None);
+            false
+        }
+        ws::Message::Ping(p) => {
+            conn.send(shard, ws::frame(ws::PONG, &p));
+            true
+        }
+        ws::Message::Pong => true,
+        ws::Message::Close(_) => {
+            conn.close(shard, close::NORMAL, None);
+            false
+        }
+    }
+}
+
+fn on_client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, payload: &[u8]) -> bool {
+    let frame = match decode_client_frame(payload) {
+        Ok(f) => f,
+        Err(FrameError::Invalid { req_id }) => {
+            let err = ApiError::invalid("frame is not a valid ClientFrame");
+            conn.send(shard, envelope::response_frame(req_id, Err(err)));
+            return true;
+        }
+        Err(FrameError::Undecodable) => {
+            conn.close(shard, close::INVALID_PAYLOAD, None);
+            return false;
+        }
+    };
+    let req_id = frame.req_id;
+    match frame.body {
+        None => {
+            if req_id != 0 {
+                let err = ApiError::invalid("ClientFrame has no body");
+                conn.send(shard, envelope::response_frame(req_id, Err(err)));
+            }
+        }
+        Some(Body::Heartbeat(_)) => {
+            if req_id != 0 {
+                let body = HeartbeatResponse {
+                    server_ts: envelope::now_ms(),
+                }
+                .encode_to_vec();
+                conn.send(shard, envelope::response_frame(req_id, Ok(body.into())));
+            }
+        }
+        Some(Body::PushAck(_)) => {
+            if req_id != 0 {
+                conn.send(shard, envelope::response_frame(req_id, Ok(Bytes::new())));
+            }
+        }
+        Some(body) => {
+            let shard = shard.clone();
+            let conn = conn.clone();
+            monoio::spawn(async move {
+                let caller = Caller {
+                    user: conn.user.to_string(),
+                    device: conn.device.to_string(),
+                    admin: false,
+                };
+                let r = chat::execute(&shard, &caller, body).await;
+                if req_id != 0 {
+                    conn.send(&shard, envelope::response_frame(req_id, r));
+                }
+            });
+        }
+    }
+    true
+}
+
+/// Closes connections that stayed silent past the heartbeat timeout. Runs once a
+/// second on each shard.
+pub async fn heartbeat_ticker(shard: Rc<Shard>) {
+    let mut tick = monoio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let due = shard.timers.borrow_mut().advance();
+        let (now, timeout) = {
+            let t = shard.timers.borrow();
+            (t.now(), t.timeout())
+        };
+        for weak in due {
+            let Some(conn) = weak.upgrade() else { continue };
+            match conn.phase.get() {
+                Phase::Closed => continue,
+                // A close that did not finish within a timeout: the peer does not read.
+                Phase::Closing => {
+                    conn.abort();
+                    continue;
+                }
+                Phase::Open => {}
+            }
+            let deadline = conn.last_active.get() + timeout;
+            if deadline <= now {
+                shard
+                    .counters
+                    .heartbeat_timeouts
+                    .set(shard.counters.heartbeat_timeouts.get() + 1);
+                conn.close(&shard, close::GOING_AWAY, None);
+                shard.timers.borrow_mut().insert(weak, now + timeout);
+            } else {
+                shard.timers.borrow_mut().insert(weak, deadline);
+            }
+        }
+    }
+}

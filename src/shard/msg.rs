@@ -1,0 +1,71 @@
+//! Every way shards talk to each other: one enum, moved through the SPSC rings.
+//! Reading it tells a newcomer every cross-shard interaction.
+
+use std::os::fd::OwnedFd;
+
+use bytes::Bytes;
+
+use crate::chat::{Caller, PullCmd, SendCmd};
+use crate::codes::ApiError;
+use crate::proto::pb::client_frame::Body;
+
+/// Where an answer goes: the asking shard and its call token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub shard: usize,
+    pub token: u64,
+}
+
+/// The answer to a call: an encoded XxxResponse, or the error for the client.
+pub type Reply = Result<Bytes, ApiError>;
+
+/// A command or reply between shards.
+pub enum ShardMsg {
+    /// A WebSocket upgrade that another shard accepted and authenticated, for a user
+    /// this shard owns: this shard answers 101 and owns the connection from then on.
+    HandOver(Box<HandOver>),
+    /// Run a client operation for a user this shard owns (the HTTP API, served on the
+    /// accepting shard, sends this); answers the encoded response.
+    Execute {
+        reply: ReplyTo,
+        caller: Caller,
+        body: Box<Body>,
+    },
+    /// Store a message in a conversation this shard owns (dedupe, seq, durable write);
+    /// answers SendMessageResponse after the write is durable.
+    Send { reply: ReplyTo, send: Box<SendCmd> },
+    /// Read messages of a conversation this shard owns; answers PullMessagesResponse.
+    Pull { reply: ReplyTo, pull: Box<PullCmd> },
+    /// Write a frame, encoded once on the conversation's shard, to the online devices of
+    /// these users (owned by this shard) and update their conversation rows.
+    Deliver(Box<Delivery>),
+    /// Liveness probe for /healthz; answers an empty body.
+    Ping { reply: ReplyTo },
+    /// The answer to a call this shard made.
+    Reply { token: u64, reply: Reply },
+}
+
+/// An upgrade handed from the accepting shard to the owner.
+pub struct HandOver {
+    pub fd: OwnedFd,
+    pub user: String,
+    pub device: String,
+    pub device_type: String,
+    pub ws_key: String,
+    /// Bytes the client sent after the request head (normally none).
+    pub leftover: Vec<u8>,
+}
+
+/// A stored message to push to users of one shard.
+pub struct Delivery {
+    /// The MSG_PUSH frame, shared by every recipient.
+    pub frame: Bytes,
+    pub conv_id: String,
+    pub seq: i64,
+    pub send_time: i64,
+    /// Recipients owned by the target shard.
+    pub users: Vec<String>,
+    /// The device that sent the message gets no push.
+    pub except_user: String,
+    pub except_device: String,
+}

@@ -1,0 +1,234 @@
+//! The mesh of bounded SPSC rings between shards: one ring per ordered pair.
+//!
+//! - A producer that finds the target parked wakes it (cross-thread waker; monoio's
+//!   `sync` feature turns that into an eventfd write). A busy target is not woken.
+//! - A full ring never drops: the message waits in a per-target outbox (keeping order),
+//!   and a flusher task moves it once the consumer frees space and wakes the producer.
+//!   Callers that produce work from client input check [`Endpoint::backlog`] and stop
+//!   reading their sockets while it is high: that is the backpressure.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+
+use atomic_waker::AtomicWaker;
+
+use super::msg::ShardMsg;
+
+/// Ring capacity (messages) per ordered pair of shards.
+pub const RING_CAPACITY: usize = 4096;
+/// Messages taken from one ring before looking at the others and yielding.
+const DRAIN_BUDGET: usize = 256;
+/// Above this many queued outbox messages, socket readers pause.
+pub const BACKLOG_HIGH: usize = 8 * RING_CAPACITY;
+
+/// Wake-up state of one shard's inbox, shared with every producer.
+pub struct Signal {
+    /// The consumer task of the shard, registered while parked.
+    inbox: AtomicWaker,
+    parked: AtomicBool,
+    /// `space[p]`: the outbox flusher of producer `p`, waiting for room in ring p -> self.
+    space: Vec<AtomicWaker>,
+    space_wanted: Vec<AtomicBool>,
+}
+
+/// One shard's ends of the mesh. Lives on that shard's thread.
+pub struct Endpoint {
+    pub id: usize,
+    to: Vec<Option<RefCell<rtrb::Producer<ShardMsg>>>>,
+    from: Vec<Option<RefCell<rtrb::Consumer<ShardMsg>>>>,
+    signals: Vec<Arc<Signal>>,
+    outbox: RefCell<Vec<VecDeque<ShardMsg>>>,
+    flushing: Vec<Cell<bool>>,
+    backlog: Cell<usize>,
+}
+
+/// Builds the endpoints of all `n` shards (on the main thread; each is then moved to
+/// its shard's thread).
+pub fn mesh(n: usize) -> Vec<EndpointParts> {
+    let signals: Vec<Arc<Signal>> = (0..n)
+        .map(|_| {
+            Arc::new(Signal {
+                inbox: AtomicWaker::new(),
+                parked: AtomicBool::new(false),
+                space: (0..n).map(|_| AtomicWaker::new()).collect(),
+                space_wanted: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            })
+        })
+        .collect();
+    let mut parts: Vec<EndpointParts> = (0..n)
+        .map(|id| EndpointParts {
+            id,
+            to: (0..n).map(|_| None).collect(),
+            from: (0..n).map(|_| None).collect(),
+            signals: signals.clone(),
+        })
+        .collect();
+    for p in 0..n {
+        for c in 0..n {
+            if p != c {
+                let (tx, rx) = rtrb::RingBuffer::new(RING_CAPACITY);
+                parts[p].to[c] = Some(tx);
+                parts[c].from[p] = Some(rx);
+            }
+        }
+    }
+    parts
+}
+
+/// The `Send` pieces of an endpoint, before it reaches its thread.
+pub struct EndpointParts {
+    id: usize,
+    to: Vec<Option<rtrb::Producer<ShardMsg>>>,
+    from: Vec<Option<rtrb::Consumer<ShardMsg>>>,
+    signals: Vec<Arc<Signal>>,
+}
+
+impl EndpointParts {
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    pub fn into_endpoint(self) -> Endpoint {
+        let n = self.to.len();
+        Endpoint {
+            id: self.id,
+            to: self.to.into_iter().map(|p| p.map(RefCell::new)).collect(),
+            from: self.from.into_iter().map(|c| c.map(RefCell::new)).collect(),
+            signals: self.signals,
+            outbox: RefCell::new((0..n).map(|_| VecDeque::new()).collect()),
+            flushing: (0..n).map(|_| Cell::new(false)).collect(),
+            backlog: Cell::new(0),
+        }
+    }
+}
+
+impl Endpoint {
+    /// Messages waiting in outboxes because rings were full.
+    pub fn backlog(&self) -> usize {
+        self.backlog.get()
+    }
+
+    /// Sends to another shard, in order, without blocking. `target != self.id`.
+    pub fn send(self: &Rc<Self>, target: usize, msg: ShardMsg) {
+        let queued = !self.outbox.borrow()[target].is_empty();
+        let msg = if queued {
+            Err(msg)
+        } else {
+            self.try_push(target, msg)
+        };
+        match msg {
+            Ok(()) => self.wake(target),
+            Err(msg) => {
+                self.outbox.borrow_mut()[target].push_back(msg);
+                self.backlog.set(self.backlog.get() + 1);
+                if !self.flushing[target].replace(true) {
+                    monoio::spawn(flush_outbox(self.clone(), target));
+                }
+            }
+        }
+    }
+
+    fn try_push(&self, target: usize, msg: ShardMsg) -> Result<(), ShardMsg> {
+        match &self.to[target] {
+            Some(p) => p
+                .borrow_mut()
+                .push(msg)
+                .map_err(|rtrb::PushError::Full(m)| m),
+            None => Err(msg),
+        }
+    }
+
+    fn wake(&self, target: usize) {
+        let s = &self.signals[target];
+        fence(Ordering::SeqCst);
+        if s.parked.load(Ordering::SeqCst) {
+            s.inbox.wake();
+        }
+    }
+
+    /// Waits for messages and hands each to `handle`; never returns.
+    pub async fn consume(self: Rc<Self>, mut handle: impl FnMut(ShardMsg)) {
+        let me = &self.signals[self.id];
+        loop {
+            let mut got = 0;
+            for src in 0..self.from.len() {
+                let Some(c) = &self.from[src] else { continue };
+                let mut taken = 0;
+                while taken < DRAIN_BUDGET {
+                    // Pop with the borrow released before the handler runs (it may send).
+                    let next = c.borrow_mut().pop();
+                    let Ok(msg) = next else { break };
+                    taken += 1;
+                    handle(msg);
+                }
+                if taken > 0 {
+                    got += taken;
+                    let s = &self.signals[self.id];
+                    if s.space_wanted[src].swap(false, Ordering::AcqRel) {
+                        s.space[src].wake();
+                    }
+                }
+            }
+            if got > 0 {
+                super::yield_now().await;
+                continue;
+            }
+            std::future::poll_fn(|cx| {
+                me.inbox.register(cx.waker());
+                me.parked.store(true, Ordering::SeqCst);
+                fence(Ordering::SeqCst);
+                let any = self.from.iter().flatten().any(|c| !c.borrow().is_empty());
+                if any {
+                    me.parked.store(false, Ordering::SeqCst);
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            me.parked.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Moves queued messages into a full ring as space frees up.
+async fn flush_outbox(ep: Rc<Endpoint>, target: usize) {
+    loop {
+        loop {
+            let Some(msg) = ep.outbox.borrow_mut()[target].pop_front() else {
+                ep.flushing[target].set(false);
+                return;
+            };
+            match ep.try_push(target, msg) {
+                Ok(()) => {
+                    ep.backlog.set(ep.backlog.get() - 1);
+                }
+                Err(msg) => {
+                    ep.outbox.borrow_mut()[target].push_front(msg);
+                    break;
+                }
+            }
+        }
+        ep.wake(target);
+        let sig = ep.signals[target].clone();
+        let me = ep.id;
+        std::future::poll_fn(|cx| {
+            sig.space[me].register(cx.waker());
+            sig.space_wanted[me].store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            let has_room = ep.to[target]
+                .as_ref()
+                .is_some_and(|p| p.borrow().slots() > 0);
+            if has_room {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+}

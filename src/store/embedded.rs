@@ -1,0 +1,491 @@
+//! The embedded backend: one fjall database per shard under `<data_dir>/shard-N/`.
+//!
+//! The shard's loop only stages writes and reads. A sync thread per shard owns the
+//! write path: it takes staged batches, commits them (in order) and calls
+//! `persist(SyncData)` once for everything it took, then reports the highest durable
+//! batch id and wakes the loop. The loop never waits for a disk.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use atomic_waker::AtomicWaker;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use local_sync::oneshot;
+use prost::Message;
+
+use super::{keys, StoreError};
+use crate::proto::pb::MsgItem;
+use crate::proto::store_pb::{ConvRow, DedupeRecord};
+
+/// Which keyspace a staged write goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Ks {
+    Msgs = 0,
+    MsgIds = 1,
+    Dedupe = 2,
+    Rows = 3,
+}
+
+const KEYSPACES: [&str; 4] = ["msgs", "msgids", "dedupe", "rows"];
+
+/// One staged key/value write.
+struct Put {
+    ks: Ks,
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+/// Work for the sync thread.
+enum Job {
+    Batch {
+        id: u64,
+        puts: Vec<Put>,
+    },
+    /// The shard dropped its cached state after a failure: accept batches again.
+    Reset,
+}
+
+/// What the sync thread reports back.
+enum Done {
+    Durable { upto: u64 },
+    Failed { upto: u64, error: String },
+}
+
+/// State shared between the shard loop and its sync thread.
+struct SyncShared {
+    waker: AtomicWaker,
+    /// Highest batch id reported (durable or failed); lets the loop skip empty wakes.
+    reported: AtomicU64,
+}
+
+/// A shard's store. Lives on the shard's thread; only that thread calls it.
+pub struct ShardStore {
+    db: Database,
+    ks: [Keyspace; 4],
+    /// Writes staged during this loop turn.
+    staged: RefCell<Vec<Put>>,
+    /// Id of the batch being staged; batches are numbered from 1.
+    staging_id: Cell<u64>,
+    /// Callers waiting for a batch, oldest first.
+    waiters: RefCell<VecDeque<(u64, oneshot::Sender<Result<(), StoreError>>)>>,
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::Receiver<Done>,
+    shared: Arc<SyncShared>,
+    /// Set by a failure until `reset_after_failure`.
+    failed: Cell<bool>,
+}
+
+impl ShardStore {
+    /// Opens (or creates) `<data_dir>/shard-<id>/` and starts its sync thread.
+    pub fn open(data_dir: &Path, id: usize) -> Result<Rc<ShardStore>, StoreError> {
+        let path = data_dir.join(format!("shard-{id}"));
+        let db = Database::builder(&path)
+            .manual_journal_persist(true)
+            .worker_threads(1)
+            .cache_size(32 << 20)
+            .open()
+            .map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
+        let mut handles = Vec::with_capacity(KEYSPACES.len());
+        for name in KEYSPACES {
+            handles.push(
+                db.keyspace(name, KeyspaceCreateOptions::default)
+                    .map_err(|e| StoreError::Open(format!("keyspace {name}: {e}")))?,
+            );
+        }
+        let ks: [Keyspace; 4] = handles
+            .try_into()
+            .map_err(|_| StoreError::Open("keyspace count".into()))?;
+        let (jobs, job_rx) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel();
+        let shared = Arc::new(SyncShared {
+            waker: AtomicWaker::new(),
+            reported: AtomicU64::new(0),
+        });
+        {
+            let db = db.clone();
+            let ks = ks.clone();
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("imshard-sync-{id}"))
+                .spawn(move || sync_thread(db, ks, job_rx, done_tx, shared))
+                .map_err(|e| StoreError::Open(format!("sync thread: {e}")))?;
+        }
+        let store = Rc::new(ShardStore {
+            db,
+            ks,
+            staged: RefCell::new(Vec::new()),
+            staging_id: Cell::new(1),
+            waiters: RefCell::new(VecDeque::new()),
+            jobs,
+            done,
+            shared,
+            failed: Cell::new(false),
+        });
+        monoio::spawn(completion_loop(store.clone()));
+        Ok(store)
+    }
+
+    /// Stages one atomic write; the receiver resolves once it is durable.
+    pub fn stage(self: &Rc<Self>, write: WriteSet) -> oneshot::Receiver<Result<(), StoreError>> {
+        let (tx, rx) = oneshot::channel();
+        let mut staged = self.staged.borrow_mut();
+        let first = staged.is_empty();
+        staged.extend(write.puts);
+        drop(staged);
+        self.waiters
+            .borrow_mut()
+            .push_back((self.staging_id.get(), tx));
+        if first {
+            monoio::spawn(flush_at_end_of_turn(self.clone()));
+        }
+        rx
+    }
+
+    /// Stages a write nobody waits for (it still keeps batch order).
+    pub fn stage_detached(self: &Rc<Self>, write: WriteSet) {
+        let mut staged = self.staged.borrow_mut();
+        let first = staged.is_empty();
+        staged.extend(write.puts);
+        drop(staged);
+        if first {
+            monoio::spawn(flush_at_end_of_turn(self.clone()));
+        }
+    }
+
+    /// After a failure: the shard has dropped its cached state; accept writes again.
+    pub fn reset_after_failure(&self) {
+        if self.failed.replace(false) {
+            // Writes staged since the failure used the dropped state: fail them too.
+            let staged = std::mem::take(&mut *self.staged.borrow_mut());
+            let id = self.staging_id.get();
+            self.staging_id.set(id + 1);
+            if !staged.is_empty() {
+                self.resolve_upto(id, Err(StoreError::Write("an earlier batch failed".into())));
+            }
+            let _ = self.jobs.send(Job::Reset);
+        }
+    }
+
+    /// Whether a failure is waiting for `reset_after_failure`.
+    pub fn has_failed(&self) -> bool {
+        self.failed.get()
+    }
+
+    fn flush(&self) {
+        let puts = std::mem::take(&mut *self.staged.borrow_mut());
+        if puts.is_empty() {
+            return;
+        }
+        let id = self.staging_id.get();
+        self.staging_id.set(id + 1);
+        if self.jobs.send(Job::Batch { id, puts }).is_err() {
+            self.fail_upto(id, "sync thread is gone".to_string());
+        }
+    }
+
+    fn fail_upto(&self, upto: u64, error: String) {
+        self.failed.set(true);
+        self.resolve_upto(upto, Err(StoreError::Write(error)));
+    }
+
+    fn resolve_upto(&self, upto: u64, result: Result<(), StoreError>) {
+        let mut waiters = self.waiters.borrow_mut();
+        while waiters.front().is_some_and(|(id, _)| *id <= upto) {
+            if let Some((_, tx)) = waiters.pop_front() {
+                let _ = tx.send(result.clone());
+            }
+        }
+    }
+
+    // ---- reads ----
+
+    /// The highest stored seq of a conversation (0 when it has none).
+    pub fn max_seq(&self, conv: &str) -> Result<i64, StoreError> {
+        match self.ks[Ks::Msgs as usize]
+            .prefix(keys::prefix(conv))
+            .next_back()
+        {
+            None => Ok(0),
+            Some(g) => {
+                let key = g.key().map_err(read_err)?;
+                keys::seq_of(&key).ok_or_else(|| StoreError::Corrupt("msgs key".into()))
+            }
+        }
+    }
+
+    /// Messages with `lo <= seq <= hi`, at most `limit`, ascending. `newest` takes
+    /// the highest `limit` seqs of the range instead of the lowest.
+    pub fn messages(
+        &self,
+        conv: &str,
+        lo: i64,
+        hi: i64,
+        limit: usize,
+        newest: bool,
+    ) -> Result<Vec<MsgItem>, StoreError> {
+        if lo > hi || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let range = self.ks[Ks::Msgs as usize].range(keys::msg(conv, lo)..=keys::msg(conv, hi));
+        let mut out = Vec::with_capacity(limit.min(256));
+        let mut take = |g: fjall::Guard| -> Result<(), StoreError> {
+            let v = g.value().map_err(read_err)?;
+            out.push(
+                MsgItem::decode(&*v).map_err(|e| StoreError::Corrupt(format!("message: {e}")))?,
+            );
+            Ok(())
+        };
+        if newest {
+            for g in range.rev().take(limit) {
+                take(g)?;
+            }
+            out.reverse();
+        } else {
+            for g in range.take(limit) {
+                take(g)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// One message by seq.
+    pub fn message(&self, conv: &str, seq: i64) -> Result<Option<MsgItem>, StoreError> {
+        self.get_decoded(Ks::Msgs, &keys::msg(conv, seq))
+    }
+
+    /// The seq of a msg_id in a conversation.
+    pub fn seq_of_msg_id(&self, conv: &str, msg_id: &str) -> Result<Option<i64>, StoreError> {
+        match self.ks[Ks::MsgIds as usize]
+            .get(keys::pair(conv, msg_id))
+            .map_err(read_err)?
+        {
+            None => Ok(None),
+            Some(v) => keys::seq_of(&v)
+                .map(Some)
+                .ok_or_else(|| StoreError::Corrupt("msgids value".into())),
+        }
+    }
+
+    pub fn dedupe(
+        &self,
+        conv: &str,
+        sender: &str,
+        client_msg_id: &str,
+    ) -> Result<Option<DedupeRecord>, StoreError> {
+        self.get_decoded(Ks::Dedupe, &keys::triple(conv, sender, client_msg_id))
+    }
+
+    pub fn row(&self, user: &str, conv: &str) -> Result<Option<ConvRow>, StoreError> {
+        self.get_decoded(Ks::Rows, &keys::pair(user, conv))
+    }
+
+    /// Every conversation row of a user.
+    pub fn rows(&self, user: &str) -> Result<Vec<(String, ConvRow)>, StoreError> {
+        let prefix = keys::prefix(user);
+        let mut out = Vec::new();
+        for g in self.ks[Ks::Rows as usize].prefix(&prefix) {
+            let (k, v) = g.into_inner().map_err(read_err)?;
+            let conv = std::str::from_utf8(&k[prefix.len()..])
+                .map_err(|_| StoreError::Corrupt("rows key".into()))?
+                .to_string();
+            let row = ConvRow::decode(&*v).map_err(|e| StoreError::Corrupt(format!("row: {e}")))?;
+            out.push((conv, row));
+        }
+        Ok(out)
+    }
+
+    fn get_decoded<T: Message + Default>(
+        &self,
+        ks: Ks,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        match self.ks[ks as usize].get(key).map_err(read_err)? {
+            None => Ok(None),
+            Some(v) => T::decode(&*v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("{ks:?}: {e}"))),
+        }
+    }
+
+    /// Disk space used, for /metrics.
+    pub fn disk_space(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+}
+
+fn read_err(e: fjall::Error) -> StoreError {
+    StoreError::Read(e.to_string())
+}
+
+/// The writes of one atomic unit, built on the loop thread (values encoded here).
+#[derive(Default)]
+pub struct WriteSet {
+    puts: Vec<Put>,
+}
+
+impl WriteSet {
+    pub fn new() -> Self {
+        WriteSet::default()
+    }
+
+    /// A message and its msg_id index.
+    pub fn message(&mut self, msg: &MsgItem) -> &mut Self {
+        self.puts.push(Put {
+            ks: Ks::Msgs,
+            key: keys::msg(&msg.conv_id, msg.seq),
+            value: msg.encode_to_vec(),
+        });
+        self.puts.push(Put {
+            ks: Ks::MsgIds,
+            key: keys::pair(&msg.conv_id, &msg.msg_id),
+            value: (msg.seq as u64).to_be_bytes().to_vec(),
+        });
+        self
+    }
+
+    /// Replaces a stored message (recall, status change); the id index is unchanged.
+    pub fn message_update(&mut self, msg: &MsgItem) -> &mut Self {
+        self.puts.push(Put {
+            ks: Ks::Msgs,
+            key: keys::msg(&msg.conv_id, msg.seq),
+            value: msg.encode_to_vec(),
+        });
+        self
+    }
+
+    pub fn dedupe(
+        &mut self,
+        conv: &str,
+        sender: &str,
+        client_msg_id: &str,
+        rec: &DedupeRecord,
+    ) -> &mut Self {
+        self.puts.push(Put {
+            ks: Ks::Dedupe,
+            key: keys::triple(conv, sender, client_msg_id),
+            value: rec.encode_to_vec(),
+        });
+        self
+    }
+
+    pub fn row(&mut self, user: &str, conv: &str, row: &ConvRow) -> &mut Self {
+        self.puts.push(Put {
+            ks: Ks::Rows,
+            key: keys::pair(user, conv),
+            value: row.encode_to_vec(),
+        });
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.puts.is_empty()
+    }
+}
+
+/// Lets every task that is ready in this loop turn stage its writes, then hands the
+/// batch to the sync thread.
+async fn flush_at_end_of_turn(store: Rc<ShardStore>) {
+    crate::shard::yield_now().await;
+    store.flush();
+}
+
+/// Resolves waiters as the sync thread reports progress.
+async fn completion_loop(store: Rc<ShardStore>) {
+    let shared = store.shared.clone();
+    let mut seen = 0u64;
+    loop {
+        std::future::poll_fn(|cx| {
+            shared.waker.register(cx.waker());
+            if shared.reported.load(Ordering::Acquire) > seen {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        while let Ok(done) = store.done.try_recv() {
+            match done {
+                Done::Durable { upto } => {
+                    seen = seen.max(upto);
+                    store.resolve_upto(upto, Ok(()));
+                }
+                Done::Failed { upto, error } => {
+                    seen = seen.max(upto);
+                    tracing::error!(%error, upto, "store batch failed; answering 50301 until the shard resets");
+                    store.fail_upto(upto, error);
+                }
+            }
+        }
+    }
+}
+
+fn sync_thread(
+    db: Database,
+    ks: [Keyspace; 4],
+    jobs: mpsc::Receiver<Job>,
+    done: mpsc::Sender<Done>,
+    shared: Arc<SyncShared>,
+) {
+    let mut failed = false;
+    while let Ok(first) = jobs.recv() {
+        let mut round = vec![first];
+        while let Ok(more) = jobs.try_recv() {
+            round.push(more);
+        }
+        let mut ok_upto = 0;
+        let mut fail: Option<(u64, String)> = None;
+        for job in round {
+            match job {
+                Job::Reset => failed = false,
+                Job::Batch { id, puts } => {
+                    if failed {
+                        fail = Some((
+                            id,
+                            fail.map(|f| f.1)
+                                .unwrap_or_else(|| "an earlier batch failed".into()),
+                        ));
+                        continue;
+                    }
+                    let mut batch = db.batch();
+                    for p in puts {
+                        batch.insert(&ks[p.ks as usize], p.key, p.value);
+                    }
+                    match batch.commit() {
+                        Ok(()) => ok_upto = id,
+                        Err(e) => {
+                            failed = true;
+                            fail = Some((id, e.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        if ok_upto > 0 {
+            match db.persist(PersistMode::SyncData) {
+                Ok(()) => {
+                    let _ = done.send(Done::Durable { upto: ok_upto });
+                }
+                Err(e) => {
+                    failed = true;
+                    let upto = fail.as_ref().map_or(ok_upto, |f| f.0.max(ok_upto));
+                    fail = Some((upto, format!("fsync: {e}")));
+                }
+            }
+        }
+        let mut reported = ok_upto;
+        if let Some((upto, error)) = fail {
+            reported = reported.max(upto);
+            let _ = done.send(Done::Failed { upto, error });
+        }
+        if reported > 0 {
+            shared.reported.fetch_max(reported, Ordering::AcqRel);
+            shared.waker.wake();
+        }
+    }
+}
