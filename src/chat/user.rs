@@ -19,7 +19,9 @@ use crate::store::embedded::WriteSet;
 pub struct UserState {
     /// Online connections, at most one per device.
     pub conns: Vec<Rc<Conn>>,
-    /// Conversation rows by conv_id, loaded from the store on first use.
+    /// Conversation rows by conv_id, loaded from the store on first use. Boxed on
+    /// purpose: 8 bytes instead of 48 for the many online users never loaded.
+    #[allow(clippy::box_collection)]
     rows: Option<Box<HashMap<String, ConvRow>>>,
     /// Send tokens left (token bucket, refilled at `rate_limit` per second).
     tokens: f32,

@@ -34,7 +34,10 @@ const READ_CHUNK: usize = 16 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Open,
-    /// A close frame is queued; the socket shuts down once the queue is written.
+    /// A close frame is queued. Once it is written the server sends FIN and keeps
+    /// reading (and dropping) until the client closes too, so the kernel never
+    /// answers unread bytes with a reset that could swallow the close frame. The
+    /// heartbeat wheel aborts a client that never finishes.
     Closing,
     Closed,
 }
@@ -106,6 +109,14 @@ impl Conn {
         }
     }
 
+    /// Sends FIN after the close frame; reading goes on until the client's EOF.
+    fn half_close(&self) {
+        if self.phase.get() == Phase::Closing {
+            // SAFETY: plain syscall on a descriptor this connection owns.
+            unsafe { libc::shutdown(self.fd, libc::SHUT_WR) };
+        }
+    }
+
     fn push_raw(&self, frame: Bytes) {
         self.out_bytes.set(self.out_bytes.get() + frame.len());
         self.out.borrow_mut().push_back(frame);
@@ -150,9 +161,7 @@ async fn write_loop(conn: Rc<Conn>) {
     }
     *conn.writer.borrow_mut() = Some(w);
     conn.writing.set(false);
-    if conn.phase.get() == Phase::Closing {
-        conn.abort();
-    }
+    conn.half_close();
 }
 
 /// Called on the owning shard for a connection another shard accepted.
@@ -241,7 +250,8 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, up: Upgrade) {
         .set(shard.counters.connections.get() - 1);
 }
 
-/// Reads frames until the peer goes away or the connection is closed.
+/// Reads frames until the peer goes away. After the server starts closing, input is
+/// read and dropped until the client's EOF.
 async fn read_loop(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
@@ -252,8 +262,14 @@ async fn read_loop(
     let max = shard.cfg.max_frame_bytes;
     let mut last_read_full = false;
     loop {
-        if !pending.is_empty() && !process(shard, conn, &mut pending, &mut assembler, max) {
-            return;
+        if !pending.is_empty() {
+            if conn.is_open() {
+                process(shard, conn, &mut pending, &mut assembler, max);
+            }
+            if !conn.is_open() || pending.is_empty() {
+                // Free the partial-frame buffer: idle connections hold none.
+                pending = Vec::new();
+            }
         }
         if conn.phase.get() == Phase::Closed {
             return;
@@ -261,7 +277,7 @@ async fn read_loop(
         while shard.ring.backlog() > super::ring::BACKLOG_HIGH {
             monoio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
-        if !last_read_full && pending.is_empty() {
+        if !last_read_full {
             // SAFETY: monoio's split halves share the stream through an UnsafeCell the
             // same way its own read and write futures do; `readable` only clones the
             // fd into a PollAdd op and never touches the stream's other state.
@@ -272,43 +288,43 @@ async fn read_loop(
         }
         let buf = shard.take_read_buf(READ_CHUNK);
         let (res, buf) = rd.read(buf).await;
-        match res {
-            Ok(0) | Err(_) => {
+        let n = match res {
+            Ok(n) if n > 0 => n,
+            _ => {
                 shard.give_read_buf(buf);
                 return;
             }
-            Ok(n) => {
-                last_read_full = n == buf.capacity();
-                conn.last_active.set(shard.timers.borrow().now());
-                if pending.is_empty() {
-                    let mut data = buf;
-                    let ok = process(shard, conn, &mut data, &mut assembler, max);
-                    if !ok {
-                        return;
-                    }
-                    // Keep only the partial frame; the buffer goes back to the pool.
-                    if !data.is_empty() {
-                        pending = data.clone();
-                    }
-                    shard.give_read_buf(data);
-                } else {
-                    pending.extend_from_slice(&buf);
-                    shard.give_read_buf(buf);
-                }
+        };
+        last_read_full = n == buf.capacity();
+        if !conn.is_open() {
+            shard.give_read_buf(buf);
+            continue;
+        }
+        conn.last_active.set(shard.timers.borrow().now());
+        if pending.is_empty() {
+            let mut data = buf;
+            process(shard, conn, &mut data, &mut assembler, max);
+            // Keep only a partial frame; the buffer goes back to the pool.
+            if conn.is_open() && !data.is_empty() {
+                pending = data.clone();
             }
+            shard.give_read_buf(data);
+        } else {
+            pending.extend_from_slice(&buf);
+            shard.give_read_buf(buf);
         }
     }
 }
 
-/// Parses and handles every complete frame at the front of `data`, leaving the rest.
-/// Returns false when the connection must stop reading.
+/// Parses and handles every complete frame at the front of `data`, leaving a partial
+/// frame. Stops (and drops the rest) at the first frame that closes the connection.
 fn process(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     data: &mut Vec<u8>,
     asm: &mut ws::Assembler,
     max: usize,
-) -> bool {
+) {
     let mut used = 0;
     let keep_going = loop {
         match ws::parse_client_frame(&data[used..], max) {
@@ -334,8 +350,11 @@ fn process(
             }
         }
     };
-    data.drain(..used);
-    keep_going
+    if keep_going {
+        data.drain(..used);
+    } else {
+        data.clear();
+    }
 }
 
 fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: ws::Message) -> bool {

@@ -57,6 +57,9 @@ enum Done {
     Failed { upto: u64, error: String },
 }
 
+/// Resolved when a staged write is durable (or failed).
+type DurableTx = oneshot::Sender<Result<(), StoreError>>;
+
 /// State shared between the shard loop and its sync thread.
 struct SyncShared {
     waker: AtomicWaker,
@@ -73,7 +76,7 @@ pub struct ShardStore {
     /// Id of the batch being staged; batches are numbered from 1.
     staging_id: Cell<u64>,
     /// Callers waiting for a batch, oldest first.
-    waiters: RefCell<VecDeque<(u64, oneshot::Sender<Result<(), StoreError>>)>>,
+    waiters: RefCell<VecDeque<(u64, DurableTx)>>,
     jobs: mpsc::Sender<Job>,
     done: mpsc::Receiver<Done>,
     shared: Arc<SyncShared>,
