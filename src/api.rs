@@ -99,12 +99,23 @@ async fn api(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Result<Value, ApiEr
         device: claims.did,
         admin: claims.adm,
     };
-    let (op, to_json): (Body, ToJson) = match (head.method.as_str(), head.path.as_str()) {
-        ("POST", "/api/v1/auth/msg/send") => (
+    let method = head.method.as_str();
+    let path = head.path.as_str();
+    if let Some(admin_path) = path.strip_prefix("/api/v1/admin/") {
+        if !caller.admin {
+            return Err(ApiError::Forbidden("admin token required"));
+        }
+        return admin_api(shard, method, admin_path, head, body).await;
+    }
+    let Some(route) = path.strip_prefix("/api/v1/auth/") else {
+        return Err(ApiError::NotFound("no such API route"));
+    };
+    let (op, to_json): (Body, ToJson) = match (method, route) {
+        ("POST", "msg/send") => (
             Body::Send(json_body(body)?),
             to_json::<pb::SendMessageResponse>,
         ),
-        ("GET", "/api/v1/auth/msg/pull") => (
+        ("GET", "msg/pull") => (
             Body::Pull(pb::PullMessagesRequest {
                 conv_id: head.query_param("conv_id").unwrap_or_default(),
                 anchor_seq: query_num(head, "anchor_seq")?,
@@ -113,10 +124,88 @@ async fn api(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Result<Value, ApiEr
             }),
             to_json::<pb::PullMessagesResponse>,
         ),
+        ("POST", "msg/by_ids") => (
+            Body::GetByIds(json_body(body)?),
+            to_json::<pb::GetMessagesByIdsResponse>,
+        ),
+        ("POST", "msg/recall") => (
+            Body::Recall(json_body(body)?),
+            to_json::<pb::RecallMessageResponse>,
+        ),
+        ("GET", "conversations") => (
+            Body::GetConversations(pb::GetConversationsRequest {
+                updated_since: query_num(head, "updated_since")?,
+                page_size: query_num(head, "page_size")?,
+                cursor: query_num(head, "cursor")?,
+            }),
+            to_json::<pb::GetConversationsResponse>,
+        ),
+        ("POST", "conversations/mark_read") => (
+            Body::MarkRead(json_body(body)?),
+            to_json::<pb::MarkReadResponse>,
+        ),
+        ("DELETE", r) if r.starts_with("conversations/") => (
+            Body::DeleteConversation(pb::DeleteConversationRequest {
+                conv_id: path_param(r, "conversations/")?,
+            }),
+            to_json::<pb::DeleteConversationResponse>,
+        ),
+        ("PATCH", r) if r.starts_with("conversations/") => {
+            let settings: Settings = json_body(body)?;
+            (
+                Body::UpdateSettings(pb::UpdateConvSettingsRequest {
+                    conv_id: path_param(r, "conversations/")?,
+                    mute: settings.mute,
+                    pin: settings.pin,
+                }),
+                to_json::<pb::UpdateConvSettingsResponse>,
+            )
+        }
+        ("GET", "unread") => (
+            Body::GetUnread(pb::GetUnreadRequest {
+                per_conv_limit: query_num(head, "per_conv_limit")?,
+            }),
+            to_json::<pb::GetUnreadResponse>,
+        ),
+        ("POST", "groups") => (
+            Body::CreateGroup(json_body(body)?),
+            to_json::<pb::CreateGroupResponse>,
+        ),
+        ("POST", r) if r.starts_with("groups/") && r.ends_with("/members") => {
+            let group_id = path_param(r.trim_end_matches("/members"), "groups/")?;
+            let mut req: pb::UpdateGroupMembersRequest = json_body(body)?;
+            if !req.group_id.is_empty() && req.group_id != group_id {
+                return Err(ApiError::invalid(
+                    "group_id in the body differs from the path",
+                ));
+            }
+            req.group_id = group_id;
+            (
+                Body::UpdateMembers(req),
+                to_json::<pb::UpdateGroupMembersResponse>,
+            )
+        }
         _ => return Err(ApiError::NotFound("no such API route")),
     };
     let bytes = chat::execute(shard, &caller, op).await?;
     to_json(&bytes)
+}
+
+/// The PATCH body of a conversation: only the fields present change.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    mute: Option<bool>,
+    pin: Option<bool>,
+}
+
+/// The last path segment after `prefix`, percent-decoded; it must be one segment.
+fn path_param(route: &str, prefix: &str) -> Result<String, ApiError> {
+    let raw = route.strip_prefix(prefix).unwrap_or_default();
+    if raw.is_empty() || raw.contains('/') {
+        return Err(ApiError::NotFound("no such API route"));
+    }
+    Ok(http::query_param(&format!("v={raw}"), "v").unwrap_or_default())
 }
 
 /// Decodes an encoded XxxResponse into the JSON `data` of the reply.
@@ -142,4 +231,160 @@ fn query_num<T: std::str::FromStr + Default>(head: &Head, key: &str) -> Result<T
             .parse()
             .map_err(|_| ApiError::invalid(format!("{key} must be a number"))),
     }
+}
+
+/// Admin routes (the caller's token has `adm: true`).
+async fn admin_api(
+    shard: &Rc<Shard>,
+    method: &str,
+    route: &str,
+    head: &Head,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    match (method, route) {
+        ("POST", "kick") => {
+            let ev: pb::KickEvent = json_body(body)?;
+            crate::ids::check_id("user_uuid", &ev.user_uuid)?;
+            if ev.device_id != "ALL" {
+                crate::ids::check_id("device_id", &ev.device_id)?;
+            }
+            let target = shard.user_shard(&ev.user_uuid);
+            let n = shard
+                .call(target, |reply| ShardMsg::Kick {
+                    reply,
+                    user: ev.user_uuid,
+                    device: ev.device_id,
+                })
+                .await?;
+            Ok(serde_json::json!({ "kicked": count(&n) }))
+        }
+        ("POST", "broadcast") => {
+            let (users, envelope) = broadcast_body(body)?;
+            let frame = crate::proto::envelope::envelope_frame(&envelope);
+            let calls: Vec<_> = if users.is_empty() {
+                (0..shard.n)
+                    .map(|t| {
+                        let frame = frame.clone();
+                        shard.call(t, move |reply| ShardMsg::Broadcast {
+                            reply,
+                            frame,
+                            users: None,
+                        })
+                    })
+                    .collect()
+            } else {
+                group_by_user_shard(shard, users)
+                    .into_iter()
+                    .map(|(t, users)| {
+                        let frame = frame.clone();
+                        shard.call(t, move |reply| ShardMsg::Broadcast {
+                            reply,
+                            frame,
+                            users: Some(users),
+                        })
+                    })
+                    .collect()
+            };
+            let mut delivered = 0;
+            for c in calls {
+                delivered += count(&c.await?);
+            }
+            Ok(serde_json::json!({ "delivered": delivered }))
+        }
+        ("GET", "presence") => {
+            let list = head.query_param("uuids").unwrap_or_default();
+            let users: Vec<String> = list
+                .split(',')
+                .filter(|u| !u.is_empty())
+                .map(str::to_string)
+                .collect();
+            if users.is_empty() || users.len() > 1000 {
+                return Err(ApiError::invalid("uuids must list 1-1000 user uuids"));
+            }
+            for u in &users {
+                crate::ids::check_id("uuids", u)?;
+            }
+            let calls: Vec<_> = group_by_user_shard(shard, users)
+                .into_iter()
+                .map(|(t, users)| shard.call(t, move |reply| ShardMsg::Presence { reply, users }))
+                .collect();
+            let mut online = serde_json::Map::new();
+            for c in calls {
+                let part: serde_json::Map<String, Value> = serde_json::from_slice(&c.await?)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                online.extend(part);
+            }
+            Ok(serde_json::json!({ "online": online }))
+        }
+        _ => Err(ApiError::NotFound("no such admin route")),
+    }
+}
+
+fn count(b: &[u8]) -> u64 {
+    b.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+fn group_by_user_shard(shard: &Shard, users: Vec<String>) -> Vec<(usize, Vec<String>)> {
+    let mut by: Vec<Vec<String>> = vec![Vec::new(); shard.n];
+    for u in users {
+        by[shard.user_shard(&u)].push(u);
+    }
+    by.into_iter()
+        .enumerate()
+        .filter(|(_, u)| !u.is_empty())
+        .collect()
+}
+
+/// A BroadcastEvent in JSON: `message.data` is base64.
+fn broadcast_body(body: &[u8]) -> Result<(Vec<String>, pb::MessageEnvelope), ApiError> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Event {
+        #[serde(default)]
+        user_uuids: Vec<String>,
+        message: Envelope,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Envelope {
+        r#type: String,
+        #[serde(default)]
+        data: String,
+        #[serde(default)]
+        seq: i64,
+        #[serde(default)]
+        server_ts: i64,
+        #[serde(default)]
+        trace_id: String,
+        #[serde(default)]
+        ack_required: bool,
+    }
+    let ev: Event = json_body(body)?;
+    if ev.message.r#type.is_empty() {
+        return Err(ApiError::invalid("message.type must not be empty"));
+    }
+    for u in &ev.user_uuids {
+        crate::ids::check_id("user_uuids", u)?;
+    }
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(ev.message.data.as_bytes())
+        .map_err(|_| ApiError::invalid("message.data must be base64"))?;
+    let server_ts = if ev.message.server_ts == 0 {
+        crate::proto::envelope::now_ms()
+    } else {
+        ev.message.server_ts
+    };
+    Ok((
+        ev.user_uuids,
+        pb::MessageEnvelope {
+            r#type: ev.message.r#type,
+            data: data.into(),
+            seq: ev.message.seq,
+            server_ts,
+            trace_id: ev.message.trace_id,
+            ack_required: ev.message.ack_required,
+            req_id: 0,
+        },
+    ))
 }

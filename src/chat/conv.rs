@@ -13,14 +13,17 @@ use std::rc::Rc;
 use bytes::Bytes;
 use prost::Message as _;
 
-use super::{PullCmd, SendCmd};
+use super::{ByIdsCmd, PullCmd, RecallCmd, SendCmd};
 use crate::codes::ApiError;
 use crate::ids::ConvRef;
 use crate::limits::DEDUPE_WINDOW_MS;
-use crate::proto::envelope::{now_ms, push_frame};
-use crate::proto::pb::{MsgItem, PullMessagesResponse, SendMessageResponse};
-use crate::proto::store_pb::DedupeRecord;
-use crate::shard::msg::{Delivery, ReplyTo, ShardMsg};
+use crate::proto::envelope::{kind, notice_frame, now_ms, push_frame};
+use crate::proto::pb::{
+    GetMessagesByIdsResponse, MsgItem, PullMessagesResponse, RecallMessageResponse, RecallNotice,
+    SendMessageResponse,
+};
+use crate::proto::store_pb::{ConvSummaries, ConvSummary, DedupeRecord};
+use crate::shard::msg::{Delivery, Notice, ReplyTo, ShardMsg};
 use crate::shard::Shard;
 use crate::store::embedded::WriteSet;
 
@@ -221,11 +224,7 @@ fn fan_out(shard: &Rc<Shard>, msg: &MsgItem, members: &[String], sender_device: 
 /// caller's clear_seq, never past what is durable.
 pub fn handle_pull(shard: &Rc<Shard>, pull: &PullCmd) -> Result<Bytes, ApiError> {
     let conv = ConvRef::parse(&pull.conv_id)?;
-    if let ConvRef::P2p { .. } = conv {
-        if !conv.p2p_has(&pull.user) {
-            return Err(ApiError::Forbidden("not a member of this conversation"));
-        }
-    }
+    check_member(&conv, &pull.user)?;
     let max_seq = with_conv(shard, &pull.conv_id, |c| c.durable_seq)?;
     let floor = pull.clear_seq + 1;
     let (messages, has_more) = if pull.backward {
@@ -255,4 +254,154 @@ pub fn handle_pull(shard: &Rc<Shard>, pull: &PullCmd) -> Result<Bytes, ApiError>
     }
     .encode_to_vec()
     .into())
+}
+
+/// The caller must be a party of the conversation (p2p: named in the conv_id).
+fn check_member(conv: &ConvRef<'_>, user: &str) -> Result<(), ApiError> {
+    match conv {
+        ConvRef::P2p { .. } if conv.p2p_has(user) => Ok(()),
+        _ => Err(ApiError::Forbidden("not a member of this conversation")),
+    }
+}
+
+/// Members who receive a conversation's notices.
+fn members_of(conv: &ConvRef<'_>) -> Vec<String> {
+    match conv {
+        ConvRef::P2p { a, b } => vec![a.to_string(), b.to_string()],
+        ConvRef::Group { .. } => Vec::new(),
+    }
+}
+
+/// Answers messages by msg_id, in request order, skipping unknown ids and anything at
+/// or below the caller's clear_seq.
+pub fn handle_by_ids(shard: &Rc<Shard>, cmd: &ByIdsCmd) -> Result<Bytes, ApiError> {
+    let conv = ConvRef::parse(&cmd.conv_id)?;
+    check_member(&conv, &cmd.user)?;
+    let durable = with_conv(shard, &cmd.conv_id, |c| c.durable_seq)?;
+    let mut messages = Vec::with_capacity(cmd.msg_ids.len());
+    for id in &cmd.msg_ids {
+        let Some(seq) = shard.store.seq_of_msg_id(&cmd.conv_id, id)? else {
+            continue;
+        };
+        if seq <= cmd.clear_seq || seq > durable {
+            continue;
+        }
+        if let Some(m) = shard.store.message(&cmd.conv_id, seq)? {
+            messages.push(m);
+        }
+    }
+    Ok(GetMessagesByIdsResponse { messages }.encode_to_vec().into())
+}
+
+/// Recalls a message: the sender (or, in groups, an owner/admin) within the recall
+/// window. The stored message keeps its seq; status becomes 1 and content a recall
+/// notice. Answered after the change is durable; then MSG_RECALL goes to every member.
+/// Recalling a recalled message answers OK and changes nothing.
+pub fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
+    let prepared = (|| -> Result<Option<MsgItem>, ApiError> {
+        let conv = ConvRef::parse(&cmd.conv_id)?;
+        check_member(&conv, &cmd.operator)?;
+        let durable = with_conv(shard, &cmd.conv_id, |c| c.durable_seq)?;
+        let seq = shard
+            .store
+            .seq_of_msg_id(&cmd.conv_id, &cmd.msg_id)?
+            .filter(|s| *s <= durable)
+            .ok_or(ApiError::NotFound("no such message"))?;
+        let mut msg = shard
+            .store
+            .message(&cmd.conv_id, seq)?
+            .ok_or(ApiError::NotFound("no such message"))?;
+        if msg.status == 1 {
+            return Ok(None);
+        }
+        if msg.from_uuid != cmd.operator {
+            return Err(ApiError::Forbidden(
+                "only the sender may recall this message",
+            ));
+        }
+        let now = now_ms();
+        if now - msg.send_time > shard.cfg.recall_window.as_millis() as i64 {
+            return Err(ApiError::RecallExpired);
+        }
+        msg.status = 1;
+        msg.content = serde_json::json!({
+            "recalled": true, "operator": cmd.operator, "recall_time": now
+        })
+        .to_string();
+        Ok(Some(msg))
+    })();
+    let ok: Bytes = RecallMessageResponse {}.encode_to_vec().into();
+    let msg = match prepared {
+        Err(e) => return shard.reply(reply, Err(e)),
+        Ok(None) => return shard.reply(reply, Ok(ok)),
+        Ok(Some(m)) => m,
+    };
+    let mut write = WriteSet::new();
+    write.message_update(&msg);
+    let durable = shard.store.stage(write);
+    let shard = shard.clone();
+    monoio::spawn(async move {
+        match durable.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return shard.reply(reply, Err(e.into())),
+            Err(_) => {
+                return shard.reply(
+                    reply,
+                    Err(ApiError::StoreUnavailable("store closed".into())),
+                )
+            }
+        }
+        shard.reply(reply, Ok(ok));
+        let notice = RecallNotice {
+            conv_id: msg.conv_id.clone(),
+            msg_id: msg.msg_id.clone(),
+            operator: cmd.operator.clone(),
+            recall_time: now_ms(),
+            seq: msg.seq,
+        };
+        let frame = notice_frame(kind::MSG_RECALL, &notice);
+        let members = match ConvRef::parse(&msg.conv_id) {
+            Ok(conv) => members_of(&conv),
+            Err(_) => Vec::new(),
+        };
+        notify_members(&shard, frame, &members);
+    });
+}
+
+/// Sends a notice frame to every member's shard (one message per shard).
+pub fn notify_members(shard: &Rc<Shard>, frame: Bytes, members: &[String]) {
+    let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); shard.n];
+    for m in members {
+        by_shard[shard.user_shard(m)].push(m.clone());
+    }
+    for (target, users) in by_shard.into_iter().enumerate() {
+        if !users.is_empty() {
+            shard.post(
+                target,
+                ShardMsg::Notify(Box::new(Notice {
+                    frame: frame.clone(),
+                    users,
+                })),
+            );
+        }
+    }
+}
+
+/// Durable max seq and last message of each conversation.
+pub fn handle_info(shard: &Rc<Shard>, convs: &[String]) -> Result<Bytes, ApiError> {
+    let mut items = Vec::with_capacity(convs.len());
+    for conv_id in convs {
+        let max_seq = with_conv(shard, conv_id, |c| c.durable_seq)?;
+        let last_msg = if max_seq > 0 {
+            shard.store.message(conv_id, max_seq)?
+        } else {
+            None
+        };
+        items.push(ConvSummary {
+            conv_id: conv_id.clone(),
+            max_seq,
+            last_msg,
+        });
+    }
+    Ok(ConvSummaries { items }.encode_to_vec().into())
 }

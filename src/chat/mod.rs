@@ -3,7 +3,9 @@
 //! shard ([`conv`]) for anything about messages. Deliveries go to each recipient's
 //! user shard ([`user`]).
 
+pub mod admin;
 pub mod conv;
+pub mod convlist;
 pub mod filter;
 pub mod user;
 
@@ -16,7 +18,8 @@ use crate::codes::ApiError;
 use crate::ids::{self, ConvRef};
 use crate::limits;
 use crate::proto::pb::{
-    client_frame::Body, ConvType, PullDirection, PullMessagesRequest, SendMessageRequest,
+    client_frame::Body, ConvType, GetMessagesByIdsRequest, PullDirection, PullMessagesRequest,
+    RecallMessageRequest, SendMessageRequest,
 };
 use crate::shard::msg::ShardMsg;
 use crate::shard::Shard;
@@ -60,6 +63,23 @@ pub struct PullCmd {
     pub clear_seq: i64,
 }
 
+/// Messages by id, for the conversation's shard.
+#[derive(Debug)]
+pub struct ByIdsCmd {
+    pub conv_id: String,
+    pub user: String,
+    pub msg_ids: Vec<String>,
+    pub clear_seq: i64,
+}
+
+/// A recall, for the conversation's shard.
+#[derive(Debug)]
+pub struct RecallCmd {
+    pub conv_id: String,
+    pub msg_id: String,
+    pub operator: String,
+}
+
 /// Runs one client operation on the caller's user shard. Returns the encoded
 /// XxxResponse for the RESPONSE envelope (or the HTTP JSON reply).
 pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<Bytes, ApiError> {
@@ -77,13 +97,22 @@ pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<B
     match body {
         Body::Send(req) => send(shard, caller, req).await,
         Body::Pull(req) => pull(shard, caller, req).await,
+        Body::GetByIds(req) => by_ids(shard, caller, req).await,
+        Body::Recall(req) => recall(shard, caller, req).await,
+        Body::GetConversations(req) => convlist::get_conversations(shard, caller, req).await,
+        Body::MarkRead(req) => convlist::mark_read(shard, caller, req).await,
+        Body::DeleteConversation(req) => convlist::delete(shard, caller, req).await,
+        Body::UpdateSettings(req) => convlist::update_settings(shard, caller, req).await,
+        Body::GetUnread(req) => convlist::get_unread(shard, caller, req).await,
         Body::Heartbeat(_) => Ok(crate::proto::pb::HeartbeatResponse {
             server_ts: crate::proto::envelope::now_ms(),
         }
         .encode_to_vec()
         .into()),
         Body::PushAck(_) => Ok(Bytes::new()),
-        _ => Err(ApiError::invalid("operation not supported yet")),
+        Body::CreateGroup(_) | Body::UpdateMembers(_) => Err(ApiError::invalid(
+            "group conversations are not supported yet",
+        )),
     }
 }
 
@@ -114,6 +143,9 @@ async fn send(
     }
     if !req.reply_to_msg_id.is_empty() && ulid::Ulid::from_string(&req.reply_to_msg_id).is_err() {
         return Err(ApiError::invalid("reply_to_msg_id must be a msg_id"));
+    }
+    if req.content.is_empty() {
+        return Err(ApiError::invalid("content must not be empty"));
     }
     let max = shard.cfg.max_content_bytes;
     if req.content.len() > max {
@@ -167,12 +199,7 @@ async fn pull(
     caller: &Caller,
     req: PullMessagesRequest,
 ) -> Result<Bytes, ApiError> {
-    let conv = ConvRef::parse(&req.conv_id)?;
-    if let ConvRef::P2p { .. } = conv {
-        if !conv.p2p_has(&caller.user) {
-            return Err(ApiError::Forbidden("not a member of this conversation"));
-        }
-    }
+    check_party(&req.conv_id, &caller.user)?;
     let direction =
         PullDirection::try_from(req.direction).map_err(|_| ApiError::invalid("direction"))?;
     if req.anchor_seq < 0 {
@@ -197,6 +224,76 @@ async fn pull(
         .call(target, |reply| ShardMsg::Pull {
             reply,
             pull: Box::new(cmd),
+        })
+        .await
+}
+
+/// Parses a conv_id and, for p2p, checks that `user` is a party (group membership is
+/// checked on the conversation's shard).
+pub fn check_party(conv_id: &str, user: &str) -> Result<(), ApiError> {
+    let conv = ConvRef::parse(conv_id)?;
+    match conv {
+        ConvRef::P2p { .. } if !conv.p2p_has(user) => {
+            Err(ApiError::Forbidden("not a member of this conversation"))
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn by_ids(
+    shard: &Rc<Shard>,
+    caller: &Caller,
+    req: GetMessagesByIdsRequest,
+) -> Result<Bytes, ApiError> {
+    check_party(&req.conv_id, &caller.user)?;
+    if req.msg_ids.is_empty() || req.msg_ids.len() > limits::BY_IDS_MAX {
+        return Err(ApiError::invalid(format!(
+            "msg_ids must have 1-{} ids",
+            limits::BY_IDS_MAX
+        )));
+    }
+    if req
+        .msg_ids
+        .iter()
+        .any(|id| ulid::Ulid::from_string(id).is_err())
+    {
+        return Err(ApiError::invalid("msg_ids must be msg_ids (ULIDs)"));
+    }
+    let clear_seq = user::row_of(shard, &caller.user, &req.conv_id)?.map_or(0, |r| r.clear_seq);
+    let cmd = ByIdsCmd {
+        conv_id: req.conv_id,
+        user: caller.user.clone(),
+        msg_ids: req.msg_ids,
+        clear_seq,
+    };
+    let target = shard.conv_shard(&cmd.conv_id);
+    shard
+        .call(target, |reply| ShardMsg::ByIds {
+            reply,
+            cmd: Box::new(cmd),
+        })
+        .await
+}
+
+async fn recall(
+    shard: &Rc<Shard>,
+    caller: &Caller,
+    req: RecallMessageRequest,
+) -> Result<Bytes, ApiError> {
+    check_party(&req.conv_id, &caller.user)?;
+    if ulid::Ulid::from_string(&req.msg_id).is_err() {
+        return Err(ApiError::invalid("msg_id must be a msg_id (ULID)"));
+    }
+    let cmd = RecallCmd {
+        conv_id: req.conv_id,
+        msg_id: req.msg_id,
+        operator: caller.user.clone(),
+    };
+    let target = shard.conv_shard(&cmd.conv_id);
+    shard
+        .call(target, |reply| ShardMsg::Recall {
+            reply,
+            cmd: Box::new(cmd),
         })
         .await
 }

@@ -79,7 +79,7 @@ pub fn take_send_token(shard: &Shard, user: &str) -> Result<(), ApiError> {
 }
 
 /// Runs `f` on the user's rows, loading them from the store first if needed.
-fn with_rows<R>(
+pub fn with_rows<R>(
     shard: &Shard,
     user: &str,
     f: impl FnOnce(&mut HashMap<String, ConvRow>) -> R,
@@ -128,6 +128,11 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
                 row.deleted = false;
                 changed = true;
             }
+            // Sending a message means having read the conversation up to it.
+            if *user == d.except_user && row.read_seq < d.seq {
+                row.read_seq = d.seq;
+                changed = true;
+            }
             row.max_seq = row.max_seq.max(d.seq);
             row.updated_at = row.updated_at.max(d.send_time);
             changed.then(|| row.clone())
@@ -139,13 +144,7 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, user, "conversation row not updated"),
         }
-        let conns: Vec<Rc<Conn>> = shard
-            .users
-            .borrow()
-            .get(user.as_str())
-            .map(|u| u.conns.clone())
-            .unwrap_or_default();
-        for c in conns {
+        for c in devices(shard, user) {
             if *c.user == *d.except_user && *c.device == *d.except_device {
                 continue;
             }
@@ -156,4 +155,23 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
     if !write.is_empty() {
         shard.store.stage_detached(write);
     }
+}
+
+/// Writes a notice frame to every online device of these users.
+pub fn notify(shard: &Rc<Shard>, frame: &bytes::Bytes, users: &[String]) {
+    for user in users {
+        for c in devices(shard, user) {
+            c.send(shard, frame.clone());
+        }
+    }
+}
+
+/// The user's online connections (cloned handles).
+pub fn devices(shard: &Shard, user: &str) -> Vec<Rc<Conn>> {
+    shard
+        .users
+        .borrow()
+        .get(user)
+        .map(|u| u.conns.clone())
+        .unwrap_or_default()
 }

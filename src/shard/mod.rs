@@ -52,6 +52,23 @@ pub fn yield_now() -> impl Future<Output = ()> {
     })
 }
 
+/// The reply to a [`Shard::call`], once it arrives.
+pub struct Call(oneshot::Receiver<Reply>);
+
+impl Future for Call {
+    type Output = Reply;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Reply> {
+        match std::pin::Pin::new(&mut self.0).poll(cx) {
+            Poll::Ready(Ok(r)) => Poll::Ready(r),
+            Poll::Ready(Err(_)) => {
+                Poll::Ready(Err(ApiError::Internal("the call was dropped".into())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 /// Counters of one shard, read by /metrics.
 #[derive(Default)]
 pub struct Counters {
@@ -135,11 +152,7 @@ impl Shard {
     }
 
     /// Sends a command and waits for its reply.
-    pub fn call(
-        self: &Rc<Self>,
-        target: usize,
-        make: impl FnOnce(ReplyTo) -> ShardMsg,
-    ) -> impl Future<Output = Reply> + 'static {
+    pub fn call(self: &Rc<Self>, target: usize, make: impl FnOnce(ReplyTo) -> ShardMsg) -> Call {
         let (tx, rx) = oneshot::channel();
         let token = self.next_token.get();
         self.next_token.set(token + 1);
@@ -151,10 +164,7 @@ impl Shard {
                 token,
             }),
         );
-        async move {
-            rx.await
-                .unwrap_or_else(|_| Err(ApiError::Internal("the call was dropped".into())))
-        }
+        Call(rx)
     }
 
     /// Answers a call, locally or through the ring.
@@ -195,7 +205,37 @@ impl Shard {
                 let r = chat::conv::handle_pull(self, &pull);
                 self.reply(reply, r);
             }
+            ShardMsg::ByIds { reply, cmd } => {
+                let r = chat::conv::handle_by_ids(self, &cmd);
+                self.reply(reply, r);
+            }
+            ShardMsg::Recall { reply, cmd } => chat::conv::handle_recall(self, reply, *cmd),
+            ShardMsg::ConvInfo { reply, convs } => {
+                let r = chat::conv::handle_info(self, &convs);
+                self.reply(reply, r);
+            }
             ShardMsg::Deliver(d) => chat::user::deliver(self, &d),
+            ShardMsg::Notify(n) => chat::user::notify(self, &n.frame, &n.users),
+            ShardMsg::Kick {
+                reply,
+                user,
+                device,
+            } => {
+                let n = chat::admin::kick_local(self, &user, &device);
+                self.reply(reply, Ok(bytes::Bytes::copy_from_slice(&n.to_be_bytes())));
+            }
+            ShardMsg::Broadcast {
+                reply,
+                frame,
+                users,
+            } => {
+                let n = chat::admin::broadcast_local(self, &frame, users.as_deref());
+                self.reply(reply, Ok(bytes::Bytes::copy_from_slice(&n.to_be_bytes())));
+            }
+            ShardMsg::Presence { reply, users } => {
+                let r = chat::admin::presence_local(self, &users);
+                self.reply(reply, r);
+            }
             ShardMsg::Ping { reply } => self.reply(reply, Ok(bytes::Bytes::new())),
             ShardMsg::Reply { token, reply } => {
                 if let Some(tx) = self.calls.borrow_mut().remove(&token) {

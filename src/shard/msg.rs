@@ -5,7 +5,7 @@ use std::os::fd::OwnedFd;
 
 use bytes::Bytes;
 
-use crate::chat::{Caller, PullCmd, SendCmd};
+use crate::chat::{ByIdsCmd, Caller, PullCmd, RecallCmd, SendCmd};
 use crate::codes::ApiError;
 use crate::proto::pb::client_frame::Body;
 
@@ -36,9 +36,37 @@ pub enum ShardMsg {
     Send { reply: ReplyTo, send: Box<SendCmd> },
     /// Read messages of a conversation this shard owns; answers PullMessagesResponse.
     Pull { reply: ReplyTo, pull: Box<PullCmd> },
+    /// Messages of a conversation this shard owns by msg_id; answers
+    /// GetMessagesByIdsResponse.
+    ByIds { reply: ReplyTo, cmd: Box<ByIdsCmd> },
+    /// Recall a message of a conversation this shard owns; answers after the change is
+    /// durable, then sends MSG_RECALL to every member's shard.
+    Recall { reply: ReplyTo, cmd: Box<RecallCmd> },
+    /// Durable max seq and last message of conversations this shard owns; answers
+    /// ConvSummaries (store.proto).
+    ConvInfo { reply: ReplyTo, convs: Vec<String> },
     /// Write a frame, encoded once on the conversation's shard, to the online devices of
     /// these users (owned by this shard) and update their conversation rows.
     Deliver(Box<Delivery>),
+    /// Write a frame to the online devices of these users (owned by this shard), rows
+    /// untouched: MSG_RECALL and other notices.
+    Notify(Box<Notice>),
+    /// Kick one device (or "ALL") of a user this shard owns; answers the number closed
+    /// as 8 bytes, big-endian.
+    Kick {
+        reply: ReplyTo,
+        user: String,
+        device: String,
+    },
+    /// Write a frame to these users' devices (None = every connection of this shard);
+    /// answers the number of connections written to, 8 bytes big-endian.
+    Broadcast {
+        reply: ReplyTo,
+        frame: Bytes,
+        users: Option<Vec<String>>,
+    },
+    /// Online devices of users this shard owns; answers JSON `{"user": ["device", ..]}`.
+    Presence { reply: ReplyTo, users: Vec<String> },
     /// Liveness probe for /healthz; answers an empty body.
     Ping { reply: ReplyTo },
     /// The answer to a call this shard made.
@@ -68,4 +96,10 @@ pub struct Delivery {
     /// The device that sent the message gets no push.
     pub except_user: String,
     pub except_device: String,
+}
+
+/// A notice for users of one shard.
+pub struct Notice {
+    pub frame: Bytes,
+    pub users: Vec<String>,
 }

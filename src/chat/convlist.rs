@@ -1,0 +1,300 @@
+//! Conversation rows of the caller, on the caller's user shard: the conversation list,
+//! mark read, delete, settings and unread. Max seq and last message come from each
+//! conversation's shard (one `ConvInfo` call per shard), so they are never stale.
+//!
+//! - `updated_at` of an item is the later of its last message's send_time and the last
+//!   change of the row itself (created, read, deleted, settings), so `updated_since`
+//!   finds every conversation that changed for this user.
+//! - Order: updated_at descending, then conv_id ascending. A page never ends inside a run
+//!   of rows sharing one updated_at: it is extended to the end of the run, so the next
+//!   page (`updated_at < cursor`) neither repeats nor skips a row.
+//! - A deleted row is hidden while the conversation's max_seq <= its clear_seq.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use prost::Message as _;
+
+use super::{check_party, user, Caller, PullCmd};
+use crate::codes::ApiError;
+use crate::limits;
+use crate::proto::envelope::{kind, notice_frame, now_ms};
+use crate::proto::pb::{
+    ConversationItem, DeleteConversationRequest, DeleteConversationResponse,
+    GetConversationsRequest, GetConversationsResponse, GetUnreadRequest, GetUnreadResponse,
+    MarkReadNotice, MarkReadRequest, MarkReadResponse, PullMessagesResponse, UnreadConversation,
+    UpdateConvSettingsRequest, UpdateConvSettingsResponse,
+};
+use crate::proto::store_pb::{ConvRow, ConvSummaries, ConvSummary};
+use crate::shard::msg::ShardMsg;
+use crate::shard::Shard;
+use crate::store::embedded::WriteSet;
+
+/// Asks the conversations' shards for their summaries.
+async fn summaries(
+    shard: &Rc<Shard>,
+    conv_ids: Vec<String>,
+) -> Result<HashMap<String, ConvSummary>, ApiError> {
+    let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); shard.n];
+    for c in conv_ids {
+        by_shard[shard.conv_shard(&c)].push(c);
+    }
+    let calls: Vec<_> = by_shard
+        .into_iter()
+        .enumerate()
+        .filter(|(_, convs)| !convs.is_empty())
+        .map(|(target, convs)| shard.call(target, move |reply| ShardMsg::ConvInfo { reply, convs }))
+        .collect();
+    let mut out = HashMap::new();
+    for call in calls {
+        let bytes = call.await?;
+        let s = ConvSummaries::decode(&*bytes)
+            .map_err(|e| ApiError::Internal(format!("summaries: {e}")))?;
+        out.extend(s.items.into_iter().map(|i| (i.conv_id.clone(), i)));
+    }
+    Ok(out)
+}
+
+async fn summary(shard: &Rc<Shard>, conv_id: &str) -> Result<ConvSummary, ApiError> {
+    summaries(shard, vec![conv_id.to_string()])
+        .await?
+        .remove(conv_id)
+        .ok_or_else(|| ApiError::Internal("no summary".into()))
+}
+
+fn item(conv_id: String, row: &ConvRow, s: Option<ConvSummary>) -> ConversationItem {
+    let (max_seq, last_msg) = s.map_or((0, None), |s| (s.max_seq, s.last_msg));
+    let last_time = last_msg.as_ref().map_or(0, |m| m.send_time);
+    ConversationItem {
+        conv_id,
+        conv_type: row.conv_type,
+        target_uuid: row.target.clone(),
+        last_msg,
+        unread_count: (max_seq - row.read_seq).clamp(0, i32::MAX as i64) as i32,
+        mute: row.mute,
+        pin: row.pin,
+        updated_at: row.updated_at.max(last_time).max(row.created_at),
+        max_seq,
+        read_seq: row.read_seq,
+        clear_seq: row.clear_seq,
+    }
+}
+
+/// Every visible conversation of the user, newest first.
+async fn visible_items(shard: &Rc<Shard>, user: &str) -> Result<Vec<ConversationItem>, ApiError> {
+    let rows: Vec<(String, ConvRow)> = user::with_rows(shard, user, |rows| {
+        rows.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    })?;
+    let mut sums = summaries(shard, rows.iter().map(|(c, _)| c.clone()).collect()).await?;
+    let mut items: Vec<ConversationItem> = rows
+        .into_iter()
+        .filter_map(|(conv_id, row)| {
+            let s = sums.remove(&conv_id);
+            let it = item(conv_id, &row, s);
+            let hidden = row.deleted && it.max_seq <= row.clear_seq;
+            (!hidden).then_some(it)
+        })
+        .collect();
+    items.sort_by(|a, b| {
+        b.updated_at
+            .cmp(&a.updated_at)
+            .then_with(|| a.conv_id.cmp(&b.conv_id))
+    });
+    Ok(items)
+}
+
+pub async fn get_conversations(
+    shard: &Rc<Shard>,
+    caller: &Caller,
+    req: GetConversationsRequest,
+) -> Result<Bytes, ApiError> {
+    if req.updated_since < 0 || req.cursor < 0 {
+        return Err(ApiError::invalid("updated_since and cursor must be >= 0"));
+    }
+    let page_size = match req.page_size {
+        p if p < 0 => return Err(ApiError::invalid("page_size must be >= 0")),
+        0 => limits::CONV_PAGE_DEFAULT,
+        p => p.min(limits::CONV_PAGE_MAX),
+    } as usize;
+    let items: Vec<ConversationItem> = visible_items(shard, &caller.user)
+        .await?
+        .into_iter()
+        .filter(|i| i.updated_at > req.updated_since)
+        .filter(|i| req.cursor == 0 || i.updated_at < req.cursor)
+        .collect();
+    let mut end = items.len().min(page_size);
+    while end > 0 && end < items.len() && items[end].updated_at == items[end - 1].updated_at {
+        end += 1;
+    }
+    let has_more = end < items.len();
+    let mut page = items;
+    page.truncate(end);
+    let next_cursor = page.last().map_or(0, |i| i.updated_at);
+    Ok(GetConversationsResponse {
+        conversations: page,
+        has_more,
+        next_cursor,
+    }
+    .encode_to_vec()
+    .into())
+}
+
+/// Changes the caller's row with `f` and waits until the change is durable.
+async fn update_row(
+    shard: &Rc<Shard>,
+    user: &str,
+    conv_id: &str,
+    f: impl FnOnce(&mut ConvRow),
+) -> Result<ConvRow, ApiError> {
+    let row = user::with_rows(shard, user, |rows| {
+        rows.get_mut(conv_id).map(|row| {
+            f(row);
+            row.updated_at = row.updated_at.max(now_ms());
+            row.clone()
+        })
+    })?
+    .ok_or(ApiError::NotFound("no such conversation"))?;
+    let mut write = WriteSet::new();
+    write.row(user, conv_id, &row);
+    match shard.store.stage(write).await {
+        Ok(Ok(())) => Ok(row),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(ApiError::StoreUnavailable("store closed".into())),
+    }
+}
+
+fn has_row(shard: &Rc<Shard>, user: &str, conv_id: &str) -> Result<(), ApiError> {
+    user::row_of(shard, user, conv_id)?
+        .map(|_| ())
+        .ok_or(ApiError::NotFound("no such conversation"))
+}
+
+pub async fn mark_read(
+    shard: &Rc<Shard>,
+    caller: &Caller,
+    req: MarkReadRequest,
+) -> Result<Bytes, ApiError> {
+    check_party(&req.conv_id, &caller.user)?;
+    if req.read_seq < 1 {
+        return Err(ApiError::invalid("read_seq must be >= 1"));
+    }
+    has_row(shard, &caller.user, &req.conv_id)?;
+    let max_seq = summary(shard, &req.conv_id).await?.max_seq;
+    let wanted = req.read_seq.min(max_seq);
+    let before = user::row_of(shard, &caller.user, &req.conv_id)?.map_or(0, |r| r.read_seq);
+    let row = if wanted > before {
+        let row = update_row(shard, &caller.user, &req.conv_id, |r| {
+            r.read_seq = r.read_seq.max(wanted)
+        })
+        .await?;
+        let frame = notice_frame(
+            kind::MSG_MARK_READ,
+            &MarkReadNotice {
+                conv_id: req.conv_id.clone(),
+                read_seq: row.read_seq,
+            },
+        );
+        for c in user::devices(shard, &caller.user) {
+            if *c.device != *caller.device {
+                c.send(shard, frame.clone());
+            }
+        }
+        row
+    } else {
+        user::row_of(shard, &caller.user, &req.conv_id)?
+            .ok_or(ApiError::NotFound("no such conversation"))?
+    };
+    let unread_count = (max_seq - row.read_seq).clamp(0, i32::MAX as i64) as i32;
+    Ok(MarkReadResponse { unread_count }.encode_to_vec().into())
+}
+
+pub async fn delete(
+    shard: &Rc<Shard>,
+    caller: &Caller,
+    req: DeleteConversationRequest,
+) -> Result<Bytes, ApiError> {
+    check_party(&req.conv_id, &caller.user)?;
+    has_row(shard, &caller.user, &req.conv_id)?;
+    let max_seq = summary(shard, &req.conv_id).await?.max_seq;
+    update_row(shard, &caller.user, &req.conv_id, |r| {
+        r.clear_seq = r.clear_seq.max(max_seq);
+        r.read_seq = r.read_seq.max(max_seq);
+        r.deleted = true;
+    })
+    .await?;
+    Ok(DeleteConversationResponse {}.encode_to_vec().into())
+}
+
+pub async fn update_settings(
+    shard: &Rc<Shard>,
+    caller: &Caller,
+    req: UpdateConvSettingsRequest,
+) -> Result<Bytes, ApiError> {
+    check_party(&req.conv_id, &caller.user)?;
+    has_row(shard, &caller.user, &req.conv_id)?;
+    update_row(shard, &caller.user, &req.conv_id, |r| {
+        if let Some(m) = req.mute {
+            r.mute = m;
+        }
+        if let Some(p) = req.pin {
+            r.pin = p;
+        }
+    })
+    .await?;
+    Ok(UpdateConvSettingsResponse {}.encode_to_vec().into())
+}
+
+/// Every conversation with unread messages, with up to `per_conv_limit` of them (the
+/// newest, in ascending order), and the total: what an app needs after being offline.
+pub async fn get_unread(
+    shard: &Rc<Shard>,
+    caller: &Caller,
+    req: GetUnreadRequest,
+) -> Result<Bytes, ApiError> {
+    let limit = match req.per_conv_limit {
+        l if l < 0 => return Err(ApiError::invalid("per_conv_limit must be >= 0")),
+        0 => limits::UNREAD_PER_CONV_DEFAULT,
+        l => l.min(limits::UNREAD_PER_CONV_MAX),
+    } as usize;
+    let items: Vec<ConversationItem> = visible_items(shard, &caller.user)
+        .await?
+        .into_iter()
+        .filter(|i| i.unread_count > 0)
+        .collect();
+    let pulls: Vec<_> = items
+        .iter()
+        .map(|i| {
+            let cmd = PullCmd {
+                conv_id: i.conv_id.clone(),
+                user: caller.user.clone(),
+                anchor_seq: 0,
+                limit,
+                backward: true,
+                clear_seq: i.read_seq.max(i.clear_seq),
+            };
+            let target = shard.conv_shard(&cmd.conv_id);
+            shard.call(target, |reply| ShardMsg::Pull {
+                reply,
+                pull: Box::new(cmd),
+            })
+        })
+        .collect();
+    let mut total_unread = 0i64;
+    let mut conversations = Vec::with_capacity(items.len());
+    for (conversation, pull) in items.into_iter().zip(pulls) {
+        let page = PullMessagesResponse::decode(&*pull.await?)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        total_unread += conversation.unread_count as i64;
+        conversations.push(UnreadConversation {
+            conversation: Some(conversation),
+            messages: page.messages,
+        });
+    }
+    Ok(GetUnreadResponse {
+        total_unread,
+        conversations,
+    }
+    .encode_to_vec()
+    .into())
+}
