@@ -1,0 +1,264 @@
+//! The results of a run: a human summary and the same numbers as JSON, with the host
+//! facts a published number must carry (CPU, cores, kernel, rustc, server flags).
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use crate::checker::CheckReport;
+use crate::stats::Stats;
+use crate::sys::HostFacts;
+
+/// Everything a run measured.
+pub struct Report {
+    pub scenario: &'static str,
+    /// The scenario's parameters, as given.
+    pub params: Value,
+    pub threads: usize,
+    /// Seconds of the load phase (connect: of the whole run).
+    pub load_secs: f64,
+    /// Seconds from the start of the load to the end of the drain.
+    pub active_secs: f64,
+    pub stats: Stats,
+    pub check: CheckReport,
+    pub rss_before: Option<u64>,
+    pub rss_after: Option<u64>,
+    pub server_flags: Option<String>,
+    pub host: HostFacts,
+}
+
+fn rate(n: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+fn hist_json(h: &Histogram<u64>) -> Value {
+    if h.is_empty() {
+        return json!({ "count": 0 });
+    }
+    json!({
+        "count": h.len(),
+        "mean_us": (h.mean() * 10.0).round() / 10.0,
+        "p50_us": h.value_at_quantile(0.50),
+        "p90_us": h.value_at_quantile(0.90),
+        "p99_us": h.value_at_quantile(0.99),
+        "p999_us": h.value_at_quantile(0.999),
+        "max_us": h.max(),
+    })
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3}", us as f64 / 1000.0)
+}
+
+fn hist_line(name: &str, h: &Histogram<u64>) -> String {
+    if h.is_empty() {
+        return format!("  {name:<12} (none)\n");
+    }
+    format!(
+        "  {name:<12} p50 {} ms  p90 {} ms  p99 {} ms  p999 {} ms  max {} ms  (n={})\n",
+        ms(h.value_at_quantile(0.50)),
+        ms(h.value_at_quantile(0.90)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.max()),
+        h.len()
+    )
+}
+
+impl Report {
+    /// Connect rate: successful connects over the time from the first to the last.
+    pub fn connect_rate(&self) -> f64 {
+        let s = &self.stats;
+        if s.connects_ok < 2 {
+            return 0.0;
+        }
+        rate(
+            s.connects_ok - 1,
+            (s.last_connect_ns - s.first_connect_ns) as f64 / 1e9,
+        )
+    }
+
+    /// Server RSS growth per open connection.
+    pub fn bytes_per_connection(&self) -> Option<f64> {
+        let (b, a) = (self.rss_before?, self.rss_after?);
+        (self.stats.connects_ok > 0).then(|| (a as f64 - b as f64) / self.stats.connects_ok as f64)
+    }
+
+    pub fn failures(&self) -> u64 {
+        self.stats.failures()
+    }
+
+    /// Pass: nothing failed and the checker found nothing wrong.
+    pub fn passed(&self) -> bool {
+        self.failures() == 0 && self.check.violations() == 0
+    }
+
+    pub fn human(&self) -> String {
+        let s = &self.stats;
+        let c = &self.check;
+        let mut out = format!(
+            "imshard-loadgen {} {} | {} threads | load {:.1} s\n",
+            self.scenario, self.params, self.threads, self.load_secs
+        );
+        out += &format!(
+            "  connections  {} ok, {} failed, {:.0}/s\n",
+            s.connects_ok,
+            s.connects_failed,
+            self.connect_rate()
+        );
+        if s.sends > 0 || self.scenario != "connect" {
+            out += &format!(
+                "  sends        {} ({:.0}/s), acked {} ({:.0}/s), refused {}, unanswered {}\n",
+                s.sends,
+                rate(s.sends, self.load_secs),
+                s.acks_ok,
+                rate(s.acks_ok, self.active_secs),
+                s.send_errors.values().sum::<u64>(),
+                s.unanswered
+            );
+            out += &format!(
+                "  deliveries   {} pushes ({:.0}/s)\n",
+                s.pushes,
+                rate(s.pushes, self.active_secs)
+            );
+        }
+        if s.groups_created + s.groups_failed > 0 {
+            out += &format!(
+                "  groups       {} created, {} failed\n",
+                s.groups_created, s.groups_failed
+            );
+        }
+        out += &hist_line("connect", &s.connect_us);
+        if s.sends > 0 {
+            out += &hist_line("send->ack", &s.ack_us);
+            out += &hist_line("send->push", &s.push_us);
+        }
+        if s.heartbeats > 0 {
+            out += &hist_line("heartbeat", &s.heartbeat_us);
+        }
+        out += &format!(
+            "  check        expected {} delivered {} | lost {} duplicated {} out-of-order {} seq-gaps {} seq-reused {} unexpected {} (system pushes {})\n",
+            c.expected, c.delivered, c.lost, c.duplicated, c.out_of_order, c.seq_gaps, c.seq_reused, c.unexpected, c.system_pushes
+        );
+        out += &format!(
+            "  failures     {} (connect {}, refused sends {:?}, unanswered {}, groups {}, disconnects {}, kicked {}, bad frames {})\n",
+            self.failures(),
+            s.connects_failed,
+            s.send_errors,
+            s.unanswered,
+            s.groups_failed,
+            s.disconnects,
+            s.kicked,
+            s.bad_frames
+        );
+        if s.send_errors.contains_key(&42901) {
+            out += "  hint         42901 = the server's per-user rate limit; start it with --rate-limit 0 for load runs\n";
+        }
+        for f in &s.failure_samples {
+            out += &format!("    e.g. {f}\n");
+        }
+        if let (Some(b), Some(a)) = (self.rss_before, self.rss_after) {
+            out += &format!(
+                "  server RSS   before {:.1} MiB, after {:.1} MiB",
+                b as f64 / 1048576.0,
+                a as f64 / 1048576.0,
+            );
+            // Only idle connections make growth per connection meaningful.
+            if let (Some(per), "connect") = (self.bytes_per_connection(), self.scenario) {
+                out += &format!(", {per:.0} B per connection");
+            }
+            out += "\n";
+        }
+        out += &format!(
+            "  host         {} | {} cores | {} | {}\n",
+            self.host.cpu_model,
+            self.host.cores,
+            self.host.kernel,
+            self.host.rustc.as_deref().unwrap_or("rustc unknown")
+        );
+        if let Some(f) = &self.server_flags {
+            out += &format!("  server       {f}\n");
+        }
+        out += if self.passed() {
+            "RESULT: PASS\n"
+        } else {
+            "RESULT: FAIL (failures or delivery violations above)\n"
+        };
+        out
+    }
+
+    pub fn json(&self) -> Value {
+        let s = &self.stats;
+        let c = &self.check;
+        json!({
+            "scenario": self.scenario,
+            "params": self.params,
+            "threads": self.threads,
+            "load_secs": self.load_secs,
+            "active_secs": self.active_secs,
+            "passed": self.passed(),
+            "connections": {
+                "ok": s.connects_ok,
+                "failed": s.connects_failed,
+                "per_sec": self.connect_rate(),
+                "latency": hist_json(&s.connect_us),
+            },
+            "sends": {
+                "sent": s.sends,
+                "sent_per_sec": rate(s.sends, self.load_secs),
+                "acked": s.acks_ok,
+                "acked_per_sec": rate(s.acks_ok, self.active_secs),
+                "refused": s.send_errors.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                "unanswered": s.unanswered,
+                "ack_latency": hist_json(&s.ack_us),
+            },
+            "deliveries": {
+                "pushes": s.pushes,
+                "per_sec": rate(s.pushes, self.active_secs),
+                "push_latency": hist_json(&s.push_us),
+            },
+            "heartbeats": {
+                "sent": s.heartbeats,
+                "answered": s.heartbeat_replies,
+                "latency": hist_json(&s.heartbeat_us),
+            },
+            "groups": { "created": s.groups_created, "failed": s.groups_failed },
+            "check": {
+                "expected": c.expected,
+                "delivered": c.delivered,
+                "lost": c.lost,
+                "duplicated": c.duplicated,
+                "out_of_order": c.out_of_order,
+                "seq_gaps": c.seq_gaps,
+                "seq_reused": c.seq_reused,
+                "unexpected": c.unexpected,
+                "system_pushes": c.system_pushes,
+            },
+            "failures": {
+                "total": self.failures(),
+                "connect": s.connects_failed,
+                "unanswered": s.unanswered,
+                "groups": s.groups_failed,
+                "disconnects": s.disconnects,
+                "kicked": s.kicked,
+                "bad_frames": s.bad_frames,
+                "samples": s.failure_samples,
+            },
+            "server": {
+                "rss_before": self.rss_before,
+                "rss_after": self.rss_after,
+                "bytes_per_connection": self.bytes_per_connection(),
+                "flags": self.server_flags,
+            },
+            "host": {
+                "cpu_model": self.host.cpu_model,
+                "cores": self.host.cores,
+                "kernel": self.host.kernel,
+                "rustc": self.host.rustc,
+            },
+        })
+    }
+}

@@ -1,0 +1,280 @@
+//! What the loadgen asks of the host: the open-files limit, the ephemeral port range,
+//! CPU pinning, a monotonic clock shared by all threads, bind-before-connect sockets,
+//! and the facts a published number must carry (CPU, kernel, rustc, server RSS/flags).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+
+/// Open files the loadgen needs besides its sockets (io_uring rings, stdio, files).
+pub const FD_HEADROOM: u64 = 256;
+
+/// Nanoseconds on CLOCK_MONOTONIC: one clock for every thread, so a timestamp written
+/// into a message by one thread can be compared by another.
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Unix milliseconds (for run ids).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The open-files limit after trying to raise the soft limit to the hard one.
+#[derive(Debug, Clone, Copy)]
+pub struct FileLimit {
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to its hard limit and returns both.
+pub fn raise_open_files() -> io::Result<FileLimit> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the rlimit we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    Ok(FileLimit {
+        soft: lim.rlim_cur,
+        hard: lim.rlim_max,
+    })
+}
+
+/// `net.ipv4.ip_local_port_range` as (low, high); the Linux default when unreadable.
+pub fn local_port_range() -> (u32, u32) {
+    let text =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = text
+        .split_whitespace()
+        .filter_map(|s| s.parse::<u32>().ok());
+    match (it.next(), it.next()) {
+        (Some(lo), Some(hi)) if lo <= hi => (lo, hi),
+        _ => (32768, 60999),
+    }
+}
+
+/// The CPUs this process may run on (respects `taskset`), in ascending order.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills the set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_to(cpu: usize) -> io::Result<()> {
+    // SAFETY: as above; sched_setaffinity reads the set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The i-th source address of `count`: 127.0.0.2, 127.0.0.3, ... (wrapping into
+/// 127.0.1.x and on past 254). `None` when `count` is 0 (let the kernel choose).
+pub fn source_addr(i: usize, count: usize) -> Option<IpAddr> {
+    if count == 0 {
+        return None;
+    }
+    let n = (i % count) as u32 + 2;
+    Some(IpAddr::V4(Ipv4Addr::from(0x7F00_0000 | n)))
+}
+
+/// Starts a non-blocking TCP connect to `target` from `source` (port chosen at connect
+/// time, IP_BIND_ADDRESS_NO_PORT, so ports are shared across destinations). Returns the
+/// socket while the handshake may still be in flight; wait for it to be writable and
+/// then check [`take_socket_error`].
+pub fn start_connect(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+) -> io::Result<std::net::TcpStream> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_nodelay(true)?;
+    if let Some(ip) = source {
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt reads one c_int from the pointer we give.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &one as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        socket.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
+    }
+    match socket.connect(&SockAddr::from(target)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    // SAFETY: the fd is a connected-or-connecting TCP socket we own; ownership moves.
+    Ok(unsafe { std::net::TcpStream::from_raw_fd(socket.into_raw_fd()) })
+}
+
+/// SO_ERROR of a socket: the outcome of a non-blocking connect.
+pub fn take_socket_error(fd: i32) -> io::Result<()> {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one c_int and its length into our locals.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            &mut err as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if err != 0 {
+        return Err(io::Error::from_raw_os_error(err));
+    }
+    Ok(())
+}
+
+/// Shuts a socket down both ways so a pending read returns 0 (used at the end of a run).
+pub fn shutdown(fd: i32) {
+    // SAFETY: shutdown on an fd we own; errors (already closed) are irrelevant here.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}
+
+/// VmRSS of a process in bytes, from /proc/PID/status.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// A process's command line, from /proc/PID/cmdline.
+pub fn cmdline(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let parts: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(" "))
+}
+
+/// Facts about the host that go with every published number.
+#[derive(Debug, Clone)]
+pub struct HostFacts {
+    pub cpu_model: String,
+    pub cores: usize,
+    pub kernel: String,
+    pub rustc: Option<String>,
+}
+
+pub fn host_facts() -> HostFacts {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let rustc = std::process::Command::new("rustc")
+        .arg("-V")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    HostFacts {
+        cpu_model,
+        cores,
+        kernel: kernel(),
+        rustc,
+    }
+}
+
+fn kernel() -> String {
+    // SAFETY: uname fills the utsname we own; its fields are NUL-terminated.
+    unsafe {
+        let mut u: libc::utsname = std::mem::zeroed();
+        if libc::uname(&mut u) != 0 {
+            return "unknown".into();
+        }
+        let field = |f: &[libc::c_char]| {
+            std::ffi::CStr::from_ptr(f.as_ptr())
+                .to_string_lossy()
+                .into_owned()
+        };
+        format!(
+            "{} {} {}",
+            field(&u.sysname),
+            field(&u.release),
+            field(&u.machine)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_addrs_start_at_127_0_0_2() {
+        assert_eq!(source_addr(0, 0), None);
+        assert_eq!(source_addr(0, 3), Some("127.0.0.2".parse().expect("ip")));
+        assert_eq!(source_addr(4, 3), Some("127.0.0.3".parse().expect("ip")));
+        assert_eq!(
+            source_addr(254, 300),
+            Some("127.0.1.0".parse().expect("ip"))
+        );
+    }
+
+    #[test]
+    fn clock_moves_forward() {
+        let a = now_ns();
+        let b = now_ns();
+        assert!(b >= a);
+    }
+}

@@ -1,0 +1,230 @@
+//! Runs each loadgen scenario for a few seconds against the real `imshard` binary (2
+//! shards on a free loopback port, a temp data dir) and checks correctness only: no
+//! failures, nothing lost, duplicated or out of order, and some traffic. Never timing.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SECRET: &str = "loadgen-test-secret-0123456789";
+
+/// The server binary next to the test's own deps dir: target/debug/deps/<test> ->
+/// target/debug/imshard (the workspace test run builds it).
+fn server_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let debug_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = debug_dir.join("imshard");
+    assert!(
+        bin.exists(),
+        "{} not found: build the server first (cargo build -p imshard, or cargo test --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind port 0")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// A running server; killed by pid on drop.
+struct Server {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(server_binary())
+            .args([
+                "serve",
+                "--listen",
+                &addr,
+                "--shards",
+                "2",
+                "--rate-limit",
+                "0",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--jwt-secret", SECRET])
+            .env("IMSHARD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start imshard");
+        let mut s = Server {
+            child,
+            addr,
+            _dir: dir,
+        };
+        s.wait_healthy();
+        s
+    }
+
+    fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if healthz(&self.addr) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("imshard exited at start: {status}");
+            }
+            assert!(Instant::now() < deadline, "imshard did not become healthy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs the loadgen with `args` and returns its JSON results (and the exit status).
+    fn loadgen(&self, args: &[&str]) -> (Value, std::process::ExitStatus) {
+        let json = self._dir.path().join(format!("{}.json", args[0]));
+        let pid = self.child.id().to_string();
+        let out = Command::new(env!("CARGO_BIN_EXE_imshard-loadgen"))
+            .args(args)
+            .args([
+                "--target",
+                &self.addr,
+                "--jwt-secret",
+                SECRET,
+                "--server-shards",
+                "2",
+            ])
+            .args([
+                "--threads",
+                "2",
+                "--drain-timeout",
+                "10s",
+                "--server-pid",
+                &pid,
+            ])
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .expect("run imshard-loadgen");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("{stdout}{stderr}");
+        let text = std::fs::read_to_string(&json)
+            .unwrap_or_else(|e| panic!("no JSON from the loadgen ({e}): {stdout}{stderr}"));
+        (
+            serde_json::from_str(&text).expect("JSON parses"),
+            out.status,
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn healthz(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out.starts_with(b"HTTP/1.1 200")
+}
+
+fn n(v: &Value, path: &str) -> u64 {
+    path.split('.')
+        .fold(v, |v, k| &v[k])
+        .as_u64()
+        .unwrap_or_else(|| panic!("{path} missing in {v}"))
+}
+
+/// The correctness every scenario must show.
+fn assert_clean(v: &Value) {
+    for key in [
+        "failures.total",
+        "check.lost",
+        "check.duplicated",
+        "check.out_of_order",
+        "check.seq_gaps",
+        "check.seq_reused",
+        "check.unexpected",
+    ] {
+        assert_eq!(n(v, key), 0, "{key} in {v:#}");
+    }
+    assert_eq!(v["passed"], true, "{v:#}");
+    assert!(v["host"]["cpu_model"].is_string());
+    assert!(v["server"]["flags"]
+        .as_str()
+        .is_some_and(|f| f.contains("--shards 2")));
+}
+
+#[test]
+fn connect_scenario() {
+    let server = Server::start();
+    let (v, status) = server.loadgen(&[
+        "connect",
+        "--connections",
+        "200",
+        "--rate",
+        "400",
+        "--duration",
+        "2s",
+        "--heartbeat-interval",
+        "500ms",
+    ]);
+    assert_clean(&v);
+    assert!(status.success());
+    assert_eq!(n(&v, "connections.ok"), 200);
+    assert!(n(&v, "heartbeats.answered") > 0, "{v:#}");
+    assert!(v["server"]["rss_after"].is_u64());
+}
+
+#[test]
+fn p2p_scenario() {
+    let server = Server::start();
+    let (v, status) = server.loadgen(&[
+        "p2p",
+        "--pairs",
+        "10",
+        "--rate",
+        "0",
+        "--window",
+        "4",
+        "--duration",
+        "2s",
+    ]);
+    assert_clean(&v);
+    assert!(status.success());
+    assert_eq!(n(&v, "connections.ok"), 20);
+    assert!(n(&v, "sends.acked") > 0);
+    assert_eq!(n(&v, "check.delivered"), n(&v, "check.expected"));
+    assert!(n(&v, "check.delivered") > 0);
+    assert!(n(&v, "deliveries.push_latency.count") > 0);
+}
+
+#[test]
+fn p2p_at_a_fixed_rate() {
+    let server = Server::start();
+    let (v, status) = server.loadgen(&["p2p", "--pairs", "4", "--rate", "200", "--duration", "2s"]);
+    assert_clean(&v);
+    assert!(status.success());
+    assert!(n(&v, "check.delivered") > 0);
+}
