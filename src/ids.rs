@@ -34,6 +34,9 @@ pub fn p2p_conv_id(x: &str, y: &str) -> String {
     s
 }
 
+/// The prefix of group conversation ids.
+pub const GROUP_CONV_PREFIX: &str = "grp-";
+
 /// `grp-{group_id}`.
 pub fn group_conv_id(group: &str) -> String {
     format!("grp-{group}")

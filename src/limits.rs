@@ -27,3 +27,10 @@ pub const MAX_HTTP_HEAD: usize = 16 * 1024;
 pub const MAX_HTTP_HEADERS: usize = 32;
 /// Control frames carry at most 125 bytes (RFC 6455).
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
+/// A group has at most this many members.
+pub const MAX_GROUP_MEMBERS: usize = 100_000;
+/// A group name: at most this many characters.
+pub const MAX_GROUP_NAME_CHARS: usize = 128;
+/// System messages about membership list at most this many user ids per list (the
+/// counts are always exact; a client wanting the rest asks for the member list).
+pub const SYSTEM_MSG_MAX_IDS: usize = 100;

@@ -19,23 +19,44 @@ use crate::ids::ConvRef;
 use crate::limits::DEDUPE_WINDOW_MS;
 use crate::proto::envelope::{kind, notice_frame, now_ms, push_frame};
 use crate::proto::pb::{
-    GetMessagesByIdsResponse, MsgItem, PullMessagesResponse, RecallMessageResponse, RecallNotice,
-    SendMessageResponse,
+    ConvType, GetMessagesByIdsResponse, MsgItem, PullMessagesResponse, RecallMessageResponse,
+    RecallNotice, SendMessageResponse,
 };
 use crate::proto::store_pb::{ConvSummaries, ConvSummary, DedupeRecord};
 use crate::shard::msg::{Delivery, Notice, ReplyTo, ShardMsg};
 use crate::shard::Shard;
 use crate::store::embedded::WriteSet;
 
+/// Fan-out goes to at most this many recipients per step; the shard serves others
+/// between steps, so a 100,000-member group never stalls its loop.
+pub const FANOUT_CHUNK: usize = 1024;
+
 /// A conversation this shard owns, as far as it was touched since start.
-#[derive(Debug)]
 pub struct ConvState {
     /// The seq the next message gets.
-    next_seq: i64,
+    pub(crate) next_seq: i64,
     /// The highest seq that is durable.
-    durable_seq: i64,
+    pub(crate) durable_seq: i64,
     /// Sends in flight by (sender, client_msg_id), with callers waiting for the same.
     in_flight: HashMap<(String, String), Vec<ReplyTo>>,
+    /// Members and roles, for group conversations that exist.
+    pub(crate) group: Option<Box<super::group::GroupState>>,
+    /// Deliveries waiting for their turn, in seq order; one task drains them.
+    fanout: std::collections::VecDeque<FanoutJob>,
+    fanout_running: bool,
+}
+
+/// One message to deliver to `members`, except the sending device.
+pub(crate) struct FanoutJob {
+    pub frame: Bytes,
+    pub conv_id: String,
+    pub seq: i64,
+    pub send_time: i64,
+    pub sender: String,
+    pub sender_device: String,
+    pub members: Rc<Vec<String>>,
+    /// Members this message removes (their rows stop at its seq).
+    pub left: Vec<String>,
 }
 
 impl ConvState {
@@ -47,7 +68,7 @@ impl ConvState {
 
 /// Loads (or returns) the state of a conversation: its seq counter continues after the
 /// highest stored seq.
-fn with_conv<R>(
+pub(crate) fn with_conv<R>(
     shard: &Shard,
     conv_id: &str,
     f: impl FnOnce(&mut ConvState) -> R,
@@ -57,10 +78,18 @@ fn with_conv<R>(
         return Ok(f(c));
     }
     let max = shard.store.max_seq(conv_id)?;
+    let group = if conv_id.starts_with(crate::ids::GROUP_CONV_PREFIX) {
+        super::group::load(shard, conv_id)?
+    } else {
+        None
+    };
     let c = convs.entry(conv_id.to_string()).or_insert(ConvState {
         next_seq: max + 1,
         durable_seq: max,
         in_flight: HashMap::new(),
+        group,
+        fanout: std::collections::VecDeque::new(),
+        fanout_running: false,
     });
     Ok(f(c))
 }
@@ -108,15 +137,22 @@ pub fn handle_send(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
             Ok(_) => {}
         }
     }
-    let seq = match with_conv(shard, &cmd.conv_id, |c| {
+    let assigned = with_conv(shard, &cmd.conv_id, |c| {
+        let members = match (&c.group, cmd.conv_type) {
+            (_, ConvType::P2p) => Rc::new(cmd.members.clone()),
+            (Some(g), _) if g.is_member(&cmd.sender) => g.list.clone(),
+            (Some(_), _) => return Err(ApiError::Forbidden("not a member of this group")),
+            (None, _) => return Err(ApiError::NotFound("no such group")),
+        };
         let seq = c.next_seq;
         c.next_seq += 1;
         if has_key {
             c.in_flight.insert(dedupe_key.clone(), Vec::new());
         }
-        seq
-    }) {
-        Ok(s) => s,
+        Ok((seq, members))
+    });
+    let (seq, members) = match assigned.and_then(|r| r) {
+        Ok(v) => v,
         Err(e) => return shard.reply(reply, Err(e)),
     };
     let send_time = now_ms();
@@ -179,7 +215,7 @@ pub fn handle_send(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
                 for w in waiters {
                     shard.reply(w, Ok(body.clone()));
                 }
-                fan_out(&shard, &msg, &cmd.members, &cmd.sender_device);
+                fan_out(&shard, &msg, members, Vec::new(), &cmd.sender_device);
             }
             Err(e) => {
                 let err = ApiError::from(e);
@@ -193,11 +229,49 @@ pub fn handle_send(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
     });
 }
 
-/// Encodes the push once and sends one delivery per recipient shard.
-fn fan_out(shard: &Rc<Shard>, msg: &MsgItem, members: &[String], sender_device: &str) {
-    let frame = push_frame(msg);
+/// Encodes the push once and hands it to the conversation's ordered fan-out.
+pub(crate) fn fan_out(
+    shard: &Rc<Shard>,
+    msg: &MsgItem,
+    members: Rc<Vec<String>>,
+    left: Vec<String>,
+    sender_device: &str,
+) {
+    let job = FanoutJob {
+        frame: push_frame(msg),
+        conv_id: msg.conv_id.clone(),
+        seq: msg.seq,
+        send_time: msg.send_time,
+        sender: msg.from_uuid.clone(),
+        sender_device: sender_device.to_string(),
+        members,
+        left,
+    };
+    // Small fan-outs with nothing queued go out at once; others queue behind the
+    // conversation's earlier messages so every member sees seq order.
+    let start = {
+        let mut convs = shard.convs.borrow_mut();
+        match convs.get_mut(&job.conv_id) {
+            Some(c) if c.fanout_running || job.members.len() > FANOUT_CHUNK => {
+                c.fanout.push_back(job);
+                !std::mem::replace(&mut c.fanout_running, true)
+            }
+            _ => {
+                drop(convs);
+                deliver_chunk(shard, &job, &job.members);
+                return;
+            }
+        }
+    };
+    if start {
+        monoio::spawn(drain_fanout(shard.clone(), msg.conv_id.clone()));
+    }
+}
+
+/// Posts one Deliver per recipient shard for `users`.
+fn deliver_chunk(shard: &Rc<Shard>, job: &FanoutJob, users: &[String]) {
     let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); shard.n];
-    for m in members {
+    for m in users {
         by_shard[shard.user_shard(m)].push(m.clone());
     }
     for (target, users) in by_shard.into_iter().enumerate() {
@@ -207,15 +281,39 @@ fn fan_out(shard: &Rc<Shard>, msg: &MsgItem, members: &[String], sender_device: 
         shard.post(
             target,
             ShardMsg::Deliver(Box::new(Delivery {
-                frame: frame.clone(),
-                conv_id: msg.conv_id.clone(),
-                seq: msg.seq,
-                send_time: msg.send_time,
+                frame: job.frame.clone(),
+                conv_id: job.conv_id.clone(),
+                seq: job.seq,
+                send_time: job.send_time,
                 users,
-                except_user: msg.from_uuid.clone(),
-                except_device: sender_device.to_string(),
+                except_user: job.sender.clone(),
+                except_device: job.sender_device.clone(),
+                left: job.left.clone(),
             })),
         );
+    }
+}
+
+/// Drains a conversation's fan-out queue, one chunk of recipients per loop turn.
+async fn drain_fanout(shard: Rc<Shard>, conv_id: String) {
+    loop {
+        let job = {
+            let mut convs = shard.convs.borrow_mut();
+            let Some(c) = convs.get_mut(&conv_id) else {
+                return;
+            };
+            match c.fanout.pop_front() {
+                Some(j) => j,
+                None => {
+                    c.fanout_running = false;
+                    return;
+                }
+            }
+        };
+        for chunk in job.members.chunks(FANOUT_CHUNK) {
+            deliver_chunk(&shard, &job, chunk);
+            crate::shard::yield_now().await;
+        }
     }
 }
 
@@ -224,7 +322,7 @@ fn fan_out(shard: &Rc<Shard>, msg: &MsgItem, members: &[String], sender_device: 
 /// caller's clear_seq, never past what is durable.
 pub fn handle_pull(shard: &Rc<Shard>, pull: &PullCmd) -> Result<Bytes, ApiError> {
     let conv = ConvRef::parse(&pull.conv_id)?;
-    check_member(&conv, &pull.user)?;
+    check_member(shard, &pull.conv_id, &conv, &pull.user)?;
     let max_seq = with_conv(shard, &pull.conv_id, |c| c.durable_seq)?;
     let floor = pull.clear_seq + 1;
     let (messages, has_more) = if pull.backward {
@@ -256,19 +354,38 @@ pub fn handle_pull(shard: &Rc<Shard>, pull: &PullCmd) -> Result<Bytes, ApiError>
     .into())
 }
 
-/// The caller must be a party of the conversation (p2p: named in the conv_id).
-fn check_member(conv: &ConvRef<'_>, user: &str) -> Result<(), ApiError> {
-    match conv {
-        ConvRef::P2p { .. } if conv.p2p_has(user) => Ok(()),
-        _ => Err(ApiError::Forbidden("not a member of this conversation")),
+/// The caller must be a party of the conversation (p2p: named in the conv_id; group:
+/// a current member).
+fn check_member(
+    shard: &Shard,
+    conv_id: &str,
+    conv: &ConvRef<'_>,
+    user: &str,
+) -> Result<(), ApiError> {
+    let ok = match conv {
+        ConvRef::P2p { .. } => conv.p2p_has(user),
+        ConvRef::Group { .. } => with_conv(shard, conv_id, |c| match &c.group {
+            Some(g) => Ok(g.is_member(user)),
+            None => Err(ApiError::NotFound("no such group")),
+        })??,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden("not a member of this conversation"))
     }
 }
 
 /// Members who receive a conversation's notices.
-fn members_of(conv: &ConvRef<'_>) -> Vec<String> {
+fn members_of(shard: &Shard, conv_id: &str, conv: &ConvRef<'_>) -> Rc<Vec<String>> {
     match conv {
-        ConvRef::P2p { a, b } => vec![a.to_string(), b.to_string()],
-        ConvRef::Group { .. } => Vec::new(),
+        ConvRef::P2p { a, b } => Rc::new(vec![a.to_string(), b.to_string()]),
+        ConvRef::Group { .. } => {
+            with_conv(shard, conv_id, |c| c.group.as_ref().map(|g| g.list.clone()))
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        }
     }
 }
 
@@ -276,7 +393,7 @@ fn members_of(conv: &ConvRef<'_>) -> Vec<String> {
 /// or below the caller's clear_seq.
 pub fn handle_by_ids(shard: &Rc<Shard>, cmd: &ByIdsCmd) -> Result<Bytes, ApiError> {
     let conv = ConvRef::parse(&cmd.conv_id)?;
-    check_member(&conv, &cmd.user)?;
+    check_member(shard, &cmd.conv_id, &conv, &cmd.user)?;
     let durable = with_conv(shard, &cmd.conv_id, |c| c.durable_seq)?;
     let mut messages = Vec::with_capacity(cmd.msg_ids.len());
     for id in &cmd.msg_ids {
@@ -300,7 +417,7 @@ pub fn handle_by_ids(shard: &Rc<Shard>, cmd: &ByIdsCmd) -> Result<Bytes, ApiErro
 pub fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
     let prepared = (|| -> Result<Option<MsgItem>, ApiError> {
         let conv = ConvRef::parse(&cmd.conv_id)?;
-        check_member(&conv, &cmd.operator)?;
+        check_member(shard, &cmd.conv_id, &conv, &cmd.operator)?;
         let durable = with_conv(shard, &cmd.conv_id, |c| c.durable_seq)?;
         let seq = shard
             .store
@@ -314,9 +431,18 @@ pub fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
         if msg.status == 1 {
             return Ok(None);
         }
-        if msg.from_uuid != cmd.operator {
+        if msg.msg_type > crate::limits::MAX_USER_MSG_TYPE {
+            return Err(ApiError::Forbidden("system messages cannot be recalled"));
+        }
+        let group_admin = || {
+            with_conv(shard, &cmd.conv_id, |c| {
+                c.group.as_ref().is_some_and(|g| g.is_admin(&cmd.operator))
+            })
+            .unwrap_or(false)
+        };
+        if msg.from_uuid != cmd.operator && !group_admin() {
             return Err(ApiError::Forbidden(
-                "only the sender may recall this message",
+                "only the sender (or a group owner or admin) may recall this message",
             ));
         }
         let now = now_ms();
@@ -361,8 +487,8 @@ pub fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
         };
         let frame = notice_frame(kind::MSG_RECALL, &notice);
         let members = match ConvRef::parse(&msg.conv_id) {
-            Ok(conv) => members_of(&conv),
-            Err(_) => Vec::new(),
+            Ok(conv) => members_of(&shard, &msg.conv_id, &conv),
+            Err(_) => Rc::default(),
         };
         notify_members(&shard, frame, &members);
     });

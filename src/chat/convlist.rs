@@ -21,7 +21,7 @@ use crate::codes::ApiError;
 use crate::limits;
 use crate::proto::envelope::{kind, notice_frame, now_ms};
 use crate::proto::pb::{
-    ConversationItem, DeleteConversationRequest, DeleteConversationResponse,
+    ConvType, ConversationItem, DeleteConversationRequest, DeleteConversationResponse,
     GetConversationsRequest, GetConversationsResponse, GetUnreadRequest, GetUnreadResponse,
     MarkReadNotice, MarkReadRequest, MarkReadResponse, PullMessagesResponse, UnreadConversation,
     UpdateConvSettingsRequest, UpdateConvSettingsResponse,
@@ -64,7 +64,12 @@ async fn summary(shard: &Rc<Shard>, conv_id: &str) -> Result<ConvSummary, ApiErr
 }
 
 fn item(conv_id: String, row: &ConvRow, s: Option<ConvSummary>) -> ConversationItem {
-    let (max_seq, last_msg) = s.map_or((0, None), |s| (s.max_seq, s.last_msg));
+    let (mut max_seq, mut last_msg) = s.map_or((0, None), |s| (s.max_seq, s.last_msg));
+    // A removed group member sees the conversation as it was when they left.
+    if row.left_seq > 0 && max_seq > row.left_seq {
+        max_seq = row.left_seq;
+        last_msg = None;
+    }
     let last_time = last_msg.as_ref().map_or(0, |m| m.send_time);
     ConversationItem {
         conv_id,
@@ -180,7 +185,11 @@ pub async fn mark_read(
         return Err(ApiError::invalid("read_seq must be >= 1"));
     }
     has_row(shard, &caller.user, &req.conv_id)?;
-    let max_seq = summary(shard, &req.conv_id).await?.max_seq;
+    let left_seq = user::row_of(shard, &caller.user, &req.conv_id)?.map_or(0, |r| r.left_seq);
+    let mut max_seq = summary(shard, &req.conv_id).await?.max_seq;
+    if left_seq > 0 {
+        max_seq = max_seq.min(left_seq);
+    }
     let wanted = req.read_seq.min(max_seq);
     let before = user::row_of(shard, &caller.user, &req.conv_id)?.map_or(0, |r| r.read_seq);
     let row = if wanted > before {
@@ -283,12 +292,23 @@ pub async fn get_unread(
     let mut total_unread = 0i64;
     let mut conversations = Vec::with_capacity(items.len());
     for (conversation, pull) in items.into_iter().zip(pulls) {
-        let page = PullMessagesResponse::decode(&*pull.await?)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        // A removed group member keeps the unread count of what came before the removal
+        // but may no longer read the group: no messages for that row.
+        let messages = match pull.await {
+            Ok(body) => {
+                PullMessagesResponse::decode(&*body)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?
+                    .messages
+            }
+            Err(ApiError::Forbidden(_)) if conversation.conv_type == ConvType::Group as i32 => {
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
         total_unread += conversation.unread_count as i64;
         conversations.push(UnreadConversation {
             conversation: Some(conversation),
-            messages: page.messages,
+            messages,
         });
     }
     Ok(GetUnreadResponse {

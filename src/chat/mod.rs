@@ -7,6 +7,7 @@ pub mod admin;
 pub mod conv;
 pub mod convlist;
 pub mod filter;
+pub mod group;
 pub mod user;
 
 use std::rc::Rc;
@@ -18,8 +19,8 @@ use crate::codes::ApiError;
 use crate::ids::{self, ConvRef};
 use crate::limits;
 use crate::proto::pb::{
-    client_frame::Body, ConvType, GetMessagesByIdsRequest, PullDirection, PullMessagesRequest,
-    RecallMessageRequest, SendMessageRequest,
+    client_frame::Body, ConvType, CreateGroupRequest, GetMessagesByIdsRequest, PullDirection,
+    PullMessagesRequest, RecallMessageRequest, SendMessageRequest, UpdateGroupMembersRequest,
 };
 use crate::shard::msg::ShardMsg;
 use crate::shard::Shard;
@@ -110,9 +111,8 @@ pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<B
         .encode_to_vec()
         .into()),
         Body::PushAck(_) => Ok(Bytes::new()),
-        Body::CreateGroup(_) | Body::UpdateMembers(_) => Err(ApiError::invalid(
-            "group conversations are not supported yet",
-        )),
+        Body::CreateGroup(req) => create_group(shard, caller, req).await,
+        Body::UpdateMembers(req) => update_members(shard, caller, req).await,
     }
 }
 
@@ -165,11 +165,8 @@ async fn send(
                 vec![caller.user.clone(), req.target.clone()],
             )
         }
-        ConvType::Group => {
-            return Err(ApiError::invalid(
-                "group conversations are not supported yet",
-            ))
-        }
+        // Members come from the group's state on its conversation shard.
+        ConvType::Group => (ids::group_conv_id(&req.target), Vec::new()),
         ConvType::Unspecified => return Err(ApiError::invalid("conv_type must be P2P or GROUP")),
     };
     user::take_send_token(shard, &caller.user)?;
@@ -292,6 +289,98 @@ async fn recall(
     let target = shard.conv_shard(&cmd.conv_id);
     shard
         .call(target, |reply| ShardMsg::Recall {
+            reply,
+            cmd: Box::new(cmd),
+        })
+        .await
+}
+
+/// Checks a list of user ids and removes repeats (first occurrence kept).
+fn unique_ids(field: &str, list: Vec<String>) -> Result<Vec<String>, ApiError> {
+    let mut seen = std::collections::HashSet::with_capacity(list.len());
+    let mut out = Vec::with_capacity(list.len());
+    for u in list {
+        ids::check_id(field, &u)?;
+        if seen.insert(u.clone()) {
+            out.push(u);
+        }
+    }
+    Ok(out)
+}
+
+async fn create_group(
+    shard: &Rc<Shard>,
+    caller: &Caller,
+    req: CreateGroupRequest,
+) -> Result<Bytes, ApiError> {
+    let group_id = if req.group_id.is_empty() {
+        format!("g{}", ulid::Ulid::new())
+    } else {
+        ids::check_id("group_id", &req.group_id)?;
+        req.group_id
+    };
+    if req.name.chars().count() > limits::MAX_GROUP_NAME_CHARS {
+        return Err(ApiError::invalid(format!(
+            "name must be at most {} characters",
+            limits::MAX_GROUP_NAME_CHARS
+        )));
+    }
+    if req.members.len() >= limits::MAX_GROUP_MEMBERS {
+        return Err(ApiError::invalid(format!(
+            "a group has at most {} members",
+            limits::MAX_GROUP_MEMBERS
+        )));
+    }
+    let mut members = unique_ids("members", req.members)?;
+    if !members.contains(&caller.user) {
+        members.push(caller.user.clone());
+    }
+    let cmd = group::CreateGroupCmd {
+        conv_id: ids::group_conv_id(&group_id),
+        group_id,
+        name: req.name,
+        owner: caller.user.clone(),
+        device: caller.device.clone(),
+        members,
+    };
+    let target = shard.conv_shard(&cmd.conv_id);
+    shard
+        .call(target, |reply| ShardMsg::CreateGroup {
+            reply,
+            cmd: Box::new(cmd),
+        })
+        .await
+}
+
+async fn update_members(
+    shard: &Rc<Shard>,
+    caller: &Caller,
+    req: UpdateGroupMembersRequest,
+) -> Result<Bytes, ApiError> {
+    ids::check_id("group_id", &req.group_id)?;
+    let total = req.add.len() + req.remove.len() + req.add_admins.len();
+    if total == 0 {
+        return Err(ApiError::invalid(
+            "add, remove or add_admins must name someone",
+        ));
+    }
+    if total > limits::MAX_GROUP_MEMBERS {
+        return Err(ApiError::invalid(format!(
+            "at most {} ids per change",
+            limits::MAX_GROUP_MEMBERS
+        )));
+    }
+    let cmd = group::UpdateMembersCmd {
+        conv_id: ids::group_conv_id(&req.group_id),
+        operator: caller.user.clone(),
+        device: caller.device.clone(),
+        add: unique_ids("add", req.add)?,
+        remove: unique_ids("remove", req.remove)?,
+        add_admins: unique_ids("add_admins", req.add_admins)?,
+    };
+    let target = shard.conv_shard(&cmd.conv_id);
+    shard
+        .call(target, |reply| ShardMsg::UpdateMembers {
             reply,
             cmd: Box::new(cmd),
         })

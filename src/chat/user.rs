@@ -133,6 +133,13 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
                 row.read_seq = d.seq;
                 changed = true;
             }
+            if d.left.iter().any(|u| u == user) {
+                row.left_seq = d.seq;
+                changed = true;
+            } else if row.left_seq > 0 && d.seq > row.left_seq {
+                row.left_seq = 0;
+                changed = true;
+            }
             row.max_seq = row.max_seq.max(d.seq);
             row.updated_at = row.updated_at.max(d.send_time);
             changed.then(|| row.clone())

@@ -210,6 +210,8 @@ impl Shard {
                 self.reply(reply, r);
             }
             ShardMsg::Recall { reply, cmd } => chat::conv::handle_recall(self, reply, *cmd),
+            ShardMsg::CreateGroup { reply, cmd } => chat::group::handle_create(self, reply, *cmd),
+            ShardMsg::UpdateMembers { reply, cmd } => chat::group::handle_update(self, reply, *cmd),
             ShardMsg::ConvInfo { reply, convs } => {
                 let r = chat::conv::handle_info(self, &convs);
                 self.reply(reply, r);

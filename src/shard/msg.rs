@@ -5,6 +5,7 @@ use std::os::fd::OwnedFd;
 
 use bytes::Bytes;
 
+use crate::chat::group::{CreateGroupCmd, UpdateMembersCmd};
 use crate::chat::{ByIdsCmd, Caller, PullCmd, RecallCmd, SendCmd};
 use crate::codes::ApiError;
 use crate::proto::pb::client_frame::Body;
@@ -42,6 +43,18 @@ pub enum ShardMsg {
     /// Recall a message of a conversation this shard owns; answers after the change is
     /// durable, then sends MSG_RECALL to every member's shard.
     Recall { reply: ReplyTo, cmd: Box<RecallCmd> },
+    /// Create a group whose conversation this shard owns; answers CreateGroupResponse
+    /// after the group, its members and the "created" system message are durable.
+    CreateGroup {
+        reply: ReplyTo,
+        cmd: Box<CreateGroupCmd>,
+    },
+    /// Change the members or admins of a group this shard owns; answers
+    /// UpdateGroupMembersResponse after the change and its system message are durable.
+    UpdateMembers {
+        reply: ReplyTo,
+        cmd: Box<UpdateMembersCmd>,
+    },
     /// Durable max seq and last message of conversations this shard owns; answers
     /// ConvSummaries (store.proto).
     ConvInfo { reply: ReplyTo, convs: Vec<String> },
@@ -96,6 +109,8 @@ pub struct Delivery {
     /// The device that sent the message gets no push.
     pub except_user: String,
     pub except_device: String,
+    /// Users this message removes from a group: their rows stop at this seq.
+    pub left: Vec<String>,
 }
 
 /// A notice for users of one shard.

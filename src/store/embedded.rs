@@ -20,7 +20,7 @@ use prost::Message;
 
 use super::{keys, StoreError};
 use crate::proto::pb::MsgItem;
-use crate::proto::store_pb::{ConvRow, DedupeRecord};
+use crate::proto::store_pb::{ConvRow, DedupeRecord, GroupMeta, MemberRecord};
 
 /// Which keyspace a staged write goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,15 +30,17 @@ pub enum Ks {
     MsgIds = 1,
     Dedupe = 2,
     Rows = 3,
+    Groups = 4,
+    Members = 5,
 }
 
-const KEYSPACES: [&str; 4] = ["msgs", "msgids", "dedupe", "rows"];
+const KEYSPACES: [&str; 6] = ["msgs", "msgids", "dedupe", "rows", "groups", "members"];
 
-/// One staged key/value write.
+/// One staged write: a value, or a removal when `value` is `None`.
 struct Put {
     ks: Ks,
     key: Vec<u8>,
-    value: Vec<u8>,
+    value: Option<Vec<u8>>,
 }
 
 /// Work for the sync thread.
@@ -70,7 +72,7 @@ struct SyncShared {
 /// A shard's store. Lives on the shard's thread; only that thread calls it.
 pub struct ShardStore {
     db: Database,
-    ks: [Keyspace; 4],
+    ks: [Keyspace; 6],
     /// Writes staged during this loop turn.
     staged: RefCell<Vec<Put>>,
     /// Id of the batch being staged; batches are numbered from 1.
@@ -101,7 +103,7 @@ impl ShardStore {
                     .map_err(|e| StoreError::Open(format!("keyspace {name}: {e}")))?,
             );
         }
-        let ks: [Keyspace; 4] = handles
+        let ks: [Keyspace; 6] = handles
             .try_into()
             .map_err(|_| StoreError::Open("keyspace count".into()))?;
         let (jobs, job_rx) = mpsc::channel();
@@ -303,6 +305,26 @@ impl ShardStore {
         Ok(out)
     }
 
+    pub fn group(&self, conv: &str) -> Result<Option<GroupMeta>, StoreError> {
+        self.get_decoded(Ks::Groups, conv.as_bytes())
+    }
+
+    /// Every member of a group with its record.
+    pub fn members(&self, conv: &str) -> Result<Vec<(String, MemberRecord)>, StoreError> {
+        let prefix = keys::prefix(conv);
+        let mut out = Vec::new();
+        for g in self.ks[Ks::Members as usize].prefix(&prefix) {
+            let (k, v) = g.into_inner().map_err(read_err)?;
+            let user = std::str::from_utf8(&k[prefix.len()..])
+                .map_err(|_| StoreError::Corrupt("members key".into()))?
+                .to_string();
+            let rec = MemberRecord::decode(&*v)
+                .map_err(|e| StoreError::Corrupt(format!("member: {e}")))?;
+            out.push((user, rec));
+        }
+        Ok(out)
+    }
+
     fn get_decoded<T: Message + Default>(
         &self,
         ks: Ks,
@@ -342,12 +364,12 @@ impl WriteSet {
         self.puts.push(Put {
             ks: Ks::Msgs,
             key: keys::msg(&msg.conv_id, msg.seq),
-            value: msg.encode_to_vec(),
+            value: Some(msg.encode_to_vec()),
         });
         self.puts.push(Put {
             ks: Ks::MsgIds,
             key: keys::pair(&msg.conv_id, &msg.msg_id),
-            value: (msg.seq as u64).to_be_bytes().to_vec(),
+            value: Some((msg.seq as u64).to_be_bytes().to_vec()),
         });
         self
     }
@@ -357,7 +379,7 @@ impl WriteSet {
         self.puts.push(Put {
             ks: Ks::Msgs,
             key: keys::msg(&msg.conv_id, msg.seq),
-            value: msg.encode_to_vec(),
+            value: Some(msg.encode_to_vec()),
         });
         self
     }
@@ -372,7 +394,7 @@ impl WriteSet {
         self.puts.push(Put {
             ks: Ks::Dedupe,
             key: keys::triple(conv, sender, client_msg_id),
-            value: rec.encode_to_vec(),
+            value: Some(rec.encode_to_vec()),
         });
         self
     }
@@ -381,7 +403,34 @@ impl WriteSet {
         self.puts.push(Put {
             ks: Ks::Rows,
             key: keys::pair(user, conv),
-            value: row.encode_to_vec(),
+            value: Some(row.encode_to_vec()),
+        });
+        self
+    }
+
+    pub fn group(&mut self, conv: &str, meta: &GroupMeta) -> &mut Self {
+        self.puts.push(Put {
+            ks: Ks::Groups,
+            key: conv.as_bytes().to_vec(),
+            value: Some(meta.encode_to_vec()),
+        });
+        self
+    }
+
+    pub fn member(&mut self, conv: &str, user: &str, rec: &MemberRecord) -> &mut Self {
+        self.puts.push(Put {
+            ks: Ks::Members,
+            key: keys::pair(conv, user),
+            value: Some(rec.encode_to_vec()),
+        });
+        self
+    }
+
+    pub fn remove_member(&mut self, conv: &str, user: &str) -> &mut Self {
+        self.puts.push(Put {
+            ks: Ks::Members,
+            key: keys::pair(conv, user),
+            value: None,
         });
         self
     }
@@ -430,7 +479,7 @@ async fn completion_loop(store: Rc<ShardStore>) {
 
 fn sync_thread(
     db: Database,
-    ks: [Keyspace; 4],
+    ks: [Keyspace; 6],
     jobs: mpsc::Receiver<Job>,
     done: mpsc::Sender<Done>,
     shared: Arc<SyncShared>,
@@ -457,7 +506,10 @@ fn sync_thread(
                     }
                     let mut batch = db.batch();
                     for p in puts {
-                        batch.insert(&ks[p.ks as usize], p.key, p.value);
+                        match p.value {
+                            Some(v) => batch.insert(&ks[p.ks as usize], p.key, v),
+                            None => batch.remove(&ks[p.ks as usize], p.key),
+                        }
                     }
                     match batch.commit() {
                         Ok(()) => ok_upto = id,

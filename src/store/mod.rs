@@ -22,6 +22,9 @@
 //! | msgids | conv_id `\0` msg_id | seq (u64 big-endian) |
 //! | dedupe | conv_id `\0` sender `\0` client_msg_id | DedupeRecord |
 //! | rows | user `\0` conv_id | ConvRow |
+//! | groups | conv_id | GroupMeta |
+//! | members | conv_id `\0` user | MemberRecord (one key per member: a change to a
+//! 100,000-member group writes only the changed members) |
 //!
 //! The embedded backend is the only one today; the Redis backend of DESIGN.md will
 //! implement the same methods.

@@ -1,0 +1,371 @@
+//! Groups, on the group conversation's shard: members and roles (loaded from the store
+//! on first use, one key per member), create and membership changes. Every change is
+//! also a system message (msg_type 100+) in the group, stored in the same atomic batch
+//! and pushed like any message, so devices learn it by the same push/pull path.
+//!
+//! Rules: the creator is the owner; owner and admins add and remove members; only the
+//! owner names admins or removes an admin; a member may remove itself, except the owner
+//! (there is no ownership transfer yet). Members may pull the whole history, including
+//! messages from before they joined; a removed member may no longer pull or send.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use prost::Message as _;
+
+use super::conv::{fan_out, with_conv};
+use crate::codes::ApiError;
+use crate::proto::envelope::now_ms;
+use crate::proto::pb::{CreateGroupResponse, MsgItem, UpdateGroupMembersResponse};
+use crate::proto::store_pb::{GroupMeta, MemberRecord};
+use crate::shard::msg::ReplyTo;
+use crate::shard::Shard;
+use crate::store::embedded::WriteSet;
+
+pub const ROLE_MEMBER: i32 = 0;
+pub const ROLE_ADMIN: i32 = 1;
+pub const ROLE_OWNER: i32 = 2;
+
+/// System message types.
+pub const MSG_GROUP_CREATED: i32 = 100;
+pub const MSG_MEMBERS_CHANGED: i32 = 101;
+
+/// Members and roles of one group.
+pub struct GroupState {
+    pub name: String,
+    pub owner: String,
+    roles: HashMap<String, i32>,
+    /// The member list handed to fan-outs (shared, rebuilt on change).
+    pub list: Rc<Vec<String>>,
+}
+
+impl GroupState {
+    pub fn is_member(&self, user: &str) -> bool {
+        self.roles.contains_key(user)
+    }
+
+    pub fn is_admin(&self, user: &str) -> bool {
+        self.roles.get(user).is_some_and(|r| *r >= ROLE_ADMIN)
+    }
+
+    fn role(&self, user: &str) -> Option<i32> {
+        self.roles.get(user).copied()
+    }
+
+    fn rebuild_list(&mut self) {
+        let mut list: Vec<String> = self.roles.keys().cloned().collect();
+        list.sort_unstable();
+        self.list = Rc::new(list);
+    }
+}
+
+/// Loads a group from the store (None when it does not exist).
+pub fn load(shard: &Shard, conv_id: &str) -> Result<Option<Box<GroupState>>, ApiError> {
+    let Some(meta) = shard.store.group(conv_id)? else {
+        return Ok(None);
+    };
+    let roles: HashMap<String, i32> = shard
+        .store
+        .members(conv_id)?
+        .into_iter()
+        .map(|(u, r)| (u, r.role))
+        .collect();
+    let mut g = GroupState {
+        name: meta.name,
+        owner: meta.owner,
+        roles,
+        list: Rc::default(),
+    };
+    g.rebuild_list();
+    Ok(Some(Box::new(g)))
+}
+
+/// A checked CreateGroup, for the group conversation's shard.
+#[derive(Debug)]
+pub struct CreateGroupCmd {
+    pub conv_id: String,
+    pub group_id: String,
+    pub name: String,
+    pub owner: String,
+    pub device: String,
+    /// Every member, the owner included, without repeats.
+    pub members: Vec<String>,
+}
+
+/// A checked UpdateGroupMembers, for the group conversation's shard.
+#[derive(Debug)]
+pub struct UpdateMembersCmd {
+    pub conv_id: String,
+    pub operator: String,
+    pub device: String,
+    pub add: Vec<String>,
+    pub remove: Vec<String>,
+    pub add_admins: Vec<String>,
+}
+
+/// The first ids of a list, for a system message.
+fn capped(list: &[String]) -> &[String] {
+    &list[..list.len().min(crate::limits::SYSTEM_MSG_MAX_IDS)]
+}
+
+fn system_message(
+    conv_id: &str,
+    seq: i64,
+    operator: &str,
+    msg_type: i32,
+    content: serde_json::Value,
+) -> MsgItem {
+    MsgItem {
+        msg_id: ulid::Ulid::new().to_string(),
+        client_msg_id: String::new(),
+        conv_id: conv_id.to_string(),
+        seq,
+        from_uuid: operator.to_string(),
+        msg_type,
+        content: content.to_string(),
+        status: 0,
+        send_time: now_ms(),
+        reply_to_msg_id: String::new(),
+        at_users: Vec::new(),
+    }
+}
+
+/// Stages `write` (with the system message `msg`), then answers `body` and pushes the
+/// message to `fanout` once durable.
+/// One durable membership change and whom to tell.
+struct Change {
+    write: WriteSet,
+    msg: MsgItem,
+    fanout: Rc<Vec<String>>,
+    removed: Vec<String>,
+}
+
+fn commit(shard: &Rc<Shard>, reply: ReplyTo, change: Change, device: String, body: Bytes) {
+    let Change {
+        mut write,
+        msg,
+        fanout,
+        removed,
+    } = change;
+    write.message(&msg);
+    let durable = shard.store.stage(write);
+    let shard = shard.clone();
+    monoio::spawn(async move {
+        match durable.await {
+            Ok(Ok(())) => {
+                if let Some(c) = shard.convs.borrow_mut().get_mut(&msg.conv_id) {
+                    c.durable_seq = c.durable_seq.max(msg.seq);
+                }
+                shard.reply(reply, Ok(body));
+                fan_out(&shard, &msg, fanout, removed, &device);
+            }
+            Ok(Err(e)) => {
+                shard.reply(reply, Err(e.into()));
+                shard.reset_after_store_failure();
+            }
+            Err(_) => shard.reply(
+                reply,
+                Err(ApiError::StoreUnavailable("store closed".into())),
+            ),
+        }
+    });
+}
+
+pub fn handle_create(shard: &Rc<Shard>, reply: ReplyTo, cmd: CreateGroupCmd) {
+    shard.reset_after_store_failure();
+    let prepared = with_conv(shard, &cmd.conv_id, |c| {
+        if c.group.is_some() || c.next_seq > 1 {
+            return Err(ApiError::invalid("group_id is already taken"));
+        }
+        let mut g = GroupState {
+            name: cmd.name.clone(),
+            owner: cmd.owner.clone(),
+            roles: cmd
+                .members
+                .iter()
+                .map(|m| (m.clone(), ROLE_MEMBER))
+                .collect(),
+            list: Rc::default(),
+        };
+        g.roles.insert(cmd.owner.clone(), ROLE_OWNER);
+        g.rebuild_list();
+        let list = g.list.clone();
+        c.group = Some(Box::new(g));
+        let seq = c.next_seq;
+        c.next_seq += 1;
+        Ok((seq, list))
+    });
+    let (seq, list) = match prepared.and_then(|r| r) {
+        Ok(v) => v,
+        Err(e) => return shard.reply(reply, Err(e)),
+    };
+    let now = now_ms();
+    let mut write = WriteSet::new();
+    write.group(
+        &cmd.conv_id,
+        &GroupMeta {
+            name: cmd.name.clone(),
+            owner: cmd.owner.clone(),
+            created_at: now,
+        },
+    );
+    for m in list.iter() {
+        let role = if *m == cmd.owner {
+            ROLE_OWNER
+        } else {
+            ROLE_MEMBER
+        };
+        write.member(
+            &cmd.conv_id,
+            m,
+            &MemberRecord {
+                role,
+                joined_at: now,
+            },
+        );
+    }
+    let msg = system_message(
+        &cmd.conv_id,
+        seq,
+        &cmd.owner,
+        MSG_GROUP_CREATED,
+        serde_json::json!({"event": "group_created", "operator": cmd.owner, "name": cmd.name,
+            "member_count": list.len(), "members": capped(&list)}),
+    );
+    let body = CreateGroupResponse {
+        group_id: cmd.group_id,
+        conv_id: cmd.conv_id,
+    }
+    .encode_to_vec()
+    .into();
+    let change = Change {
+        write,
+        msg,
+        fanout: list,
+        removed: Vec::new(),
+    };
+    commit(shard, reply, change, cmd.device, body);
+}
+
+pub fn handle_update(shard: &Rc<Shard>, reply: ReplyTo, cmd: UpdateMembersCmd) {
+    shard.reset_after_store_failure();
+    let now = now_ms();
+    let prepared = with_conv(shard, &cmd.conv_id, |c| -> Result<_, ApiError> {
+        let Some(g) = c.group.as_mut() else {
+            return Err(ApiError::NotFound("no such group"));
+        };
+        let op_role = g
+            .role(&cmd.operator)
+            .ok_or(ApiError::Forbidden("not a member of this group"))?;
+        if !cmd.add.is_empty() && op_role < ROLE_ADMIN {
+            return Err(ApiError::Forbidden(
+                "only the owner or an admin may add members",
+            ));
+        }
+        if !cmd.add_admins.is_empty() && op_role < ROLE_OWNER {
+            return Err(ApiError::Forbidden("only the owner may name admins"));
+        }
+        for r in &cmd.remove {
+            match g.role(r) {
+                None => {}
+                Some(ROLE_OWNER) if *r == cmd.operator => {
+                    return Err(ApiError::invalid("the owner cannot leave the group"))
+                }
+                Some(ROLE_OWNER) => return Err(ApiError::Forbidden("the owner cannot be removed")),
+                Some(_) if *r == cmd.operator => {}
+                Some(role) if role >= ROLE_ADMIN && op_role < ROLE_OWNER => {
+                    return Err(ApiError::Forbidden("only the owner may remove an admin"))
+                }
+                Some(_) if op_role < ROLE_ADMIN => {
+                    return Err(ApiError::Forbidden(
+                        "only the owner or an admin may remove members",
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        for a in &cmd.add_admins {
+            if !g.is_member(a) && !cmd.add.contains(a) {
+                return Err(ApiError::invalid("add_admins must name members"));
+            }
+        }
+        // Everyone who should hear of the change: members before it and those added.
+        let before = g.list.clone();
+        let mut write = WriteSet::new();
+        let (mut added, mut removed, mut admins) = (Vec::new(), Vec::new(), Vec::new());
+        for a in &cmd.add {
+            if !g.is_member(a) {
+                g.roles.insert(a.clone(), ROLE_MEMBER);
+                write.member(
+                    &cmd.conv_id,
+                    a,
+                    &MemberRecord {
+                        role: ROLE_MEMBER,
+                        joined_at: now,
+                    },
+                );
+                added.push(a.clone());
+            }
+        }
+        for r in &cmd.remove {
+            if g.roles.remove(r).is_some() {
+                write.remove_member(&cmd.conv_id, r);
+                removed.push(r.clone());
+            }
+        }
+        for a in &cmd.add_admins {
+            if g.role(a) == Some(ROLE_MEMBER) {
+                g.roles.insert(a.clone(), ROLE_ADMIN);
+                write.member(
+                    &cmd.conv_id,
+                    a,
+                    &MemberRecord {
+                        role: ROLE_ADMIN,
+                        joined_at: now,
+                    },
+                );
+                admins.push(a.clone());
+            }
+        }
+        g.rebuild_list();
+        let after = g.list.clone();
+        if added.is_empty() && removed.is_empty() && admins.is_empty() {
+            return Ok((None, after));
+        }
+        let mut fanout: Vec<String> = before.iter().cloned().collect();
+        fanout.extend(added.iter().cloned());
+        let seq = c.next_seq;
+        c.next_seq += 1;
+        let msg = system_message(
+            &cmd.conv_id,
+            seq,
+            &cmd.operator,
+            MSG_MEMBERS_CHANGED,
+            serde_json::json!({"event": "members_changed", "operator": cmd.operator,
+                "added_count": added.len(), "added": capped(&added),
+                "removed_count": removed.len(), "removed": capped(&removed),
+                "admins": capped(&admins), "member_count": after.len()}),
+        );
+        let change = Change {
+            write,
+            msg,
+            fanout: Rc::new(fanout),
+            removed,
+        };
+        Ok((Some(change), after))
+    });
+    let (change, after) = match prepared.and_then(|r| r) {
+        Ok(v) => v,
+        Err(e) => return shard.reply(reply, Err(e)),
+    };
+    let body: Bytes = UpdateGroupMembersResponse {
+        members: after.to_vec(),
+    }
+    .encode_to_vec()
+    .into();
+    match change {
+        None => shard.reply(reply, Ok(body)),
+        Some(change) => commit(shard, reply, change, cmd.device, body),
+    }
+}
