@@ -73,7 +73,7 @@ fn check_host(conns: usize, source_addrs: usize) -> Result<(), LoadgenError> {
              (soft limit {}, hard limit {}; the loadgen already raised soft to hard). \
              Raise `nofile` for this user (tuning/limits.conf, or LimitNOFILE= in a systemd unit; \
              the hard limit needs root or CAP_SYS_RESOURCE), or split the load over several \
-             loadgen processes of at most {} connections each. Run `tuning/check {conns}` to see \
+             loadgen processes of at most {} connections each. Run `tuning/check --connections {conns} --loadgen` to see \
              what else the host lacks.",
             lim.soft,
             lim.soft,
@@ -89,7 +89,7 @@ fn check_host(conns: usize, source_addrs: usize) -> Result<(), LoadgenError> {
             "{conns} connections to one server port need {conns} source ports, but \
              net.ipv4.ip_local_port_range ({lo}-{hi}) gives {per_addr} per source address and \
              {} address(es) give {capacity}. Use --source-addrs {} or widen the range \
-             (tuning/sysctl.conf; `tuning/check {conns}`).",
+             (tuning/sysctl.conf; `tuning/check --connections {conns} --loadgen`).",
             source_addrs.max(1),
             conns.div_ceil(per_addr)
         )));

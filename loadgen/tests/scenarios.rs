@@ -228,3 +228,58 @@ fn p2p_at_a_fixed_rate() {
     assert!(status.success());
     assert!(n(&v, "check.delivered") > 0);
 }
+
+#[test]
+fn group_scenario() {
+    let server = Server::start();
+    let (v, status) = server.loadgen(&[
+        "group",
+        "--groups",
+        "3",
+        "--members",
+        "20",
+        "--senders",
+        "2",
+        "--rate",
+        "300",
+        "--duration",
+        "2s",
+    ]);
+    assert_clean(&v);
+    assert!(status.success());
+    assert_eq!(n(&v, "groups.created"), 3);
+    assert_eq!(n(&v, "connections.ok"), 60);
+    // Each acknowledged send is pushed to the 19 other members.
+    assert_eq!(n(&v, "check.expected"), 19 * n(&v, "sends.acked"));
+    assert_eq!(n(&v, "check.delivered"), n(&v, "check.expected"));
+    assert!(n(&v, "check.delivered") > 0);
+}
+
+/// A wrong secret: every upgrade is refused, the run fails and says so.
+#[test]
+fn refused_connections_fail_the_run() {
+    let server = Server::start();
+    let json = server._dir.path().join("bad.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_imshard-loadgen"))
+        .args([
+            "p2p",
+            "--pairs",
+            "2",
+            "--duration",
+            "1s",
+            "--target",
+            &server.addr,
+        ])
+        .args(["--jwt-secret", "not-the-server-secret-at-all"])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run imshard-loadgen");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parses");
+    assert_eq!(n(&v, "failures.connect"), 4);
+    assert_eq!(v["passed"], false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("HTTP 401"), "{stdout}");
+}
