@@ -240,10 +240,13 @@ pub fn run(scenario: Scenario) -> Result<Report, LoadgenError> {
     };
     let server_pid = common.server_pid;
     let rss_before = server_pid.and_then(sys::rss_bytes);
-    let server_flags = common
-        .server_flags
-        .clone()
-        .or_else(|| server_pid.and_then(sys::cmdline));
+    let server_flags = match &common.server_flags {
+        Some(f) => {
+            let args: Vec<String> = f.split_whitespace().map(String::from).collect();
+            Some(sys::redact_secrets(&args).join(" "))
+        }
+        None => server_pid.and_then(sys::cmdline),
+    };
     let mut rss_after = None;
     let params = prepared.params.clone();
     let seed = sys::now_ns();

@@ -188,7 +188,7 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A process's command line, from /proc/PID/cmdline.
+/// A process's command line, from /proc/PID/cmdline, with secrets redacted.
 pub fn cmdline(pid: u32) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let parts: Vec<String> = raw
@@ -196,7 +196,31 @@ pub fn cmdline(pid: u32) -> Option<String> {
         .filter(|p| !p.is_empty())
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .collect();
-    (!parts.is_empty()).then(|| parts.join(" "))
+    (!parts.is_empty()).then(|| redact_secrets(&parts).join(" "))
+}
+
+/// Flags whose value must not end up in a published report.
+const SECRET_FLAGS: [&str; 1] = ["--jwt-secret"];
+
+/// Replaces the values of [`SECRET_FLAGS`] (`--flag value` and `--flag=value`) with `***`.
+pub fn redact_secrets(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut hide_next = false;
+    for a in args {
+        if hide_next {
+            out.push("***".to_string());
+            hide_next = false;
+        } else if let Some(flag) = SECRET_FLAGS
+            .iter()
+            .find(|f| a.starts_with(&format!("{f}=")))
+        {
+            out.push(format!("{flag}=***"));
+        } else {
+            hide_next = SECRET_FLAGS.contains(&a.as_str());
+            out.push(a.clone());
+        }
+    }
+    out
 }
 
 /// Facts about the host that go with every published number.
@@ -268,6 +292,26 @@ mod tests {
         assert_eq!(
             source_addr(254, 300),
             Some("127.0.1.0".parse().expect("ip"))
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let args: Vec<String> = [
+            "imshard",
+            "serve",
+            "--jwt-secret",
+            "s3",
+            "--jwt-secret=s4",
+            "--shards",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            redact_secrets(&args).join(" "),
+            "imshard serve --jwt-secret *** --jwt-secret=*** --shards 2"
         );
     }
 
