@@ -80,7 +80,7 @@ pub struct Common {
     /// WebSocket path.
     #[arg(long, default_value = "/ws")]
     pub path: String,
-    /// The server's JWT secret (else read from <data-dir>/jwt.secret).
+    /// The server's JWT secret (else read from `<data-dir>/jwt.secret`).
     #[arg(long, env = "IMSHARD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// The server's data dir, to read jwt.secret from.

@@ -202,7 +202,7 @@ pub fn cmdline(pid: u32) -> Option<String> {
 /// Flags whose value must not end up in a published report.
 const SECRET_FLAGS: [&str; 1] = ["--jwt-secret"];
 
-/// Replaces the values of [`SECRET_FLAGS`] (`--flag value` and `--flag=value`) with `***`.
+/// Replaces the values of the secret flags (`--flag value` and `--flag=value`) with `***`.
 pub fn redact_secrets(args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
     let mut hide_next = false;
