@@ -189,6 +189,8 @@ fn connect_scenario() {
         "2s",
         "--heartbeat-interval",
         "500ms",
+        "--source-addrs",
+        "3",
     ]);
     assert_clean(&v);
     assert!(status.success());
