@@ -250,3 +250,24 @@ fn pull_directions_limits_and_membership() {
         40301
     );
 }
+
+#[test]
+fn frames_larger_than_one_read_arrive_whole() {
+    // A 64 KiB content makes a frame larger than the server's 64 KiB read buffer, so it
+    // takes several reads and the partial-frame path.
+    let server = Server::start(2, &[]);
+    let (alice, bob) = users_on_shards(2, "big", false);
+    let mut a = server.connect(&alice, "d");
+    let mut b = server.connect(&bob, "d");
+    let content: String = (0..65536)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    for i in 0..3 {
+        let r = a
+            .send_p2p(&bob, &format!("big{i}"), &content)
+            .expect("send");
+        assert_eq!(r.seq, i + 1);
+        let m = b.next_push().expect("push");
+        assert_eq!(m.content, content);
+    }
+}

@@ -38,6 +38,10 @@ pub fn register(shard: &Shard, conn: &Rc<Conn>) -> Option<Rc<Conn>> {
         .iter()
         .position(|c| c.device == conn.device)
         .map(|i| u.conns.swap_remove(i));
+    if u.conns.capacity() == 0 {
+        // Most users have one device: 8 bytes, not the 32 a first push reserves.
+        u.conns.reserve_exact(1);
+    }
     u.conns.push(conn.clone());
     old
 }

@@ -142,7 +142,9 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: Head, leftover: 
     };
     let owner = shard.user_shard(&up.user);
     if owner == shard.id {
-        conn::upgrade(shard, stream, up).await;
+        // A task of its own: the connection must not keep this request's state (the
+        // parsed head, the HTTP handler's future) alive for its lifetime.
+        monoio::spawn(conn::upgrade(shard, stream, up));
         return;
     }
     let raw = stream.into_raw_fd();

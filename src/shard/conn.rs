@@ -2,8 +2,8 @@
 //!
 //! Memory while idle is the [`Conn`] struct, the reader task waiting on a readiness
 //! poll (an io_uring PollAdd, no buffer), one wheel entry and the user's entry in the
-//! shard map. A read buffer is borrowed from the shard's pool only while bytes are
-//! being read; a partial frame is the only thing a connection keeps between reads.
+//! shard map. Bytes are read synchronously, after readiness, into the shard's one read
+//! buffer; a partial frame is the only thing a connection keeps between reads.
 //!
 //! Writes are coalesced: frames queue in `out` and one writer task per busy connection
 //! drains the queue with a single write per batch. A connection whose queue passes
@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 use prost::Message as _;
 
@@ -28,8 +28,8 @@ use crate::proto::envelope::{self, decode_client_frame, FrameError};
 use crate::proto::pb::{client_frame::Body, HeartbeatResponse};
 use crate::proto::{http, ws};
 
-/// Bytes read per readiness wake-up (the pooled buffer size).
-const READ_CHUNK: usize = 16 * 1024;
+/// Bytes read per `recv` (the shard's read buffer size).
+const READ_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -203,10 +203,30 @@ pub struct Upgrade {
 /// Answers 101, registers the connection (replacing one of the same device) and runs
 /// its reader until it closes.
 pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, up: Upgrade) {
-    let resp = http::upgrade_response(&ws::accept_key(up.ws_key.as_bytes()));
-    if stream.write_all(resp).await.0.is_err() {
+    let Upgrade {
+        user,
+        device,
+        device_type,
+        ws_key,
+        leftover,
+    } = up;
+    let resp = http::upgrade_response(&ws::accept_key(ws_key.as_bytes()));
+    drop(ws_key);
+    // A fresh socket's send buffer always takes the 101 at once; the async write (in a
+    // box, so its state does not stay in the connection's task) is the fallback.
+    let sent = match send_now(stream.as_raw_fd(), &resp) {
+        Ok(n) => n,
+        Err(_) => return,
+    };
+    if sent < resp.len()
+        && Box::pin(stream.write_all(resp[sent..].to_vec()))
+            .await
+            .0
+            .is_err()
+    {
         return;
     }
+    drop(resp);
     let fd = stream.as_raw_fd();
     let (rd, wr) = stream.into_split();
     let now = shard.timers.borrow().now();
@@ -214,9 +234,9 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, up: Upgrade) {
     shard.next_conn_id.set(id + 1);
     let conn = Rc::new(Conn {
         id,
-        user: up.user.into_boxed_str(),
-        device: up.device.into_boxed_str(),
-        device_type: up.device_type.into_boxed_str(),
+        user: user.into_boxed_str(),
+        device: device.into_boxed_str(),
+        device_type: device_type.into_boxed_str(),
         fd,
         phase: Cell::new(Phase::Open),
         out: RefCell::new(VecDeque::new()),
@@ -241,7 +261,14 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, up: Upgrade) {
         .counters
         .connections_total
         .set(shard.counters.connections_total.get() + 1);
-    read_loop(&shard, &conn, rd, up.leftover).await;
+    // The connection's long-lived task holds only the reader's state; this task (the
+    // handshake's strings and buffers) ends here.
+    monoio::spawn(run(shard, conn, rd, leftover));
+}
+
+/// Reads until the connection ends, then unregisters it.
+async fn run(shard: Rc<Shard>, conn: Rc<Conn>, rd: OwnedReadHalf<TcpStream>, leftover: Vec<u8>) {
+    read_loop(&shard, &conn, rd, leftover).await;
     conn.abort();
     chat::user::unregister(&shard, &conn);
     shard
@@ -250,17 +277,88 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, up: Upgrade) {
         .set(shard.counters.connections.get() - 1);
 }
 
+/// Waits until the shard's outgoing ring backlog is low again (backpressure: a
+/// connection reads no new requests while other shards are behind).
+async fn backlog_drained(shard: &Rc<Shard>) {
+    while shard.ring.backlog() > super::ring::BACKLOG_HIGH {
+        monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// Sends what fits right away (`send` with MSG_DONTWAIT); the number of bytes sent.
+fn send_now(fd: RawFd, data: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: the pointer and length describe `data`.
+    let n = unsafe {
+        libc::send(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    match std::io::Error::last_os_error() {
+        e if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+        e => Err(e),
+    }
+}
+
+/// What one non-blocking read gave.
+enum Read {
+    /// This many bytes, now at the front of the buffer.
+    Data(usize),
+    /// Nothing to read right now: wait for readiness.
+    WouldBlock,
+    /// The peer closed or the socket failed.
+    End,
+}
+
+/// Reads what the socket has into `buf` without waiting (`recv` with MSG_DONTWAIT).
+fn recv_now(fd: RawFd, buf: &mut Vec<u8>) -> Read {
+    buf.clear();
+    // SAFETY: the pointer and length describe `buf`'s spare capacity, which recv fills
+    // with at most that many bytes; set_len only covers what recv reported written.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.capacity(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        n if n > 0 => {
+            // SAFETY: recv wrote n <= capacity bytes.
+            unsafe { buf.set_len(n as usize) };
+            Read::Data(n as usize)
+        }
+        0 => Read::End,
+        _ => match std::io::Error::last_os_error().kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Read::WouldBlock,
+            _ => Read::End,
+        },
+    }
+}
+
 /// Reads frames until the peer goes away. After the server starts closing, input is
 /// read and dropped until the client's EOF.
+///
+/// Reads are readiness-based: the connection waits on an io_uring PollAdd (no buffer),
+/// then reads synchronously with `recv(MSG_DONTWAIT)` into the shard's one read buffer
+/// and handles every complete frame at once. No read is ever in flight with a buffer of
+/// its own, so 100,000 connections waking together (a heartbeat wave, a close storm)
+/// still use one buffer per shard; only a partial frame is kept per connection.
 async fn read_loop(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    mut rd: OwnedReadHalf<TcpStream>,
+    rd: OwnedReadHalf<TcpStream>,
     mut pending: Vec<u8>,
 ) {
     let mut assembler = ws::Assembler::default();
     let max = shard.cfg.max_frame_bytes;
-    let mut last_read_full = false;
+    let mut wait = false;
     loop {
         if !pending.is_empty() {
             if conn.is_open() {
@@ -274,10 +372,12 @@ async fn read_loop(
         if conn.phase.get() == Phase::Closed {
             return;
         }
-        while shard.ring.backlog() > super::ring::BACKLOG_HIGH {
-            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+        if shard.ring.backlog() > super::ring::BACKLOG_HIGH {
+            // Boxed: a timer future is 640 bytes and would otherwise sit in every idle
+            // connection's task.
+            Box::pin(backlog_drained(shard)).await;
         }
-        if !last_read_full {
+        if wait {
             // SAFETY: monoio's split halves share the stream through an UnsafeCell the
             // same way its own read and write futures do; `readable` only clones the
             // fd into a PollAdd op and never touches the stream's other state.
@@ -286,33 +386,37 @@ async fn read_loop(
                 return;
             }
         }
-        let buf = shard.take_read_buf(READ_CHUNK);
-        let (res, buf) = rd.read(buf).await;
-        let n = match res {
-            Ok(n) if n > 0 => n,
-            _ => {
+        // Borrowed and returned with no await in between: one buffer per shard.
+        let mut buf = shard.take_read_buf(READ_CHUNK);
+        let n = match recv_now(conn.fd, &mut buf) {
+            Read::Data(n) => n,
+            Read::WouldBlock => {
+                shard.give_read_buf(buf);
+                wait = true;
+                continue;
+            }
+            Read::End => {
                 shard.give_read_buf(buf);
                 return;
             }
         };
-        last_read_full = n == buf.capacity();
+        // A short read drained the socket: wait for readiness next time.
+        wait = n < buf.capacity();
         if !conn.is_open() {
             shard.give_read_buf(buf);
             continue;
         }
         conn.last_active.set(shard.timers.borrow().now());
         if pending.is_empty() {
-            let mut data = buf;
-            process(shard, conn, &mut data, &mut assembler, max);
+            process(shard, conn, &mut buf, &mut assembler, max);
             // Keep only a partial frame; the buffer goes back to the pool.
-            if conn.is_open() && !data.is_empty() {
-                pending = data.clone();
+            if conn.is_open() && !buf.is_empty() {
+                pending = buf.clone();
             }
-            shard.give_read_buf(data);
         } else {
             pending.extend_from_slice(&buf);
-            shard.give_read_buf(buf);
         }
+        shard.give_read_buf(buf);
     }
 }
 
