@@ -4,6 +4,12 @@
 //! write path: it takes staged batches, commits them (in order) and calls
 //! `persist(SyncData)` once for everything it took, then reports the highest durable
 //! batch id and wakes the loop. The loop never waits for a disk.
+//!
+//! Memory: memtables are capped per keyspace ([`MEMTABLE_BYTES`], 37 MiB together,
+//! plus sealed ones waiting for their flush) and the block cache is 32 MiB per shard,
+//! so the store needs well under 100 MiB per shard however many messages flow
+//! (fjall's defaults let active memtables alone grow to 384 MiB per shard). fjall 3.1's
+//! database-wide write-buffer cap is not implemented yet (deprecated "todo").
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -35,6 +41,14 @@ pub enum Ks {
 }
 
 const KEYSPACES: [&str; 6] = ["msgs", "msgids", "dedupe", "rows", "groups", "members"];
+
+/// Memtable size per keyspace (fjall's default is 64 MiB each: 384 MiB per shard).
+/// Messages take most writes; the others are small.
+const MEMTABLE_BYTES: [u64; 6] = [16 << 20, 4 << 20, 8 << 20, 4 << 20, 1 << 20, 4 << 20];
+/// Journal files kept until their memtables are flushed.
+const JOURNAL_BYTES: u64 = 128 << 20;
+/// Block cache per shard.
+const CACHE_BYTES: u64 = 32 << 20;
 
 /// One staged write: a value, or a removal when `value` is `None`.
 struct Put {
@@ -93,14 +107,17 @@ impl ShardStore {
         let db = Database::builder(&path)
             .manual_journal_persist(true)
             .worker_threads(1)
-            .cache_size(32 << 20)
+            .cache_size(CACHE_BYTES)
+            .max_journaling_size(JOURNAL_BYTES)
             .open()
             .map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
         let mut handles = Vec::with_capacity(KEYSPACES.len());
-        for name in KEYSPACES {
+        for (name, memtable) in KEYSPACES.into_iter().zip(MEMTABLE_BYTES) {
             handles.push(
-                db.keyspace(name, KeyspaceCreateOptions::default)
-                    .map_err(|e| StoreError::Open(format!("keyspace {name}: {e}")))?,
+                db.keyspace(name, || {
+                    KeyspaceCreateOptions::default().max_memtable_size(memtable)
+                })
+                .map_err(|e| StoreError::Open(format!("keyspace {name}: {e}")))?,
             );
         }
         let ks: [Keyspace; 6] = handles
