@@ -18,7 +18,12 @@ use crate::store::{self, ShardStore};
 pub enum StartError {
     Store(store::StoreError),
     Secret(std::io::Error),
-    Shard { shard: usize, error: String },
+    /// The eventfds shards wake each other with could not be created.
+    Mesh(std::io::Error),
+    Shard {
+        shard: usize,
+        error: String,
+    },
 }
 
 impl std::fmt::Display for StartError {
@@ -26,6 +31,7 @@ impl std::fmt::Display for StartError {
         match self {
             StartError::Store(e) => write!(f, "{e}"),
             StartError::Secret(e) => write!(f, "JWT secret: {e}"),
+            StartError::Mesh(e) => write!(f, "cannot create the shards' eventfds: {e}"),
             StartError::Shard { shard, error } => write!(f, "shard {shard}: {error}"),
         }
     }
@@ -52,7 +58,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     let secret: Arc<[u8]> = secret.into();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, StartError>>();
-    for parts in ring::mesh(cfg.shards) {
+    for parts in ring::mesh(cfg.shards).map_err(StartError::Mesh)? {
         let id = parts.id();
         let cfg = cfg.clone();
         let secret = secret.clone();
@@ -112,7 +118,8 @@ async fn shard_main(
     let fail = |error: String| {
         let _ = ready.send(Err(StartError::Shard { shard: id, error }));
     };
-    let store = match ShardStore::open(&cfg.data_dir, id) {
+    let bell = parts.bell();
+    let store = match ShardStore::open(&cfg.data_dir, id, bell.clone()) {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
@@ -123,6 +130,21 @@ async fn shard_main(
     };
     monoio::spawn(accept::accept_loop(shard.clone(), listener));
     monoio::spawn(conn::heartbeat_ticker(shard.clone()));
+    {
+        let shard = shard.clone();
+        monoio::spawn(async move {
+            let error = bell
+                .listen(|| {
+                    shard.ring.wake_local();
+                    shard.store.wake_local();
+                })
+                .await;
+            // Without its bell a shard would hear of other shards' messages and of
+            // durable writes only when idle: stop rather than serve slowly.
+            tracing::error!(shard = shard.id, %error, "shard bell failed; stopping");
+            std::process::exit(1);
+        });
+    }
     let _ = ready.send(Ok(id));
     let handler = shard.clone();
     shard

@@ -7,6 +7,7 @@
 
 pub mod accept;
 pub mod conn;
+pub mod doorbell;
 pub mod msg;
 pub mod ring;
 pub mod timer;

@@ -1,7 +1,8 @@
 //! The mesh of bounded SPSC rings between shards: one ring per ordered pair.
 //!
-//! - A producer that finds the target parked wakes it (cross-thread waker; monoio's
-//!   `sync` feature turns that into an eventfd write). A busy target is not woken.
+//! - A producer that finds the target parked rings the target's [`Bell`] (an eventfd
+//!   the target reads through io_uring, so even a busy target sees it on its next loop
+//!   turn; see [`super::doorbell`]). A target that is draining is not rung.
 //! - A full ring never drops: the message waits in a per-target outbox (keeping order),
 //!   and a flusher task moves it once the consumer frees space and wakes the producer.
 //!   Callers that produce work from client input check [`Endpoint::backlog`] and stop
@@ -16,6 +17,7 @@ use std::task::Poll;
 
 use atomic_waker::AtomicWaker;
 
+use super::doorbell::Bell;
 use super::msg::ShardMsg;
 
 /// Ring capacity (messages) per ordered pair of shards.
@@ -27,6 +29,9 @@ pub const BACKLOG_HIGH: usize = 8 * RING_CAPACITY;
 
 /// Wake-up state of one shard's inbox, shared with every producer.
 pub struct Signal {
+    /// Rung by other threads; the shard's listener then wakes the wakers below that
+    /// its own tasks registered.
+    pub bell: Arc<Bell>,
     /// The consumer task of the shard, registered while parked.
     inbox: AtomicWaker,
     parked: AtomicBool,
@@ -47,18 +52,19 @@ pub struct Endpoint {
 }
 
 /// Builds the endpoints of all `n` shards (on the main thread; each is then moved to
-/// its shard's thread).
-pub fn mesh(n: usize) -> Vec<EndpointParts> {
-    let signals: Vec<Arc<Signal>> = (0..n)
+/// its shard's thread). Fails only when an eventfd cannot be created.
+pub fn mesh(n: usize) -> std::io::Result<Vec<EndpointParts>> {
+    let signals = (0..n)
         .map(|_| {
-            Arc::new(Signal {
+            Ok(Arc::new(Signal {
+                bell: Arc::new(Bell::new()?),
                 inbox: AtomicWaker::new(),
                 parked: AtomicBool::new(false),
                 space: (0..n).map(|_| AtomicWaker::new()).collect(),
                 space_wanted: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            })
+            }))
         })
-        .collect();
+        .collect::<std::io::Result<Vec<Arc<Signal>>>>()?;
     let mut parts: Vec<EndpointParts> = (0..n)
         .map(|id| EndpointParts {
             id,
@@ -76,7 +82,7 @@ pub fn mesh(n: usize) -> Vec<EndpointParts> {
             }
         }
     }
-    parts
+    Ok(parts)
 }
 
 /// The `Send` pieces of an endpoint, before it reaches its thread.
@@ -90,6 +96,11 @@ pub struct EndpointParts {
 impl EndpointParts {
     pub fn id(&self) -> usize {
         self.id
+    }
+
+    /// This shard's bell (the store's sync thread rings it too).
+    pub fn bell(&self) -> Arc<Bell> {
+        self.signals[self.id].bell.clone()
     }
 
     pub fn into_endpoint(self) -> Endpoint {
@@ -145,8 +156,17 @@ impl Endpoint {
     fn wake(&self, target: usize) {
         let s = &self.signals[target];
         fence(Ordering::SeqCst);
-        if s.parked.load(Ordering::SeqCst) {
-            s.inbox.wake();
+        if s.parked.swap(false, Ordering::SeqCst) {
+            s.bell.ring();
+        }
+    }
+
+    /// Called by this shard's bell listener, on this shard's thread: wakes whatever of
+    /// ours waits on the mesh (the consumer, outbox flushers waiting for space).
+    pub fn wake_local(&self) {
+        self.signals[self.id].inbox.wake();
+        for s in &self.signals {
+            s.space[self.id].wake();
         }
     }
 
@@ -169,7 +189,7 @@ impl Endpoint {
                     got += taken;
                     let s = &self.signals[self.id];
                     if s.space_wanted[src].swap(false, Ordering::AcqRel) {
-                        s.space[src].wake();
+                        self.signals[src].bell.ring();
                     }
                 }
             }
@@ -201,6 +221,8 @@ async fn flush_outbox(ep: Rc<Endpoint>, target: usize) {
         loop {
             let Some(msg) = ep.outbox.borrow_mut()[target].pop_front() else {
                 ep.flushing[target].set(false);
+                // What this round moved must not sit in a parked target's ring.
+                ep.wake(target);
                 return;
             };
             match ep.try_push(target, msg) {
@@ -230,5 +252,82 @@ async fn flush_outbox(ep: Rc<Endpoint>, target: usize) {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::msg::ReplyTo;
+    use std::time::Duration;
+
+    fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>> {
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("io_uring runtime")
+    }
+
+    /// Runs the shard's bell listener, as the server does.
+    fn listen(ep: &Rc<Endpoint>) {
+        let ep = ep.clone();
+        let bell = ep.signals[ep.id].bell.clone();
+        monoio::spawn(async move {
+            bell.listen(|| ep.wake_local()).await;
+        });
+    }
+
+    /// Five times the ring capacity, sent at once: the overflow goes through the outbox
+    /// and every message arrives, in order, on a consumer that parks in between.
+    #[test]
+    fn overflow_arrives_in_order_across_threads() {
+        const N: u64 = 5 * RING_CAPACITY as u64;
+        let mut parts = mesh(2).expect("mesh");
+        let consumer_parts = parts.pop().expect("parts");
+        let producer_parts = parts.pop().expect("parts");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let consumer = std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let ep = Rc::new(consumer_parts.into_endpoint());
+                listen(&ep);
+                let mut next = 0u64;
+                let done = std::cell::Cell::new(false);
+                let consume = ep.clone().consume(|msg| {
+                    if let ShardMsg::Ping { reply } = msg {
+                        assert_eq!(reply.token, next, "out of order");
+                        next += 1;
+                        if next == N {
+                            done.set(true);
+                        }
+                    }
+                });
+                let watch = async {
+                    while !done.get() {
+                        monoio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                };
+                monoio::select! {
+                    _ = consume => {}
+                    _ = watch => {}
+                }
+                let _ = done_tx.send(());
+            });
+        });
+        std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let ep = Rc::new(producer_parts.into_endpoint());
+                listen(&ep);
+                for token in 0..N {
+                    let reply = ReplyTo { shard: 0, token };
+                    ep.send(1, ShardMsg::Ping { reply });
+                }
+                // Keep the runtime (and its outbox flusher) alive.
+                monoio::time::sleep(Duration::from_secs(30)).await;
+            });
+        });
+        done_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("every message arrives (no lost wake-up)");
+        consumer.join().expect("consumer");
     }
 }

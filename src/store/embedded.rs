@@ -3,7 +3,8 @@
 //! The shard's loop only stages writes and reads. A sync thread per shard owns the
 //! write path: it takes staged batches, commits them (in order) and calls
 //! `persist(SyncData)` once for everything it took, then reports the highest durable
-//! batch id and wakes the loop. The loop never waits for a disk.
+//! batch id and rings the shard's bell (an eventfd the shard reads through io_uring, so
+//! a busy shard sees it on its next loop turn). The loop never waits for a disk.
 //!
 //! Memory: memtables are capped per keyspace ([`MEMTABLE_BYTES`], 37 MiB together,
 //! plus sealed ones waiting for their flush) and the block cache is 32 MiB per shard,
@@ -27,6 +28,7 @@ use prost::Message;
 use super::{keys, StoreError};
 use crate::proto::pb::MsgItem;
 use crate::proto::store_pb::{ConvRow, DedupeRecord, GroupMeta, MemberRecord};
+use crate::shard::doorbell::Bell;
 
 /// Which keyspace a staged write goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +80,10 @@ type DurableTx = oneshot::Sender<Result<(), StoreError>>;
 
 /// State shared between the shard loop and its sync thread.
 struct SyncShared {
+    /// The completion task, woken by the shard's bell listener.
     waker: AtomicWaker,
+    /// The shard's bell: the sync thread rings it after each round.
+    bell: Arc<Bell>,
     /// Highest batch id reported (durable or failed); lets the loop skip empty wakes.
     reported: AtomicU64,
 }
@@ -102,7 +107,7 @@ pub struct ShardStore {
 
 impl ShardStore {
     /// Opens (or creates) `<data_dir>/shard-<id>/` and starts its sync thread.
-    pub fn open(data_dir: &Path, id: usize) -> Result<Rc<ShardStore>, StoreError> {
+    pub fn open(data_dir: &Path, id: usize, bell: Arc<Bell>) -> Result<Rc<ShardStore>, StoreError> {
         let path = data_dir.join(format!("shard-{id}"));
         let db = Database::builder(&path)
             .manual_journal_persist(true)
@@ -127,6 +132,7 @@ impl ShardStore {
         let (done_tx, done) = mpsc::channel();
         let shared = Arc::new(SyncShared {
             waker: AtomicWaker::new(),
+            bell,
             reported: AtomicU64::new(0),
         });
         {
@@ -178,6 +184,12 @@ impl ShardStore {
         if first {
             monoio::spawn(flush_at_end_of_turn(self.clone()));
         }
+    }
+
+    /// Called by the shard's bell listener on the shard's thread: lets the completion
+    /// task look at what the sync thread reported.
+    pub fn wake_local(&self) {
+        self.shared.waker.wake();
     }
 
     /// After a failure: the shard has dropped its cached state; accept writes again.
@@ -557,7 +569,7 @@ fn sync_thread(
         }
         if reported > 0 {
             shared.reported.fetch_max(reported, Ordering::AcqRel);
-            shared.waker.wake();
+            shared.bell.ring();
         }
     }
 }
