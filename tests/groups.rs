@@ -168,11 +168,25 @@ fn a_message_in_one_group_never_reaches_another_groups_members() {
     send_group(&mut a, "iso2", "for group 2").expect("send");
     assert_eq!(next_user_push(&mut c).expect("push").content, "for group 2");
     assert_quiet(&mut b, "MSG_PUSH");
-    // c cannot read group 1 either.
+    // c cannot read group 1 either, nor touch its conversation row.
     assert_eq!(
         c.pull("grp-iso1", 0, 50, PullDirection::Forward).err(),
         Some(40301)
     );
+    let r = c.request(Body::MarkRead(pb::MarkReadRequest {
+        conv_id: "grp-iso1".into(),
+        read_seq: 1,
+    }));
+    assert_eq!(r.code, 40301);
+    let r = c.request(Body::DeleteConversation(pb::DeleteConversationRequest {
+        conv_id: "grp-iso1".into(),
+    }));
+    assert_eq!(r.code, 40301);
+    let r = c.request(Body::GetByIds(pb::GetMessagesByIdsRequest {
+        conv_id: "grp-iso1".into(),
+        msg_ids: vec![ulid::Ulid::new().to_string()],
+    }));
+    assert_eq!(r.code, 40301);
 }
 
 #[test]

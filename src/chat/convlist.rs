@@ -169,10 +169,16 @@ async fn update_row(
     }
 }
 
+/// The caller must have a row for the conversation. Without one, a p2p party (already
+/// checked) just has no messages yet (40401); for a group it was never a member (40301).
 fn has_row(shard: &Rc<Shard>, user: &str, conv_id: &str) -> Result<(), ApiError> {
-    user::row_of(shard, user, conv_id)?
-        .map(|_| ())
-        .ok_or(ApiError::NotFound("no such conversation"))
+    match user::row_of(shard, user, conv_id)? {
+        Some(_) => Ok(()),
+        None if conv_id.starts_with(crate::ids::GROUP_CONV_PREFIX) => {
+            Err(ApiError::Forbidden("not a member of this conversation"))
+        }
+        None => Err(ApiError::NotFound("no such conversation")),
+    }
 }
 
 pub async fn mark_read(
