@@ -25,13 +25,14 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use prost::Message as _;
 
+use imshard::chat::conv::split_by_shard;
 use imshard::proto::envelope::{decode_client_frame, push_frame};
 use imshard::proto::pb::{client_frame::Body, ClientFrame, ConvType, MsgItem, SendMessageRequest};
 use imshard::proto::store_pb::DedupeRecord;
 use imshard::proto::ws;
 use imshard::shard::doorbell::Bell;
-use imshard::shard::msg::{Delivery, ReplyTo, ShardMsg};
-use imshard::shard::{ring, shard_of_user, yield_now};
+use imshard::shard::msg::{Delivery, Recipients, ReplyTo, ShardMsg};
+use imshard::shard::{ring, yield_now};
 use imshard::store::embedded::WriteSet;
 use imshard::store::ShardStore;
 
@@ -265,7 +266,7 @@ fn bench_ring(c: &mut Criterion) {
             conv_id: "p2p-alice_00042-bob_00117".into(),
             seq: i as i64,
             send_time: 1_760_000_000_000,
-            users: vec!["bob_00117".into()],
+            users: vec!["bob_00117".to_string()].into(),
             except_user: "alice_00042".into(),
             except_device: "phone".into(),
             left: Vec::new(),
@@ -387,28 +388,47 @@ fn bench_seq_dedupe(c: &mut Criterion) {
     g.finish();
 }
 
-/// The grouping step of `chat::conv::deliver_chunk` (one chunk of a fan-out: up to
-/// `FANOUT_CHUNK` = 1024 members, so a 1,000-member group is one chunk): members into
-/// one list per owner shard, with the same loop and clones. `deliver_chunk` itself is
-/// private and posts to a live `Shard`, so the loop is repeated here rather than
-/// factored out of `chat/conv.rs`.
-fn group_by_shard(members: &[String], shards: usize) -> Vec<Vec<String>> {
-    let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); shards];
-    for m in members {
-        by_shard[shard_of_user(m, shards)].push(m.clone());
-    }
-    by_shard
-}
-
+/// Fan-out to a 1,000-member group. `split` is `chat::conv::split_by_shard`, the
+/// grouping of members by owner shard that a group now does once per membership change;
+/// `per_message` is what every message then costs on the conversation's shard: one
+/// `Deliver` per target shard carrying a shared slice of that shard's list (built here
+/// as `chat::conv` builds it, without posting it to a live shard).
 fn bench_fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout");
     let members: Vec<String> = (0..1000).map(|i| format!("user_{i:06}")).collect();
     g.throughput(Throughput::Elements(members.len() as u64));
+    let frame = push_frame(&msg_item(7));
     for shards in [2usize, 8] {
         g.bench_with_input(
-            BenchmarkId::new("group_1000_members", shards),
+            BenchmarkId::new("split_1000_members", shards),
             &shards,
-            |b, &shards| b.iter(|| group_by_shard(black_box(&members), shards)),
+            |b, &n| b.iter(|| split_by_shard(n, black_box(&members).iter().cloned())),
+        );
+        let by_shard = split_by_shard(shards, members.iter().cloned());
+        g.bench_with_input(
+            BenchmarkId::new("per_message_1000_members", shards),
+            &shards,
+            |b, _| {
+                b.iter(|| {
+                    let deliveries: Vec<Box<Delivery>> = by_shard
+                        .iter()
+                        .filter(|l| !l.is_empty())
+                        .map(|l| {
+                            Box::new(Delivery {
+                                frame: frame.clone(),
+                                conv_id: "grp-g1".into(),
+                                seq: 1,
+                                send_time: 1_760_000_000_000,
+                                users: Recipients::all(l.clone()),
+                                except_user: "user_000000".into(),
+                                except_device: "phone".into(),
+                                left: Vec::new(),
+                            })
+                        })
+                        .collect();
+                    black_box(deliveries)
+                })
+            },
         );
     }
     g.finish();

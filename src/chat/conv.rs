@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -23,7 +24,7 @@ use crate::proto::pb::{
     RecallNotice, SendMessageResponse,
 };
 use crate::proto::store_pb::{ConvSummaries, ConvSummary, DedupeRecord};
-use crate::shard::msg::{Delivery, Notice, ReplyTo, ShardMsg};
+use crate::shard::msg::{Delivery, Notice, Recipients, ReplyTo, ShardMsg};
 use crate::shard::Shard;
 use crate::store::embedded::WriteSet;
 
@@ -46,7 +47,20 @@ pub struct ConvState {
     fanout_running: bool,
 }
 
-/// One message to deliver to `members`, except the sending device.
+/// Recipients by owner shard (index = shard id), each list shared by reference.
+pub type ByShard = Rc<Vec<Arc<[String]>>>;
+
+/// Groups users by the shard that owns them: done once per membership change for a
+/// group, so a message's fan-out costs one ring message per shard, not per member.
+pub fn split_by_shard(n: usize, users: impl IntoIterator<Item = String>) -> Vec<Arc<[String]>> {
+    let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); n];
+    for u in users {
+        by_shard[crate::shard::shard_of_user(&u, n)].push(u);
+    }
+    by_shard.into_iter().map(Arc::from).collect()
+}
+
+/// One message to deliver to `targets`, except the sending device.
 pub(crate) struct FanoutJob {
     pub frame: Bytes,
     pub conv_id: String,
@@ -54,7 +68,7 @@ pub(crate) struct FanoutJob {
     pub send_time: i64,
     pub sender: String,
     pub sender_device: String,
-    pub members: Rc<Vec<String>>,
+    pub targets: ByShard,
     /// Members this message removes (their rows stop at its seq).
     pub left: Vec<String>,
 }
@@ -139,8 +153,8 @@ pub fn handle_send(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
     }
     let assigned = with_conv(shard, &cmd.conv_id, |c| {
         let members = match (&c.group, cmd.conv_type) {
-            (_, ConvType::P2p) => Rc::new(cmd.members.clone()),
-            (Some(g), _) if g.is_member(&cmd.sender) => g.list.clone(),
+            (_, ConvType::P2p) => Rc::new(split_by_shard(shard.n, cmd.members.iter().cloned())),
+            (Some(g), _) if g.is_member(&cmd.sender) => g.by_shard.clone(),
             (Some(_), _) => return Err(ApiError::Forbidden("not a member of this group")),
             (None, _) => return Err(ApiError::NotFound("no such group")),
         };
@@ -233,7 +247,7 @@ pub fn handle_send(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
 pub(crate) fn fan_out(
     shard: &Rc<Shard>,
     msg: &MsgItem,
-    members: Rc<Vec<String>>,
+    targets: ByShard,
     left: Vec<String>,
     sender_device: &str,
 ) {
@@ -244,7 +258,7 @@ pub(crate) fn fan_out(
         send_time: msg.send_time,
         sender: msg.from_uuid.clone(),
         sender_device: sender_device.to_string(),
-        members,
+        targets,
         left,
     };
     // Small fan-outs with nothing queued go out at once; others queue behind the
@@ -252,13 +266,17 @@ pub(crate) fn fan_out(
     let start = {
         let mut convs = shard.convs.borrow_mut();
         match convs.get_mut(&job.conv_id) {
-            Some(c) if c.fanout_running || job.members.len() > FANOUT_CHUNK => {
+            Some(c) if c.fanout_running || recipients(&job.targets) > FANOUT_CHUNK => {
                 c.fanout.push_back(job);
                 !std::mem::replace(&mut c.fanout_running, true)
             }
             _ => {
                 drop(convs);
-                deliver_chunk(shard, &job, &job.members);
+                for (target, list) in job.targets.iter().enumerate() {
+                    if !list.is_empty() {
+                        deliver(shard, &job, target, Recipients::all(list.clone()));
+                    }
+                }
                 return;
             }
         }
@@ -268,30 +286,25 @@ pub(crate) fn fan_out(
     }
 }
 
-/// Posts one Deliver per recipient shard for `users`.
-fn deliver_chunk(shard: &Rc<Shard>, job: &FanoutJob, users: &[String]) {
-    let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); shard.n];
-    for m in users {
-        by_shard[shard.user_shard(m)].push(m.clone());
-    }
-    for (target, users) in by_shard.into_iter().enumerate() {
-        if users.is_empty() {
-            continue;
-        }
-        shard.post(
-            target,
-            ShardMsg::Deliver(Box::new(Delivery {
-                frame: job.frame.clone(),
-                conv_id: job.conv_id.clone(),
-                seq: job.seq,
-                send_time: job.send_time,
-                users,
-                except_user: job.sender.clone(),
-                except_device: job.sender_device.clone(),
-                left: job.left.clone(),
-            })),
-        );
-    }
+fn recipients(targets: &ByShard) -> usize {
+    targets.iter().map(|l| l.len()).sum()
+}
+
+/// Posts one Deliver of `job` to `target` for `users`.
+fn deliver(shard: &Rc<Shard>, job: &FanoutJob, target: usize, users: Recipients) {
+    shard.post(
+        target,
+        ShardMsg::Deliver(Box::new(Delivery {
+            frame: job.frame.clone(),
+            conv_id: job.conv_id.clone(),
+            seq: job.seq,
+            send_time: job.send_time,
+            users,
+            except_user: job.sender.clone(),
+            except_device: job.sender_device.clone(),
+            left: job.left.clone(),
+        })),
+    );
 }
 
 /// Drains a conversation's fan-out queue, one chunk of recipients per loop turn.
@@ -310,9 +323,12 @@ async fn drain_fanout(shard: Rc<Shard>, conv_id: String) {
                 }
             }
         };
-        for chunk in job.members.chunks(FANOUT_CHUNK) {
-            deliver_chunk(&shard, &job, chunk);
-            crate::shard::yield_now().await;
+        for (target, list) in job.targets.iter().enumerate() {
+            for start in (0..list.len()).step_by(FANOUT_CHUNK) {
+                let users = Recipients::range(list.clone(), start, start + FANOUT_CHUNK);
+                deliver(&shard, &job, target, users);
+                crate::shard::yield_now().await;
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 use prost::Message as _;
 
-use super::conv::{fan_out, with_conv};
+use super::conv::{fan_out, split_by_shard, with_conv, ByShard};
 use crate::codes::ApiError;
 use crate::proto::envelope::now_ms;
 use crate::proto::pb::{CreateGroupResponse, MsgItem, UpdateGroupMembersResponse};
@@ -36,8 +36,10 @@ pub struct GroupState {
     pub name: String,
     pub owner: String,
     roles: HashMap<String, i32>,
-    /// The member list handed to fan-outs (shared, rebuilt on change).
+    /// The members, sorted (shared, rebuilt on change).
     pub list: Rc<Vec<String>>,
+    /// The members by owner shard, handed to every message's fan-out by reference.
+    pub by_shard: ByShard,
 }
 
 impl GroupState {
@@ -53,9 +55,11 @@ impl GroupState {
         self.roles.get(user).copied()
     }
 
-    fn rebuild_list(&mut self) {
+    /// Rebuilds the shared lists after a change, for `n` shards.
+    fn rebuild_list(&mut self, n: usize) {
         let mut list: Vec<String> = self.roles.keys().cloned().collect();
         list.sort_unstable();
+        self.by_shard = Rc::new(split_by_shard(n, list.iter().cloned()));
         self.list = Rc::new(list);
     }
 }
@@ -76,8 +80,9 @@ pub fn load(shard: &Shard, conv_id: &str) -> Result<Option<Box<GroupState>>, Api
         owner: meta.owner,
         roles,
         list: Rc::default(),
+        by_shard: Rc::default(),
     };
-    g.rebuild_list();
+    g.rebuild_list(shard.n);
     Ok(Some(Box::new(g)))
 }
 
@@ -137,7 +142,7 @@ fn system_message(
 struct Change {
     write: WriteSet,
     msg: MsgItem,
-    fanout: Rc<Vec<String>>,
+    fanout: ByShard,
     removed: Vec<String>,
 }
 
@@ -187,16 +192,18 @@ pub fn handle_create(shard: &Rc<Shard>, reply: ReplyTo, cmd: CreateGroupCmd) {
                 .map(|m| (m.clone(), ROLE_MEMBER))
                 .collect(),
             list: Rc::default(),
+            by_shard: Rc::default(),
         };
         g.roles.insert(cmd.owner.clone(), ROLE_OWNER);
-        g.rebuild_list();
+        g.rebuild_list(shard.n);
         let list = g.list.clone();
+        let by_shard = g.by_shard.clone();
         c.group = Some(Box::new(g));
         let seq = c.next_seq;
         c.next_seq += 1;
-        Ok((seq, list))
+        Ok((seq, list, by_shard))
     });
-    let (seq, list) = match prepared.and_then(|r| r) {
+    let (seq, list, by_shard) = match prepared.and_then(|r| r) {
         Ok(v) => v,
         Err(e) => return shard.reply(reply, Err(e)),
     };
@@ -242,7 +249,7 @@ pub fn handle_create(shard: &Rc<Shard>, reply: ReplyTo, cmd: CreateGroupCmd) {
     let change = Change {
         write,
         msg,
-        fanout: list,
+        fanout: by_shard,
         removed: Vec::new(),
     };
     commit(shard, reply, change, cmd.device, body);
@@ -328,13 +335,12 @@ pub fn handle_update(shard: &Rc<Shard>, reply: ReplyTo, cmd: UpdateMembersCmd) {
                 admins.push(a.clone());
             }
         }
-        g.rebuild_list();
+        g.rebuild_list(shard.n);
         let after = g.list.clone();
         if added.is_empty() && removed.is_empty() && admins.is_empty() {
             return Ok((None, after));
         }
-        let mut fanout: Vec<String> = before.iter().cloned().collect();
-        fanout.extend(added.iter().cloned());
+        let fanout = split_by_shard(shard.n, before.iter().chain(&added).cloned());
         let seq = c.next_seq;
         c.next_seq += 1;
         let msg = system_message(

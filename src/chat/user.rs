@@ -113,7 +113,7 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
         Err(_) => return,
     };
     let mut write = WriteSet::new();
-    for user in &d.users {
+    for user in d.users.iter() {
         let changed = with_rows(shard, user, |rows| {
             let mut changed = false;
             let row = rows.entry(d.conv_id.clone()).or_insert_with(|| {

@@ -1,7 +1,9 @@
 //! Every way shards talk to each other: one enum, moved through the SPSC rings.
 //! Reading it tells a newcomer every cross-shard interaction.
 
+use std::ops::Deref;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -105,7 +107,7 @@ pub struct Delivery {
     pub seq: i64,
     pub send_time: i64,
     /// Recipients owned by the target shard.
-    pub users: Vec<String>,
+    pub users: Recipients,
     /// The device that sent the message gets no push.
     pub except_user: String,
     pub except_device: String,
@@ -117,4 +119,48 @@ pub struct Delivery {
 pub struct Notice {
     pub frame: Bytes,
     pub users: Vec<String>,
+}
+
+/// Recipients of one delivery: a range of a member list shared by reference (a group's
+/// per-shard list is built once per membership change, not once per message).
+#[derive(Debug, Clone)]
+pub struct Recipients {
+    list: Arc<[String]>,
+    start: usize,
+    end: usize,
+}
+
+impl Recipients {
+    /// All of `list`.
+    pub fn all(list: Arc<[String]>) -> Recipients {
+        let end = list.len();
+        Recipients {
+            list,
+            start: 0,
+            end,
+        }
+    }
+
+    /// `list[start..end]` (clamped to the list).
+    pub fn range(list: Arc<[String]>, start: usize, end: usize) -> Recipients {
+        let end = end.min(list.len());
+        Recipients {
+            start: start.min(end),
+            list,
+            end,
+        }
+    }
+}
+
+impl From<Vec<String>> for Recipients {
+    fn from(v: Vec<String>) -> Recipients {
+        Recipients::all(v.into())
+    }
+}
+
+impl Deref for Recipients {
+    type Target = [String];
+    fn deref(&self) -> &[String] {
+        &self.list[self.start..self.end]
+    }
 }
