@@ -197,12 +197,12 @@ pub fn handle_send(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
             },
         );
     }
-    let durable = shard.store.stage(write);
-    let shard = shard.clone();
-    monoio::spawn(async move {
-        let result = durable
-            .await
-            .unwrap_or_else(|_| Err(crate::store::StoreError::Write("store closed".into())));
+    // Reply and push run as the store reports the batch, in staging (= seq) order: a
+    // task per send would run in whatever order the scheduler picks, and a recipient
+    // could see seq 9 before seq 6.
+    let shard2 = shard.clone();
+    shard.store.stage_then(write, move |result| {
+        let shard = shard2;
         let waiters = shard
             .convs
             .borrow_mut()

@@ -154,25 +154,22 @@ fn commit(shard: &Rc<Shard>, reply: ReplyTo, change: Change, device: String, bod
         removed,
     } = change;
     write.message(&msg);
-    let durable = shard.store.stage(write);
-    let shard = shard.clone();
-    monoio::spawn(async move {
-        match durable.await {
-            Ok(Ok(())) => {
+    // In staging order with the group's other messages (see `conv::handle_send`).
+    let shard2 = shard.clone();
+    shard.store.stage_then(write, move |result| {
+        let shard = shard2;
+        match result {
+            Ok(()) => {
                 if let Some(c) = shard.convs.borrow_mut().get_mut(&msg.conv_id) {
                     c.durable_seq = c.durable_seq.max(msg.seq);
                 }
                 shard.reply(reply, Ok(body));
                 fan_out(&shard, &msg, fanout, removed, &device);
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 shard.reply(reply, Err(e.into()));
                 shard.reset_after_store_failure();
             }
-            Err(_) => shard.reply(
-                reply,
-                Err(ApiError::StoreUnavailable("store closed".into())),
-            ),
         }
     });
 }

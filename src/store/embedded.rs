@@ -78,6 +78,16 @@ enum Done {
 /// Resolved when a staged write is durable (or failed).
 type DurableTx = oneshot::Sender<Result<(), StoreError>>;
 
+/// What waits for a staged write.
+enum Waiter {
+    /// A task awaiting the receiver of [`ShardStore::stage`]; it runs whenever the
+    /// scheduler gets to it.
+    Channel(DurableTx),
+    /// A callback of [`ShardStore::stage_then`], run right when the batch is reported,
+    /// in staging order: what must happen in seq order (replies, pushes) goes here.
+    Then(Box<dyn FnOnce(Result<(), StoreError>)>),
+}
+
 /// State shared between the shard loop and its sync thread.
 struct SyncShared {
     /// The completion task, woken by the shard's bell listener.
@@ -97,7 +107,7 @@ pub struct ShardStore {
     /// Id of the batch being staged; batches are numbered from 1.
     staging_id: Cell<u64>,
     /// Callers waiting for a batch, oldest first.
-    waiters: RefCell<VecDeque<(u64, DurableTx)>>,
+    waiters: RefCell<VecDeque<(u64, Waiter)>>,
     jobs: mpsc::Sender<Job>,
     done: mpsc::Receiver<Done>,
     shared: Arc<SyncShared>,
@@ -168,11 +178,32 @@ impl ShardStore {
         drop(staged);
         self.waiters
             .borrow_mut()
-            .push_back((self.staging_id.get(), tx));
+            .push_back((self.staging_id.get(), Waiter::Channel(tx)));
         if first {
             monoio::spawn(flush_at_end_of_turn(self.clone()));
         }
         rx
+    }
+
+    /// Stages one atomic write and runs `then` once it is durable (or failed). Callbacks
+    /// run on this thread in the order their writes were staged, all of a batch in one
+    /// go, so work that must follow seq order (a message's reply and push) keeps it
+    /// whatever order the scheduler runs tasks in.
+    pub fn stage_then(
+        self: &Rc<Self>,
+        write: WriteSet,
+        then: impl FnOnce(Result<(), StoreError>) + 'static,
+    ) {
+        let mut staged = self.staged.borrow_mut();
+        let first = staged.is_empty();
+        staged.extend(write.puts);
+        drop(staged);
+        self.waiters
+            .borrow_mut()
+            .push_back((self.staging_id.get(), Waiter::Then(Box::new(then))));
+        if first {
+            monoio::spawn(flush_at_end_of_turn(self.clone()));
+        }
     }
 
     /// Stages a write nobody waits for (it still keeps batch order).
@@ -229,10 +260,18 @@ impl ShardStore {
     }
 
     fn resolve_upto(&self, upto: u64, result: Result<(), StoreError>) {
-        let mut waiters = self.waiters.borrow_mut();
-        while waiters.front().is_some_and(|(id, _)| *id <= upto) {
-            if let Some((_, tx)) = waiters.pop_front() {
-                let _ = tx.send(result.clone());
+        // Taken out first: a callback may stage more writes (or reset the store).
+        let ready: Vec<Waiter> = {
+            let mut waiters = self.waiters.borrow_mut();
+            let n = waiters.iter().take_while(|(id, _)| *id <= upto).count();
+            waiters.drain(..n).map(|(_, w)| w).collect()
+        };
+        for w in ready {
+            match w {
+                Waiter::Channel(tx) => {
+                    let _ = tx.send(result.clone());
+                }
+                Waiter::Then(f) => f(result.clone()),
             }
         }
     }
