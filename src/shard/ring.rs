@@ -321,8 +321,12 @@ mod tests {
                     let reply = ReplyTo { shard: 0, token };
                     ep.send(1, ShardMsg::Ping { reply });
                 }
-                // Keep the runtime (and its outbox flusher) alive.
-                monoio::time::sleep(Duration::from_secs(30)).await;
+                // Keep the runtime (and its outbox flusher) alive, busy: a loop that
+                // never parks must still hear the consumer's space wake-ups.
+                let until = std::time::Instant::now() + Duration::from_secs(30);
+                while std::time::Instant::now() < until {
+                    crate::shard::yield_now().await;
+                }
             });
         });
         done_rx
