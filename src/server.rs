@@ -154,9 +154,16 @@ async fn shard_main(
         .await;
 }
 
-/// Raises the soft open-files limit to the hard one and warns when that cannot hold
-/// `max_connections` (see tuning/).
-fn check_open_files(max_connections: usize) {
+/// The open-files limit (RLIMIT_NOFILE) after [`raise_open_files`].
+#[derive(Debug, Clone, Copy)]
+pub struct FileLimit {
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to its hard limit (as far as the host allows) and
+/// returns both. The server and the loadgen call it at start.
+pub fn raise_open_files() -> std::io::Result<FileLimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -164,7 +171,7 @@ fn check_open_files(max_connections: usize) {
     // SAFETY: getrlimit/setrlimit write to / read from a valid rlimit struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
+            return Err(std::io::Error::last_os_error());
         }
         if lim.rlim_cur < lim.rlim_max {
             let raised = libc::rlimit {
@@ -176,10 +183,22 @@ fn check_open_files(max_connections: usize) {
             }
         }
     }
+    Ok(FileLimit {
+        soft: lim.rlim_cur,
+        hard: lim.rlim_max,
+    })
+}
+
+/// Raises the soft open-files limit to the hard one and warns when that cannot hold
+/// `max_connections` (see tuning/).
+fn check_open_files(max_connections: usize) {
+    let Ok(lim) = raise_open_files() else {
+        return;
+    };
     let want = max_connections as u64 + 1024;
-    if lim.rlim_cur < want {
+    if lim.soft < want {
         tracing::warn!(
-            open_files = lim.rlim_cur,
+            open_files = lim.soft,
             max_connections,
             "the open-files limit cannot hold --max-connections; raise LimitNOFILE / nofile (run tuning/check)"
         );

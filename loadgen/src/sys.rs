@@ -29,39 +29,7 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The open-files limit after trying to raise the soft limit to the hard one.
-#[derive(Debug, Clone, Copy)]
-pub struct FileLimit {
-    pub soft: u64,
-    pub hard: u64,
-}
-
-/// Raises RLIMIT_NOFILE's soft limit to its hard limit and returns both.
-pub fn raise_open_files() -> io::Result<FileLimit> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the rlimit we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim.rlim_cur = lim.rlim_max;
-            }
-        }
-    }
-    Ok(FileLimit {
-        soft: lim.rlim_cur,
-        hard: lim.rlim_max,
-    })
-}
+pub use imshard::server::{raise_open_files, FileLimit};
 
 /// `net.ipv4.ip_local_port_range` as (low, high); the Linux default when unreadable.
 pub fn local_port_range() -> (u32, u32) {

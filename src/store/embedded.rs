@@ -172,16 +172,7 @@ impl ShardStore {
     /// Stages one atomic write; the receiver resolves once it is durable.
     pub fn stage(self: &Rc<Self>, write: WriteSet) -> oneshot::Receiver<Result<(), StoreError>> {
         let (tx, rx) = oneshot::channel();
-        let mut staged = self.staged.borrow_mut();
-        let first = staged.is_empty();
-        staged.extend(write.puts);
-        drop(staged);
-        self.waiters
-            .borrow_mut()
-            .push_back((self.staging_id.get(), Waiter::Channel(tx)));
-        if first {
-            monoio::spawn(flush_at_end_of_turn(self.clone()));
-        }
+        self.stage_waiting(write, Waiter::Channel(tx));
         rx
     }
 
@@ -194,16 +185,14 @@ impl ShardStore {
         write: WriteSet,
         then: impl FnOnce(Result<(), StoreError>) + 'static,
     ) {
-        let mut staged = self.staged.borrow_mut();
-        let first = staged.is_empty();
-        staged.extend(write.puts);
-        drop(staged);
+        self.stage_waiting(write, Waiter::Then(Box::new(then)));
+    }
+
+    fn stage_waiting(self: &Rc<Self>, write: WriteSet, waiter: Waiter) {
         self.waiters
             .borrow_mut()
-            .push_back((self.staging_id.get(), Waiter::Then(Box::new(then))));
-        if first {
-            monoio::spawn(flush_at_end_of_turn(self.clone()));
-        }
+            .push_back((self.staging_id.get(), waiter));
+        self.stage_detached(write);
     }
 
     /// Stages a write nobody waits for (it still keeps batch order).
