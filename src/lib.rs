@@ -6,11 +6,14 @@
 //!   connections and conversation rows of the users with `hash(user) % N == i` and the
 //!   seq counters, messages and dedupe of conversations with `hash(conv) % N == i`.
 //!   [`shard::ring`]: SPSC rings between shards; [`shard::msg`]: every message they
-//!   carry; [`shard::conn`]: a WebSocket connection; [`shard::accept`]: accept,
+//!   carry; [`shard::doorbell`]: the eventfd through which other threads wake a
+//!   shard; [`shard::conn`]: a WebSocket connection; [`shard::accept`]: accept,
 //!   upgrade, hand-over; [`shard::timer`]: the heartbeat wheel.
 //! - [`chat`]: message logic. [`chat::execute`] runs a client operation on the
 //!   caller's shard; [`chat::conv`] is the conversation side (seq, dedupe, durable
-//!   send, pull); [`chat::user`] the user side (devices, rows, delivery).
+//!   send, pull, recall, fan-out); [`chat::group`] members, roles and membership
+//!   changes; [`chat::convlist`] conversation lists, read marks, unread;
+//!   [`chat::user`] the user side (devices, rows, delivery).
 //! - [`api`]: the HTTP JSON API, `/healthz`, `/metrics`.
 //! - [`proto`]: wire formats: protobuf types, WebSocket frames, HTTP, envelopes.
 //! - [`store`]: the storage interface and its embedded (fjall) backend.
