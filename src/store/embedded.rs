@@ -6,7 +6,7 @@
 //! batch id and rings the shard's bell (an eventfd the shard reads through io_uring, so
 //! a busy shard sees it on its next loop turn). The loop never waits for a disk.
 //!
-//! Memory: memtables are capped per keyspace ([`MEMTABLE_BYTES`], 37 MiB together,
+//! Memory: memtables are capped per keyspace (`MEMTABLE_BYTES`, 37 MiB together,
 //! plus sealed ones waiting for their flush) and the block cache is 32 MiB per shard,
 //! so the store needs well under 100 MiB per shard however many messages flow
 //! (fjall's defaults let active memtables alone grow to 384 MiB per shard). fjall 3.1's
