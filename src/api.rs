@@ -18,7 +18,7 @@ pub async fn handle(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Vec<u8> {
     let ka = head.keep_alive;
     match (head.method.as_str(), head.path.as_str()) {
         ("GET", "/healthz") => healthz(shard, ka).await,
-        ("GET", "/metrics") => metrics(shard, ka),
+        ("GET", "/metrics") => metrics(shard, ka).await,
         (_, p) if p.starts_with("/api/v1/") => match api(shard, head, body).await {
             Ok(data) => http::json_ok(data, ka),
             Err(e) => http::json_err(&e, ka),
@@ -41,50 +41,107 @@ async fn healthz(shard: &Rc<Shard>, ka: bool) -> Vec<u8> {
     http::response(200, "text/plain", b"ok\n", ka)
 }
 
-fn metrics(shard: &Rc<Shard>, ka: bool) -> Vec<u8> {
+/// Every metric: name, Prometheus type, help. One value per shard each, in this order
+/// (see [`metric_values`]).
+pub const METRICS: [(&str, &str, &str); 10] = [
+    ("imshard_connections", "gauge", "open WebSocket connections"),
+    (
+        "imshard_connections_total",
+        "counter",
+        "WebSocket connections accepted",
+    ),
+    (
+        "imshard_handovers_total",
+        "counter",
+        "connections handed over from another shard",
+    ),
+    (
+        "imshard_messages_stored_total",
+        "counter",
+        "messages made durable",
+    ),
+    (
+        "imshard_pushes_total",
+        "counter",
+        "MSG_PUSH frames queued to devices",
+    ),
+    (
+        "imshard_slow_reader_cuts_total",
+        "counter",
+        "connections cut as slow readers",
+    ),
+    (
+        "imshard_heartbeat_timeouts_total",
+        "counter",
+        "connections closed for silence",
+    ),
+    (
+        "imshard_store_sync_rounds_total",
+        "counter",
+        "store commit + fsync rounds",
+    ),
+    (
+        "imshard_store_sync_slow_rounds_total",
+        "counter",
+        "store rounds that took 10 ms or more",
+    ),
+    (
+        "imshard_store_sync_seconds_total",
+        "counter",
+        "time spent in store rounds",
+    ),
+];
+
+/// This shard's values for [`METRICS`] (the last one in microseconds).
+pub fn metric_values(shard: &Shard) -> [u64; 10] {
     let c = &shard.counters;
-    let s = shard.id;
+    let (rounds, slow, micros) = shard.store.sync_stats();
+    [
+        c.connections.get(),
+        c.connections_total.get(),
+        c.handovers.get(),
+        c.messages_stored.get(),
+        c.pushes.get(),
+        c.slow_reader_cuts.get(),
+        c.heartbeat_timeouts.get(),
+        rounds,
+        slow,
+        micros,
+    ]
+}
+
+/// Prometheus text of every shard (asked over the rings), one series per shard.
+async fn metrics(shard: &Rc<Shard>, ka: bool) -> Vec<u8> {
+    let mut pending = Vec::with_capacity(shard.n);
+    for target in 0..shard.n {
+        pending.push(shard.call(target, |reply| ShardMsg::Metrics { reply }));
+    }
+    let mut per_shard: Vec<Option<Vec<u64>>> = Vec::with_capacity(shard.n);
+    for p in pending {
+        let answered = monoio::time::timeout(std::time::Duration::from_secs(2), p).await;
+        per_shard.push(match answered {
+            Ok(Ok(body)) => Some(
+                body.chunks_exact(8)
+                    .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+                    .collect(),
+            ),
+            _ => None,
+        });
+    }
     let mut out = String::new();
-    for (name, help, v) in [
-        (
-            "imshard_connections",
-            "open WebSocket connections",
-            c.connections.get(),
-        ),
-        (
-            "imshard_connections_total",
-            "WebSocket connections accepted",
-            c.connections_total.get(),
-        ),
-        (
-            "imshard_handovers_total",
-            "connections handed over from another shard",
-            c.handovers.get(),
-        ),
-        (
-            "imshard_messages_stored_total",
-            "messages made durable",
-            c.messages_stored.get(),
-        ),
-        (
-            "imshard_pushes_total",
-            "MSG_PUSH frames queued to devices",
-            c.pushes.get(),
-        ),
-        (
-            "imshard_slow_reader_cuts_total",
-            "connections cut as slow readers",
-            c.slow_reader_cuts.get(),
-        ),
-        (
-            "imshard_heartbeat_timeouts_total",
-            "connections closed for silence",
-            c.heartbeat_timeouts.get(),
-        ),
-    ] {
-        out.push_str(&format!(
-            "# HELP {name} {help} (this shard)\n# TYPE {name} gauge\n{name}{{shard=\"{s}\"}} {v}\n"
-        ));
+    for (i, (name, kind, help)) in METRICS.iter().enumerate() {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (s, values) in per_shard.iter().enumerate() {
+            let Some(v) = values.as_ref().and_then(|v| v.get(i)) else {
+                continue;
+            };
+            if *name == "imshard_store_sync_seconds_total" {
+                let secs = *v as f64 / 1e6;
+                out.push_str(&format!("{name}{{shard=\"{s}\"}} {secs}\n"));
+            } else {
+                out.push_str(&format!("{name}{{shard=\"{s}\"}} {v}\n"));
+            }
+        }
     }
     http::response(200, "text/plain; version=0.0.4", out.as_bytes(), ka)
 }

@@ -305,6 +305,21 @@ fn connections_landing_on_any_shard_are_handed_to_the_owner() {
         handovers > 0,
         "some of 16 connections were accepted by the other shard:\n{metrics}"
     );
+    // One series per shard, whichever shard answered the scrape.
+    let series = |name: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{shard=")))
+            .count()
+    };
+    assert_eq!(series("imshard_connections"), 2, "{metrics}");
+    assert_eq!(series("imshard_store_sync_rounds_total"), 2, "{metrics}");
+    let open: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("imshard_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(open, 16, "{metrics}");
 }
 
 #[test]

@@ -248,6 +248,13 @@ impl Shard {
                 self.reply(reply, r);
             }
             ShardMsg::Ping { reply } => self.reply(reply, Ok(bytes::Bytes::new())),
+            ShardMsg::Metrics { reply } => {
+                let body: Vec<u8> = crate::api::metric_values(self)
+                    .iter()
+                    .flat_map(|v| v.to_be_bytes())
+                    .collect();
+                self.reply(reply, Ok(body.into()));
+            }
             ShardMsg::Reply { token, reply } => {
                 if let Some(tx) = self.calls.borrow_mut().remove(&token) {
                     let _ = tx.send(reply);

@@ -82,6 +82,9 @@ pub enum ShardMsg {
     },
     /// Online devices of users this shard owns; answers JSON `{"user": ["device", ..]}`.
     Presence { reply: ReplyTo, users: Vec<String> },
+    /// This shard's metric values for /metrics, in the order of `api::METRICS`, 8 bytes
+    /// big-endian each.
+    Metrics { reply: ReplyTo },
     /// Liveness probe for /healthz; answers an empty body.
     Ping { reply: ReplyTo },
     /// The answer to a call this shard made.

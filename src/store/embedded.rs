@@ -94,6 +94,11 @@ struct SyncShared {
     waker: AtomicWaker,
     /// The shard's bell: the sync thread rings it after each round.
     bell: Arc<Bell>,
+    /// Sync rounds done, rounds that took 10 ms or more, and their total time (µs):
+    /// read by `/metrics`.
+    rounds: AtomicU64,
+    slow_rounds: AtomicU64,
+    round_micros: AtomicU64,
     /// Highest batch id reported (durable or failed); lets the loop skip empty wakes.
     reported: AtomicU64,
 }
@@ -143,6 +148,9 @@ impl ShardStore {
         let shared = Arc::new(SyncShared {
             waker: AtomicWaker::new(),
             bell,
+            rounds: AtomicU64::new(0),
+            slow_rounds: AtomicU64::new(0),
+            round_micros: AtomicU64::new(0),
             reported: AtomicU64::new(0),
         });
         {
@@ -204,6 +212,16 @@ impl ShardStore {
         if first {
             monoio::spawn(flush_at_end_of_turn(self.clone()));
         }
+    }
+
+    /// (sync rounds, rounds of 10 ms or more, total µs in rounds) so far.
+    pub fn sync_stats(&self) -> (u64, u64, u64) {
+        let s = &self.shared;
+        (
+            s.rounds.load(Ordering::Relaxed),
+            s.slow_rounds.load(Ordering::Relaxed),
+            s.round_micros.load(Ordering::Relaxed),
+        )
     }
 
     /// Called by the shard's bell listener on the shard's thread: lets the completion
@@ -549,6 +567,7 @@ fn sync_thread(
         }
         let mut ok_upto = 0;
         let mut fail: Option<(u64, String)> = None;
+        let started = std::time::Instant::now();
         for job in round {
             match job {
                 Job::Reset => failed = false,
@@ -594,6 +613,14 @@ fn sync_thread(
         if let Some((upto, error)) = fail {
             reported = reported.max(upto);
             let _ = done.send(Done::Failed { upto, error });
+        }
+        let took = started.elapsed();
+        shared.rounds.fetch_add(1, Ordering::Relaxed);
+        shared
+            .round_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        if took >= std::time::Duration::from_millis(10) {
+            shared.slow_rounds.fetch_add(1, Ordering::Relaxed);
         }
         if reported > 0 {
             shared.reported.fetch_max(reported, Ordering::AcqRel);
