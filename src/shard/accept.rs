@@ -29,9 +29,14 @@ pub fn bind(shard: &Shard) -> std::io::Result<TcpListener> {
     TcpListener::bind_with_config(shard.cfg.listen, &opts)
 }
 
+/// Accepts until the shard starts draining; then the listener closes.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
-        match listener.accept().await {
+        let accepted = monoio::select! {
+            r = listener.accept() => r,
+            _ = shard.until_draining() => return,
+        };
+        match accepted {
             Ok((stream, _)) => {
                 let _ = stream.set_nodelay(true);
                 monoio::spawn(serve_http(shard.clone(), stream));
@@ -109,9 +114,13 @@ async fn serve_http(shard: Rc<Shard>, mut stream: TcpStream) {
             upgrade(shard, stream, head, leftover).await;
             return;
         }
-        let keep_alive = head.keep_alive;
+        // The same brake as WebSocket readers: no new work while the shard is behind.
+        shard.input_allowed().await;
+        let keep_alive = head.keep_alive && !shard.draining.get();
+        shard.request_started();
         let reply = crate::api::handle(&shard, &head, &body).await;
-        if stream.write_all(reply).await.0.is_err() || !keep_alive {
+        shard.request_finished();
+        if stream.write_all(reply).await.0.is_err() || !keep_alive || shard.draining.get() {
             return;
         }
     }
@@ -166,6 +175,18 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: Head, leftover: 
 fn check_upgrade(shard: &Shard, head: &Head) -> Result<(crate::auth::Claims, String), ApiError> {
     if head.method != "GET" {
         return Err(ApiError::invalid("WebSocket upgrade must be GET"));
+    }
+    if shard.draining.get() {
+        return Err(ApiError::Unavailable("the server is shutting down"));
+    }
+    let open = shard
+        .global
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if open >= shard.cfg.max_connections {
+        return Err(ApiError::Unavailable(
+            "the server is at max_connections; retry later",
+        ));
     }
     let token = head
         .token()
