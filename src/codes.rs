@@ -23,8 +23,11 @@ pub enum ApiError {
     RecallExpired,
     /// 42202: content has a blocked word and the filter is in `reject` mode.
     ContentRejected,
-    /// 42901: the sender is over the rate limit.
+    /// 42901: the caller is over its request budget (`rate_limit`).
     RateLimited,
+    /// 42901: the caller used up a quota (e.g. `members_added_per_hour`); the text
+    /// names it. Retry after the quota's window.
+    QuotaExceeded(String),
     /// 50001: a bug or an unexpected state; the text is for logs.
     Internal(String),
     /// 50301: the store did not accept the write; nothing was stored.
@@ -51,7 +54,7 @@ impl ApiError {
             ApiError::ContentTooLarge { .. } => 41301,
             ApiError::RecallExpired => 42201,
             ApiError::ContentRejected => 42202,
-            ApiError::RateLimited => 42901,
+            ApiError::RateLimited | ApiError::QuotaExceeded(_) => 42901,
             ApiError::Internal(_) => 50001,
             ApiError::StoreUnavailable(_) | ApiError::Unavailable(_) => 50301,
         }
@@ -84,6 +87,7 @@ impl fmt::Display for ApiError {
             ApiError::RecallExpired => f.write_str("recall window expired"),
             ApiError::ContentRejected => f.write_str("content rejected by the filter"),
             ApiError::RateLimited => f.write_str("rate limited"),
+            ApiError::QuotaExceeded(w) => write!(f, "quota exceeded: {w}"),
             ApiError::Internal(w) => write!(f, "internal error: {w}"),
             ApiError::StoreUnavailable(w) => write!(f, "store unavailable: {w}"),
             ApiError::Unavailable(w) => write!(f, "unavailable: {w}"),

@@ -69,7 +69,8 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 fn heartbeat(c: &mut Client) -> i32 {
-    c.request(Body::Heartbeat(pb::Heartbeat { client_ts: 1 })).code
+    c.request(Body::Heartbeat(pb::Heartbeat { client_ts: 1 }))
+        .code
 }
 
 #[test]
@@ -187,10 +188,7 @@ fn max_connections_is_enforced_with_503() {
 
 #[test]
 fn requests_past_the_in_flight_limit_wait_unread_and_all_get_answers() {
-    let server = Server::start(
-        2,
-        &["--max-requests-in-flight", "2", "--rate-limit", "0"],
-    );
+    let server = Server::start(2, &["--max-requests-in-flight", "2", "--rate-limit", "0"]);
     let (alice, bob) = users_on_shards(2, "pipe", false);
     let mut a = server.connect(&alice, "d");
     let mut burst = Vec::new();
@@ -228,7 +226,8 @@ fn sigterm_answers_closes_with_1001_and_exits_0() {
     let (alice, bob) = users_on_shards(2, "bye", false);
     let mut a = server.connect(&alice, "d");
     let mut b = server.connect(&bob, "d");
-    a.send_p2p(&bob, "c1", "{\"t\":\"last words\"}").expect("send");
+    a.send_p2p(&bob, "c1", "{\"t\":\"last words\"}")
+        .expect("send");
     assert_eq!(b.next_push().map(|m| m.seq), Some(1));
     server.signal(libc::SIGTERM);
     a.set_timeout(Duration::from_secs(15));
@@ -261,4 +260,82 @@ fn a_second_signal_exits_at_once() {
     assert_eq!(status.code(), Some(130), "{status}");
     let mut buf = [0u8; 1];
     let _ = c.ws.get_mut().read(&mut buf);
+}
+
+fn create_group(c: &mut Client, group_id: &str, members: Vec<String>) -> common::Resp {
+    c.request(Body::CreateGroup(pb::CreateGroupRequest {
+        group_id: group_id.into(),
+        name: "g".into(),
+        members,
+    }))
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+#[test]
+fn member_ids_per_hour_and_groups_owned_are_capped() {
+    let server = Server::start(
+        2,
+        &[
+            "--rate-limit",
+            "0",
+            "--members-added-per-hour",
+            "1000",
+            "--max-groups-owned",
+            "3",
+        ],
+    );
+    let mut owner = server.connect("boss", "d");
+    let r = create_group(&mut owner, "toobig", ids("m", 1500));
+    assert_eq!(r.code, 42901, "{}", r.message);
+    let r = owner.request(Body::Pull(pb::PullMessagesRequest {
+        conv_id: "grp-toobig".into(),
+        ..Default::default()
+    }));
+    assert_eq!(r.code, 40401, "a refused create stores nothing");
+    assert_eq!(create_group(&mut owner, "g1", ids("a", 600)).code, 0);
+    let r = owner.request(Body::UpdateMembers(pb::UpdateGroupMembersRequest {
+        group_id: "g1".into(),
+        add: ids("b", 401),
+        ..Default::default()
+    }));
+    assert_eq!(r.code, 42901, "600 + 401 is past 1000: {}", r.message);
+    assert_eq!(create_group(&mut owner, "g2", ids("c", 400)).code, 0);
+    assert_eq!(create_group(&mut owner, "g3", Vec::new()).code, 0);
+    let r = create_group(&mut owner, "g4", Vec::new());
+    assert_eq!(r.code, 40301, "a fourth group: {}", r.message);
+    // Another user has budgets of its own.
+    let mut other = server.connect("other", "d");
+    assert_eq!(create_group(&mut other, "o1", ids("d", 10)).code, 0);
+}
+
+#[test]
+fn every_operation_spends_the_request_budget_by_its_cost() {
+    let server = Server::start(2, &["--rate-limit", "10", "--members-added-per-hour", "0"]);
+    let mut c = server.connect("busy", "d");
+    // 5 + 10,000 / 100 = 105 tokens: more than the bucket (20) holds, so it is let
+    // through on a full bucket and leaves a debt of 85 (8.5 s at 10 per second).
+    assert_eq!(create_group(&mut c, "huge", ids("h", 10_000)).code, 0);
+    let r = c.request(Body::Pull(pb::PullMessagesRequest {
+        conv_id: "grp-huge".into(),
+        ..Default::default()
+    }));
+    assert_eq!(r.code, 42901, "the create's cost is owed");
+    // Heartbeats are free and keep working.
+    assert_eq!(heartbeat(&mut c), 0);
+    // Reads spend the budget too: 100 pipelined list requests on a bucket of 20.
+    let mut fresh = server.connect("fresh", "d");
+    for req_id in 1..=100 {
+        fresh.send_frame(&ClientFrame {
+            req_id,
+            body: Some(Body::GetConversations(
+                pb::GetConversationsRequest::default(),
+            )),
+        });
+    }
+    let codes: Vec<i32> = (1..=100).map(|id| fresh.wait_response(id).code).collect();
+    assert!(codes.contains(&0), "reads are served");
+    assert!(codes.contains(&42901), "reads spend the budget too");
 }

@@ -24,7 +24,7 @@ use crate::proto::pb::{
     RecallNotice, SendMessageResponse,
 };
 use crate::proto::store_pb::{ConvSummaries, ConvSummary, DedupeRecord};
-use crate::shard::msg::{Delivery, Notice, Recipients, ReplyTo, ShardMsg};
+use crate::shard::msg::{Delivery, Notice, Recipients, ReplyTo, ShardMsg, UserId};
 use crate::shard::Shard;
 use crate::store::embedded::WriteSet;
 
@@ -48,12 +48,12 @@ pub struct ConvState {
 }
 
 /// Recipients by owner shard (index = shard id), each list shared by reference.
-pub type ByShard = Rc<Vec<Arc<[String]>>>;
+pub type ByShard = Rc<Vec<Arc<[UserId]>>>;
 
 /// Groups users by the shard that owns them: done once per membership change for a
 /// group, so a message's fan-out costs one ring message per shard, not per member.
-pub fn split_by_shard(n: usize, users: impl IntoIterator<Item = String>) -> Vec<Arc<[String]>> {
-    let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); n];
+pub fn split_by_shard(n: usize, users: impl IntoIterator<Item = UserId>) -> Vec<Arc<[UserId]>> {
+    let mut by_shard: Vec<Vec<UserId>> = vec![Vec::new(); n];
     for u in users {
         by_shard[crate::shard::shard_of_user(&u, n)].push(u);
     }
@@ -158,7 +158,10 @@ pub fn handle_send(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
     }
     let assigned = with_conv(shard, &cmd.conv_id, |c| {
         let members = match (&c.group, cmd.conv_type) {
-            (_, ConvType::P2p) => Rc::new(split_by_shard(shard.n, cmd.members.iter().cloned())),
+            (_, ConvType::P2p) => Rc::new(split_by_shard(
+                shard.n,
+                cmd.members.iter().map(|m| UserId::from(m.as_str())),
+            )),
             (Some(g), _) if g.is_member(&cmd.sender) => g.by_shard.clone(),
             (Some(_), _) => return Err(ApiError::Forbidden("not a member of this group")),
             (None, _) => return Err(ApiError::NotFound("no such group")),
@@ -405,16 +408,19 @@ fn check_member(
     }
 }
 
-/// Members who receive a conversation's notices.
-fn members_of(shard: &Shard, conv_id: &str, conv: &ConvRef<'_>) -> Rc<Vec<String>> {
+/// Members who receive a conversation's notices, by owner shard.
+fn members_of(shard: &Shard, conv_id: &str, conv: &ConvRef<'_>) -> ByShard {
     match conv {
-        ConvRef::P2p { a, b } => Rc::new(vec![a.to_string(), b.to_string()]),
-        ConvRef::Group { .. } => {
-            with_conv(shard, conv_id, |c| c.group.as_ref().map(|g| g.list.clone()))
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-        }
+        ConvRef::P2p { a, b } => Rc::new(split_by_shard(
+            shard.n,
+            [UserId::from(*a), UserId::from(*b)],
+        )),
+        ConvRef::Group { .. } => with_conv(shard, conv_id, |c| {
+            c.group.as_ref().map(|g| g.by_shard.clone())
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_default(),
     }
 }
 
@@ -523,19 +529,16 @@ pub fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
     });
 }
 
-/// Sends a notice frame to every member's shard (one message per shard).
-pub fn notify_members(shard: &Rc<Shard>, frame: Bytes, members: &[String]) {
-    let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); shard.n];
-    for m in members {
-        by_shard[shard.user_shard(m)].push(m.clone());
-    }
-    for (target, users) in by_shard.into_iter().enumerate() {
+/// Sends a notice frame to every member's shard (one message per shard, the member
+/// lists shared by reference).
+pub fn notify_members(shard: &Rc<Shard>, frame: Bytes, members: &ByShard) {
+    for (target, users) in members.iter().enumerate() {
         if !users.is_empty() {
             shard.post(
                 target,
                 ShardMsg::Notify(Box::new(Notice {
                     frame: frame.clone(),
-                    users,
+                    users: Recipients::all(users.clone()),
                 })),
             );
         }

@@ -95,6 +95,7 @@ pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<B
             })
             .await;
     }
+    user::take_tokens(shard, &caller.user, cost(&body))?;
     match body {
         Body::Send(req) => send(shard, caller, req).await,
         Body::Pull(req) => pull(shard, caller, req).await,
@@ -113,6 +114,30 @@ pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<B
         Body::PushAck(_) => Ok(Bytes::new()),
         Body::CreateGroup(req) => create_group(shard, caller, req).await,
         Body::UpdateMembers(req) => update_members(shard, caller, req).await,
+    }
+}
+
+/// What an operation takes from the caller's request budget (`rate_limit` tokens per
+/// second): one for a message operation, more for what reads or writes much.
+pub fn cost(body: &Body) -> u32 {
+    /// Member ids one token pays for in group changes.
+    const IDS_PER_TOKEN: usize = 100;
+    match body {
+        Body::Heartbeat(_) | Body::PushAck(_) => 0,
+        Body::Send(_)
+        | Body::Pull(_)
+        | Body::GetByIds(_)
+        | Body::Recall(_)
+        | Body::GetConversations(_)
+        | Body::MarkRead(_)
+        | Body::DeleteConversation(_)
+        | Body::UpdateSettings(_) => 1,
+        Body::GetUnread(_) => 5,
+        Body::CreateGroup(r) => 5 + (r.members.len() / IDS_PER_TOKEN) as u32,
+        Body::UpdateMembers(r) => {
+            let ids = r.add.len() + r.remove.len() + r.add_admins.len();
+            5 + (ids / IDS_PER_TOKEN) as u32
+        }
     }
 }
 
@@ -169,7 +194,6 @@ async fn send(
         ConvType::Group => (ids::group_conv_id(&req.target), Vec::new()),
         ConvType::Unspecified => return Err(ApiError::invalid("conv_type must be P2P or GROUP")),
     };
-    user::take_send_token(shard, &caller.user)?;
     let cmd = SendCmd {
         conv_id,
         conv_type,
@@ -335,6 +359,9 @@ async fn create_group(
     if !members.contains(&caller.user) {
         members.push(caller.user.clone());
     }
+    user::check_groups_owned(shard, &caller.user)?;
+    let named = members.iter().filter(|m| **m != caller.user).count();
+    user::take_member_quota(shard, &caller.user, named)?;
     let cmd = group::CreateGroupCmd {
         conv_id: ids::group_conv_id(&group_id),
         group_id,
@@ -378,6 +405,7 @@ async fn update_members(
         remove: unique_ids("remove", req.remove)?,
         add_admins: unique_ids("add_admins", req.add_admins)?,
     };
+    user::take_member_quota(shard, &caller.user, cmd.add.len())?;
     let target = shard.conv_shard(&cmd.conv_id);
     shard
         .call(target, |reply| ShardMsg::UpdateMembers {
