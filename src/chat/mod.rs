@@ -62,6 +62,9 @@ pub struct PullCmd {
     pub backward: bool,
     /// The caller's clear_seq: nothing at or below it is returned.
     pub clear_seq: i64,
+    /// Stop adding messages once they hold this many bytes (at least one is returned):
+    /// the reply must fit the caller's outbound queue ([`limits::reply_budget`]).
+    pub max_bytes: usize,
 }
 
 /// Messages by id, for the conversation's shard.
@@ -71,6 +74,9 @@ pub struct ByIdsCmd {
     pub user: String,
     pub msg_ids: Vec<String>,
     pub clear_seq: i64,
+    /// Stop before the message that would pass this many bytes (at least one is
+    /// returned); see [`limits::reply_budget`].
+    pub max_bytes: usize,
 }
 
 /// A recall, for the conversation's shard.
@@ -215,6 +221,7 @@ async fn pull(
         limit,
         backward: direction == PullDirection::Backward,
         clear_seq,
+        max_bytes: limits::reply_budget(shard.cfg.outbound_queue_bytes),
     };
     let target = shard.conv_shard(&cmd.conv_id);
     shard
@@ -262,6 +269,7 @@ async fn by_ids(
         user: caller.user.clone(),
         msg_ids: req.msg_ids,
         clear_seq,
+        max_bytes: limits::reply_budget(shard.cfg.outbound_queue_bytes),
     };
     let target = shard.conv_shard(&cmd.conv_id);
     shard
