@@ -200,3 +200,91 @@ fn get_unread_stays_within_the_budget_and_says_has_more() {
     assert!(!unread.has_more);
     assert_eq!(unread.conversations.len(), 1);
 }
+
+/// Sum of the series of `/metrics` whose line starts with `prefix`.
+fn series_sum(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("bad line {l}"))
+        })
+        .sum()
+}
+
+#[test]
+fn metrics_show_latency_refusals_cuts_and_shards() {
+    let server = Server::start(2, &["--rate-limit", "1"]);
+    let (a, b) = users_on_shards(2, "metrics", false);
+    let mut c = server.connect(&a, "d");
+    let codes: Vec<i32> = (0..6)
+        .map(|i| {
+            c.send_p2p(&b, &format!("m{i}"), "{}")
+                .map_or_else(|e| e, |_| 0)
+        })
+        .collect();
+    assert!(codes.contains(&0) && codes.contains(&42901), "{codes:?}");
+    let conv = p2p_conv_id(&a, &b);
+    c.pull(&conv, 0, 10, PullDirection::Forward).expect("pull");
+
+    // Cuts: the same device again replaces the first; a text frame is refused.
+    let mut again = server.connect(&a, "d");
+    assert!(c.next_of("KICKOUT").is_some());
+    again
+        .ws
+        .send(tungstenite::Message::text("hello"))
+        .expect("send text");
+    while again.read_envelope().is_some() {}
+
+    let (status, m) = server.http("GET", "/metrics", None, "").expect("metrics");
+    assert_eq!(status, 200);
+    for s in 0..2 {
+        assert!(
+            m.lines()
+                .any(|l| l == format!("imshard_shard_up{{shard=\"{s}\"}} 1")),
+            "{m}"
+        );
+    }
+    assert!(m.contains("# TYPE imshard_request_duration_seconds histogram"));
+    let sends = series_sum(&m, "imshard_request_duration_seconds_count{shard=\"");
+    assert!(sends >= 7.0, "6 sends and a pull were measured: {m}");
+    let send_inf: f64 = (0..2)
+        .map(|s| {
+            series_sum(
+                &m,
+                &format!(
+                    "imshard_request_duration_seconds_bucket{{shard=\"{s}\",op=\"send\",le=\"+Inf\"}}"
+                ),
+            )
+        })
+        .sum();
+    assert_eq!(send_inf, 6.0, "{m}");
+    let refused = series_sum(&m, "imshard_refusals_total{shard=\"0\",code=\"42901\"}")
+        + series_sum(&m, "imshard_refusals_total{shard=\"1\",code=\"42901\"}");
+    let refused_sends = codes.iter().filter(|&&c| c == 42901).count();
+    assert_eq!(refused, refused_sends as f64, "{m}");
+    let cut = |reason: &str| -> f64 {
+        (0..2)
+            .map(|s| {
+                series_sum(
+                    &m,
+                    &format!("imshard_connection_cuts_total{{shard=\"{s}\",reason=\"{reason}\"}}"),
+                )
+            })
+            .sum()
+    };
+    assert_eq!(cut("replaced"), 1.0, "{m}");
+    assert_eq!(cut("text_frame"), 1.0, "{m}");
+    assert_eq!(cut("slow_reader"), 0.0, "{m}");
+    assert!(series_sum(&m, "imshard_store_round_seconds_count{") >= 1.0);
+    for gauge in [
+        "imshard_ring_outbox_backlog{shard=\"1\"}",
+        "imshard_ring_queued{shard=\"0\"}",
+        "imshard_store_waiting_writes{shard=\"1\"}",
+    ] {
+        assert!(m.lines().any(|l| l.starts_with(gauge)), "{gauge}: {m}");
+    }
+}

@@ -88,7 +88,8 @@ pub struct RecallCmd {
 }
 
 /// Runs one client operation on the caller's user shard. Returns the encoded
-/// XxxResponse for the RESPONSE envelope (or the HTTP JSON reply).
+/// XxxResponse for the RESPONSE envelope (or the HTTP JSON reply). Its latency and any
+/// refusal are recorded there, for /metrics.
 pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<Bytes, ApiError> {
     let owner = shard.user_shard(&caller.user);
     if owner != shard.id {
@@ -101,6 +102,16 @@ pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<B
             })
             .await;
     }
+    let op = crate::metrics::Op::of(&body);
+    let started = std::time::Instant::now();
+    let result = run(shard, caller, body).await;
+    let micros = started.elapsed().as_micros() as u64;
+    shard.counters.recorded.request(op, micros, &result);
+    result
+}
+
+/// Runs one operation on the caller's user shard (this shard).
+async fn run(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<Bytes, ApiError> {
     match body {
         Body::Send(req) => send(shard, caller, req).await,
         Body::Pull(req) => pull(shard, caller, req).await,

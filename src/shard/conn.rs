@@ -92,6 +92,9 @@ impl Conn {
         if self.phase.get() != Phase::Open {
             return;
         }
+        shard
+            .counters
+            .cut(crate::metrics::Cut::of(code, kick_reason));
         if let Some(reason) = kick_reason {
             self.send(shard, envelope::kickout_frame(reason));
         }

@@ -88,6 +88,15 @@ pub struct Counters {
     pub pushes: Cell<u64>,
     pub slow_reader_cuts: Cell<u64>,
     pub heartbeat_timeouts: Cell<u64>,
+    /// Latency histograms, refusals by code, cuts by reason.
+    pub recorded: crate::metrics::Recorded,
+}
+
+impl Counters {
+    /// Counts a connection the server closes (one call per close frame it sends).
+    pub fn cut(&self, why: crate::metrics::Cut) {
+        self.recorded.cut(why);
+    }
 }
 
 /// One shard's state. Only its own thread touches it; every field says what it owns.
@@ -249,11 +258,7 @@ impl Shard {
             }
             ShardMsg::Ping { reply } => self.reply(reply, Ok(bytes::Bytes::new())),
             ShardMsg::Metrics { reply } => {
-                let body: Vec<u8> = crate::api::metric_values(self)
-                    .iter()
-                    .flat_map(|v| v.to_be_bytes())
-                    .collect();
-                self.reply(reply, Ok(body.into()));
+                self.reply(reply, Ok(crate::metrics::snapshot(self).encode()));
             }
             ShardMsg::Reply { token, reply } => {
                 if let Some(tx) = self.calls.borrow_mut().remove(&token) {

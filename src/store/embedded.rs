@@ -26,6 +26,7 @@ use local_sync::oneshot;
 use prost::Message;
 
 use super::{keys, StoreError};
+use crate::metrics::{AtomicHistogram, HistogramSnapshot};
 use crate::proto::pb::MsgItem;
 use crate::proto::store_pb::{ConvRow, DedupeRecord, GroupMeta, MemberRecord};
 use crate::shard::doorbell::Bell;
@@ -99,6 +100,8 @@ struct SyncShared {
     rounds: AtomicU64,
     slow_rounds: AtomicU64,
     round_micros: AtomicU64,
+    /// Duration of each round, for /metrics.
+    round_histogram: AtomicHistogram,
     /// Highest batch id reported (durable or failed); lets the loop skip empty wakes.
     reported: AtomicU64,
 }
@@ -150,6 +153,7 @@ impl ShardStore {
             bell,
             rounds: AtomicU64::new(0),
             slow_rounds: AtomicU64::new(0),
+            round_histogram: AtomicHistogram::default(),
             round_micros: AtomicU64::new(0),
             reported: AtomicU64::new(0),
         });
@@ -222,6 +226,16 @@ impl ShardStore {
             s.slow_rounds.load(Ordering::Relaxed),
             s.round_micros.load(Ordering::Relaxed),
         )
+    }
+
+    /// The durations of the sync rounds so far.
+    pub fn round_histogram(&self) -> HistogramSnapshot {
+        self.shared.round_histogram.snapshot()
+    }
+
+    /// Callers waiting for staged writes to become durable.
+    pub fn waiting_writes(&self) -> usize {
+        self.waiters.borrow().len()
     }
 
     /// Called by the shard's bell listener on the shard's thread: lets the completion
@@ -632,6 +646,7 @@ fn sync_thread(
         shared
             .round_micros
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        shared.round_histogram.observe(took.as_micros() as u64);
         if took >= std::time::Duration::from_millis(10) {
             shared.slow_rounds.fetch_add(1, Ordering::Relaxed);
         }
