@@ -27,6 +27,11 @@ pub async fn handle(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Vec<u8> {
     }
 }
 
+/// The operators' paths: served only on `admin_listen` when that is set.
+pub fn is_admin_path(path: &str) -> bool {
+    path == "/metrics" || path == "/healthz" || path.starts_with("/api/v1/admin/")
+}
+
 async fn healthz(shard: &Rc<Shard>, ka: bool) -> Vec<u8> {
     let mut pending = Vec::with_capacity(shard.n);
     for target in 0..shard.n {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::auth::{self, SecretSource};
 use crate::config::Config;
+use crate::shard::accept::Port;
 use crate::shard::{accept, conn, ring, Shard};
 use crate::store::{self, ShardStore};
 
@@ -99,7 +100,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             }
         }
     }
-    tracing::info!(listen = %cfg.listen, shards = cfg.shards, data_dir = %cfg.data_dir.display(), "imshard is serving");
+    tracing::info!(listen = %cfg.listen, admin_listen = ?cfg.admin_listen, shards = cfg.shards, data_dir = %cfg.data_dir.display(), "imshard is serving");
     let sig = wait_for_signal();
     tracing::info!(
         signal = sig,
@@ -124,11 +125,18 @@ async fn shard_main(
         Err(e) => return fail(e.to_string()),
     };
     let shard = Shard::new(id, cfg, &secret, store, parts.into_endpoint());
-    let listener = match accept::bind(&shard) {
+    let listener = match accept::bind(shard.cfg.listen) {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {}: {e}", shard.cfg.listen)),
     };
-    monoio::spawn(accept::accept_loop(shard.clone(), listener));
+    monoio::spawn(accept::accept_loop(shard.clone(), listener, Port::Public));
+    if let Some(addr) = shard.cfg.admin_listen {
+        let admin = match accept::bind(addr) {
+            Ok(l) => l,
+            Err(e) => return fail(format!("cannot listen on {addr} (admin): {e}")),
+        };
+        monoio::spawn(accept::accept_loop(shard.clone(), admin, Port::Admin));
+    }
     monoio::spawn(conn::heartbeat_ticker(shard.clone()));
     {
         let shard = shard.clone();

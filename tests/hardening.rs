@@ -288,3 +288,50 @@ fn metrics_show_latency_refusals_cuts_and_shards() {
         assert!(m.lines().any(|l| l.starts_with(gauge)), "{gauge}: {m}");
     }
 }
+
+#[test]
+fn admin_listen_takes_metrics_health_and_admin_api_off_the_public_port() {
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .expect("addr");
+    let admin_flag = admin_addr.to_string();
+    let server = Server::start(2, &["--admin-listen", &admin_flag]);
+    let admin_token = server.admin_token();
+    let user_token = server.token("alice", "d");
+    let get = |addr, path: &str, token: Option<&str>| {
+        common::http_raw(addr, "GET", path, token, "", &[]).expect("http")
+    };
+
+    // The public port no longer serves the operators' paths.
+    for path in ["/metrics", "/healthz", "/api/v1/admin/presence?uuids=alice"] {
+        let (status, body) = get(server.addr, path, Some(&admin_token));
+        assert_eq!(status, 404, "{path} on the public port: {body}");
+    }
+    // It still serves clients: the JSON API and WebSocket.
+    let (status, body) = get(server.addr, "/api/v1/auth/conversations", Some(&user_token));
+    assert_eq!(status, 200, "{body}");
+    let mut c = server.connect("alice", "d");
+    assert_not_kicked(&mut c);
+
+    // The admin port serves exactly those paths.
+    let (status, body) = get(admin_addr, "/healthz", None);
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, body) = get(admin_addr, "/metrics", None);
+    assert_eq!(status, 200);
+    assert!(body.contains("imshard_shard_up{shard=\"1\"} 1"), "{body}");
+    let (status, body) = get(
+        admin_addr,
+        "/api/v1/admin/presence?uuids=alice",
+        Some(&admin_token),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("alice"), "{body}");
+    let (status, _) = get(admin_addr, "/api/v1/auth/conversations", Some(&user_token));
+    assert_eq!(status, 404);
+    let (status, _) = get(
+        admin_addr,
+        &format!("/ws?token={user_token}"),
+        Some(&user_token),
+    );
+    assert_eq!(status, 404, "no WebSocket on the admin port");
+}
