@@ -335,3 +335,41 @@ fn admin_listen_takes_metrics_health_and_admin_api_off_the_public_port() {
     );
     assert_eq!(status, 404, "no WebSocket on the admin port");
 }
+
+#[test]
+fn conversation_pages_end_at_the_budget() {
+    let server = Server::start(2, &["--rate-limit", "0"]);
+    let mut c = server.connect("convbudget", "d");
+    let targets: Vec<String> = (0..40).map(|i| format!("peer{i}")).collect();
+    for t in &targets {
+        send_big(&mut c, t, 1, BIG);
+    }
+    let mut seen = Vec::new();
+    let mut cursor = 0;
+    let mut pages = 0;
+    loop {
+        let page: pb::GetConversationsResponse = ok(c.request(Body::GetConversations(
+            pb::GetConversationsRequest {
+                updated_since: 0,
+                page_size: 200,
+                cursor,
+            },
+        )));
+        assert!(!page.conversations.is_empty());
+        pages += 1;
+        seen.extend(page.conversations.iter().map(|i| i.conv_id.clone()));
+        cursor = page.next_cursor;
+        if !page.has_more {
+            break;
+        }
+    }
+    assert!(pages > 1, "40 last messages of 60 KiB do not fit one reply");
+    seen.sort();
+    let mut want: Vec<String> = targets
+        .iter()
+        .map(|t| p2p_conv_id("convbudget", t))
+        .collect();
+    want.sort();
+    assert_eq!(seen, want, "every conversation once");
+    assert_not_kicked(&mut c);
+}

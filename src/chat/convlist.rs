@@ -128,7 +128,18 @@ pub async fn get_conversations(
         .filter(|i| i.updated_at > req.updated_since)
         .filter(|i| req.cursor == 0 || i.updated_at < req.cursor)
         .collect();
-    let mut end = items.len().min(page_size);
+    // Items carry their last message (up to max_content_bytes each): the page also
+    // ends at the reply budget, so 200 of them never cut the caller as a slow reader.
+    let budget = limits::reply_budget(shard.cfg.outbound_queue_bytes);
+    let mut end = 0;
+    let mut bytes = 0;
+    while end < items.len().min(page_size) {
+        bytes += items[end].encoded_len();
+        if end > 0 && bytes > budget {
+            break;
+        }
+        end += 1;
+    }
     while end > 0 && end < items.len() && items[end].updated_at == items[end - 1].updated_at {
         end += 1;
     }
