@@ -29,6 +29,9 @@ pub enum ApiError {
     Internal(String),
     /// 50301: the store did not accept the write; nothing was stored.
     StoreUnavailable(String),
+    /// 50301: the server cannot take this now (at `max_connections`, shutting down);
+    /// nothing was done. Retry later, elsewhere if there is another node.
+    Unavailable(&'static str),
 }
 
 pub const OK: i32 = 0;
@@ -50,7 +53,7 @@ impl ApiError {
             ApiError::ContentRejected => 42202,
             ApiError::RateLimited => 42901,
             ApiError::Internal(_) => 50001,
-            ApiError::StoreUnavailable(_) => 50301,
+            ApiError::StoreUnavailable(_) | ApiError::Unavailable(_) => 50301,
         }
     }
 
@@ -61,7 +64,10 @@ impl ApiError {
 
     /// Whether the same request may succeed if sent again unchanged.
     pub fn retryable(&self) -> bool {
-        matches!(self, ApiError::RateLimited | ApiError::StoreUnavailable(_))
+        matches!(
+            self,
+            ApiError::RateLimited | ApiError::StoreUnavailable(_) | ApiError::Unavailable(_)
+        )
     }
 }
 
@@ -80,6 +86,7 @@ impl fmt::Display for ApiError {
             ApiError::RateLimited => f.write_str("rate limited"),
             ApiError::Internal(w) => write!(f, "internal error: {w}"),
             ApiError::StoreUnavailable(w) => write!(f, "store unavailable: {w}"),
+            ApiError::Unavailable(w) => write!(f, "unavailable: {w}"),
         }
     }
 }
@@ -98,8 +105,14 @@ pub mod close {
     pub const UNSUPPORTED_DATA: u16 = 1003;
     /// Invalid payload: a binary frame that is not a ClientFrame and has no readable req_id.
     pub const INVALID_PAYLOAD: u16 = 1007;
+    /// Policy violation: a started message did not complete within `frame_timeout`.
+    /// Send each message promptly once its first byte is out.
+    pub const POLICY_VIOLATION: u16 = 1008;
     /// Message too big: over `max_frame_bytes`.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// Try again later: the shard holds too many unfinished incoming messages
+    /// (`frame_memory_bytes`). Reconnect after a short back-off.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// Kicked (replaced, admin kick) or cut as a slow reader. Reconnect only if the
     /// KICKOUT reason allows (not after `replaced` on the same device).
     pub const KICKED: u16 = 4000;

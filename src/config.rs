@@ -16,7 +16,13 @@
 //! | blocked_words | --blocked-words | IMSHARD_BLOCKED_WORDS | (none) | comma-separated words the content filter looks for |
 //! | filter_mode | --filter-mode | IMSHARD_FILTER_MODE | reject | `reject` (42202) or `mask` (replace with `*`) |
 //! | outbound_queue_bytes | --outbound-queue-bytes | IMSHARD_OUTBOUND_QUEUE_BYTES | 4194304 | a connection whose unsent bytes pass this is cut (slow reader) |
-//! | max_connections | --max-connections | IMSHARD_MAX_CONNECTIONS | 1000000 | start-up warns when the open-files limit cannot hold this |
+//! | max_connections | --max-connections | IMSHARD_MAX_CONNECTIONS | 1000000 | upgrades past this many open connections get HTTP 503; start-up warns when the open-files limit cannot hold it |
+//! | frame_timeout | --frame-timeout | IMSHARD_FRAME_TIMEOUT | 10s | a started WebSocket message must complete within this (else close 1008) |
+//! | frame_memory_bytes | --frame-memory-bytes | IMSHARD_FRAME_MEMORY_BYTES | 134217728 | per shard: bytes of unfinished incoming messages held at once; a connection that would pass it is closed (1013) |
+//! | max_requests_in_flight | --max-requests-in-flight | IMSHARD_MAX_REQUESTS_IN_FLIGHT | 64 | per connection: requests being served at once; past it the connection is not read until one finishes |
+//! | max_groups_owned | --max-groups-owned | IMSHARD_MAX_GROUPS_OWNED | 1000 | groups one user may create (40301 past it; 0 = no limit) |
+//! | members_added_per_hour | --members-added-per-hour | IMSHARD_MEMBERS_ADDED_PER_HOUR | 200000 | member ids one user may name in creates and adds per hour (42901 past it; 0 = no limit) |
+//! | shutdown_grace | --shutdown-grace | IMSHARD_SHUTDOWN_GRACE | 5s | on SIGTERM/SIGINT: how long to answer in-flight requests and spread the close frames |
 //! | log | --log | IMSHARD_LOG | info,fjall=warn,lsm_tree=warn | tracing filter (e.g. `info,imshard=debug`) |
 //!
 //! Durations are written `90s`, `2m`, `1h`, `1d`, `250ms` or a number of seconds.
@@ -87,6 +93,18 @@ pub struct ServeArgs {
     pub outbound_queue_bytes: Option<usize>,
     #[arg(long, env = "IMSHARD_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    #[arg(long, env = "IMSHARD_FRAME_TIMEOUT", value_parser = parse_duration)]
+    pub frame_timeout: Option<Duration>,
+    #[arg(long, env = "IMSHARD_FRAME_MEMORY_BYTES")]
+    pub frame_memory_bytes: Option<usize>,
+    #[arg(long, env = "IMSHARD_MAX_REQUESTS_IN_FLIGHT")]
+    pub max_requests_in_flight: Option<u16>,
+    #[arg(long, env = "IMSHARD_MAX_GROUPS_OWNED")]
+    pub max_groups_owned: Option<u32>,
+    #[arg(long, env = "IMSHARD_MEMBERS_ADDED_PER_HOUR")]
+    pub members_added_per_hour: Option<u32>,
+    #[arg(long, env = "IMSHARD_SHUTDOWN_GRACE", value_parser = parse_duration)]
+    pub shutdown_grace: Option<Duration>,
     #[arg(long, env = "IMSHARD_LOG")]
     pub log: Option<String>,
 }
@@ -139,6 +157,14 @@ struct FileConfig {
     filter_mode: Option<FilterMode>,
     outbound_queue_bytes: Option<usize>,
     max_connections: Option<usize>,
+    #[serde(default, deserialize_with = "de_duration")]
+    frame_timeout: Option<Duration>,
+    frame_memory_bytes: Option<usize>,
+    max_requests_in_flight: Option<u16>,
+    max_groups_owned: Option<u32>,
+    members_added_per_hour: Option<u32>,
+    #[serde(default, deserialize_with = "de_duration")]
+    shutdown_grace: Option<Duration>,
     log: Option<String>,
 }
 
@@ -160,6 +186,12 @@ pub struct Config {
     pub filter_mode: FilterMode,
     pub outbound_queue_bytes: usize,
     pub max_connections: usize,
+    pub frame_timeout: Duration,
+    pub frame_memory_bytes: usize,
+    pub max_requests_in_flight: u16,
+    pub max_groups_owned: u32,
+    pub members_added_per_hour: u32,
+    pub shutdown_grace: Duration,
     pub log: String,
 }
 
@@ -182,6 +214,12 @@ impl Default for Config {
             filter_mode: FilterMode::Reject,
             outbound_queue_bytes: 4 << 20,
             max_connections: 1_000_000,
+            frame_timeout: Duration::from_secs(10),
+            frame_memory_bytes: 128 << 20,
+            max_requests_in_flight: 64,
+            max_groups_owned: 1000,
+            members_added_per_hour: 200_000,
+            shutdown_grace: Duration::from_secs(5),
             log: "info,fjall=warn,lsm_tree=warn".to_string(),
         }
     }
@@ -267,6 +305,30 @@ impl Config {
                 .max_connections
                 .or(f.max_connections)
                 .unwrap_or(d.max_connections),
+            frame_timeout: a
+                .frame_timeout
+                .or(f.frame_timeout)
+                .unwrap_or(d.frame_timeout),
+            frame_memory_bytes: a
+                .frame_memory_bytes
+                .or(f.frame_memory_bytes)
+                .unwrap_or(d.frame_memory_bytes),
+            max_requests_in_flight: a
+                .max_requests_in_flight
+                .or(f.max_requests_in_flight)
+                .unwrap_or(d.max_requests_in_flight),
+            max_groups_owned: a
+                .max_groups_owned
+                .or(f.max_groups_owned)
+                .unwrap_or(d.max_groups_owned),
+            members_added_per_hour: a
+                .members_added_per_hour
+                .or(f.members_added_per_hour)
+                .unwrap_or(d.members_added_per_hour),
+            shutdown_grace: a
+                .shutdown_grace
+                .or(f.shutdown_grace)
+                .unwrap_or(d.shutdown_grace),
             log: a.log.clone().or(f.log).unwrap_or(d.log),
         };
         c.validate()?;
@@ -311,6 +373,18 @@ impl Config {
                     self.listen
                 ));
             }
+        }
+        if self.frame_timeout < Duration::from_secs(1) {
+            return bad("frame_timeout must be at least 1s".into());
+        }
+        if self.frame_memory_bytes < self.max_frame_bytes {
+            return bad("frame_memory_bytes must be at least max_frame_bytes".into());
+        }
+        if self.max_requests_in_flight == 0 {
+            return bad("max_requests_in_flight must be at least 1".into());
+        }
+        if self.shutdown_grace > Duration::from_secs(600) {
+            return bad("shutdown_grace must be at most 10m".into());
         }
         if matches!(&self.jwt_secret, Some(s) if s.len() < 16) {
             return bad("jwt_secret must be at least 16 bytes".into());

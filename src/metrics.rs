@@ -99,19 +99,36 @@ pub enum Op {
 
 impl Op {
     pub const COUNT: usize = 11;
-    pub const LABELS: [&'static str; Op::COUNT] = [
-        "send",
-        "pull",
-        "by_ids",
-        "recall",
-        "get_conversations",
-        "mark_read",
-        "delete",
-        "update_settings",
-        "get_unread",
-        "create_group",
-        "update_members",
+    /// Every operation, in slot order (`ALL[i] as usize == i`).
+    pub const ALL: [Op; Op::COUNT] = [
+        Op::Send,
+        Op::Pull,
+        Op::ByIds,
+        Op::Recall,
+        Op::GetConversations,
+        Op::MarkRead,
+        Op::Delete,
+        Op::UpdateSettings,
+        Op::GetUnread,
+        Op::CreateGroup,
+        Op::UpdateMembers,
     ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Op::Send => "send",
+            Op::Pull => "pull",
+            Op::ByIds => "by_ids",
+            Op::Recall => "recall",
+            Op::GetConversations => "get_conversations",
+            Op::MarkRead => "mark_read",
+            Op::Delete => "delete",
+            Op::UpdateSettings => "update_settings",
+            Op::GetUnread => "get_unread",
+            Op::CreateGroup => "create_group",
+            Op::UpdateMembers => "update_members",
+        }
+    }
 
     /// The measured operation of a request; heartbeats and push acks are not measured.
     pub fn of(body: &Body) -> Option<Op> {
@@ -151,6 +168,8 @@ fn refusal_slot(code: i32) -> usize {
 pub enum Cut {
     SlowReader,
     Heartbeat,
+    /// Close 1001 sent while the shard drains for a graceful shutdown.
+    Shutdown,
     Replaced,
     Admin,
     /// The client sent a close frame; the server answered it.
@@ -158,37 +177,67 @@ pub enum Cut {
     ProtocolError,
     TextFrame,
     InvalidPayload,
+    /// A started message did not complete within `frame_timeout` (1008).
+    FrameTimeout,
     TooBig,
+    /// The shard held too many unfinished incoming messages (1013).
+    TryAgainLater,
     Other,
 }
 
 impl Cut {
-    pub const COUNT: usize = 10;
-    pub const LABELS: [&'static str; Cut::COUNT] = [
-        "slow_reader",
-        "heartbeat",
-        "replaced",
-        "admin",
-        "client_close",
-        "protocol_error",
-        "text_frame",
-        "invalid_payload",
-        "too_big",
-        "other",
+    pub const COUNT: usize = 13;
+    /// Every reason, in slot order (`ALL[i] as usize == i`).
+    pub const ALL: [Cut; Cut::COUNT] = [
+        Cut::SlowReader,
+        Cut::Heartbeat,
+        Cut::Shutdown,
+        Cut::Replaced,
+        Cut::Admin,
+        Cut::ClientClose,
+        Cut::ProtocolError,
+        Cut::TextFrame,
+        Cut::InvalidPayload,
+        Cut::FrameTimeout,
+        Cut::TooBig,
+        Cut::TryAgainLater,
+        Cut::Other,
     ];
 
-    /// The reason of a close frame with `code` (and the KICKOUT reason, if any).
-    pub fn of(code: u16, kick_reason: Option<&str>) -> Cut {
+    pub fn label(self) -> &'static str {
+        match self {
+            Cut::SlowReader => "slow_reader",
+            Cut::Heartbeat => "heartbeat",
+            Cut::Shutdown => "shutdown",
+            Cut::Replaced => "replaced",
+            Cut::Admin => "admin",
+            Cut::ClientClose => "client_close",
+            Cut::ProtocolError => "protocol_error",
+            Cut::TextFrame => "text_frame",
+            Cut::InvalidPayload => "invalid_payload",
+            Cut::FrameTimeout => "frame_timeout",
+            Cut::TooBig => "too_big",
+            Cut::TryAgainLater => "try_again_later",
+            Cut::Other => "other",
+        }
+    }
+
+    /// The reason of a close frame with `code` (and the KICKOUT reason, if any), sent
+    /// while the shard is `draining` for shutdown or not.
+    pub fn of(code: u16, kick_reason: Option<&str>, draining: bool) -> Cut {
         match (code, kick_reason) {
             (close::KICKED, Some(kick::SLOW_READER)) => Cut::SlowReader,
             (close::KICKED, Some(kick::REPLACED)) => Cut::Replaced,
             (close::KICKED, Some(kick::ADMIN)) => Cut::Admin,
+            (close::GOING_AWAY, _) if draining => Cut::Shutdown,
             (close::GOING_AWAY, _) => Cut::Heartbeat,
             (close::NORMAL, _) => Cut::ClientClose,
             (close::PROTOCOL_ERROR, _) => Cut::ProtocolError,
             (close::UNSUPPORTED_DATA, _) => Cut::TextFrame,
             (close::INVALID_PAYLOAD, _) => Cut::InvalidPayload,
+            (close::POLICY_VIOLATION, _) => Cut::FrameTimeout,
             (close::MESSAGE_TOO_BIG, _) => Cut::TooBig,
+            (close::TRY_AGAIN_LATER, _) => Cut::TryAgainLater,
             _ => Cut::Other,
         }
     }
@@ -397,8 +446,9 @@ pub fn render(counters: &[(&str, &str, &str)], shards: &[Option<ShardMetrics>]) 
         "client operations from start to answer, on the user's shard",
     );
     for (s, m) in answered() {
-        for (op, h) in Op::LABELS.iter().zip(&m.op_latency) {
-            histogram(&mut out, name, &format!("shard=\"{s}\",op=\"{op}\""), h);
+        for (op, h) in Op::ALL.iter().zip(&m.op_latency) {
+            let labels = format!("shard=\"{s}\",op=\"{}\"", op.label());
+            histogram(&mut out, name, &labels, h);
         }
     }
     let name = "imshard_store_round_seconds";
@@ -432,7 +482,8 @@ pub fn render(counters: &[(&str, &str, &str)], shards: &[Option<ShardMetrics>]) 
         "connections the server closed (sent a close frame), by reason",
     );
     for (s, m) in answered() {
-        for (reason, n) in Cut::LABELS.iter().zip(m.cuts) {
+        for (why, n) in Cut::ALL.iter().zip(m.cuts) {
+            let reason = why.label();
             let _ = writeln!(out, "{name}{{shard=\"{s}\",reason=\"{reason}\"}} {n}");
         }
     }
@@ -465,6 +516,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn slots_follow_the_enums() {
+        assert!(Op::ALL.iter().enumerate().all(|(i, op)| *op as usize == i));
+        assert!(Cut::ALL.iter().enumerate().all(|(i, c)| *c as usize == i));
+    }
+
+    #[test]
     fn buckets_are_upper_bounds() {
         assert_eq!(slot_of(0), 0);
         assert_eq!(slot_of(100), 0);
@@ -478,7 +535,9 @@ mod tests {
         let rec = Recorded::default();
         rec.request(Some(Op::Pull), 300, &Ok(()));
         rec.request::<()>(Some(Op::Pull), 3_000_000, &Err(ApiError::RateLimited));
-        rec.cut(Cut::of(close::KICKED, Some(kick::SLOW_READER)));
+        rec.cut(Cut::of(close::KICKED, Some(kick::SLOW_READER), false));
+        assert_eq!(Cut::of(close::GOING_AWAY, None, true), Cut::Shutdown);
+        assert_eq!(Cut::of(close::GOING_AWAY, None, false), Cut::Heartbeat);
         let m = ShardMetrics {
             counters: vec![7, 8],
             outbox_backlog: 1,

@@ -74,6 +74,11 @@ pub(crate) struct FanoutJob {
 }
 
 impl ConvState {
+    /// Fan-out jobs queued behind this conversation.
+    pub fn queued_fanout(&self) -> usize {
+        self.fanout.len()
+    }
+
     /// Callers waiting for in-flight sends (answered with an error on a store reset).
     pub fn into_waiters(self) -> impl Iterator<Item = ReplyTo> {
         self.in_flight.into_values().flatten()
@@ -268,6 +273,7 @@ pub(crate) fn fan_out(
         match convs.get_mut(&job.conv_id) {
             Some(c) if c.fanout_running || recipients(&job.targets) > FANOUT_CHUNK => {
                 c.fanout.push_back(job);
+                shard.fanout_queued.set(shard.fanout_queued.get() + 1);
                 !std::mem::replace(&mut c.fanout_running, true)
             }
             _ => {
@@ -316,7 +322,12 @@ async fn drain_fanout(shard: Rc<Shard>, conv_id: String) {
                 return;
             };
             match c.fanout.pop_front() {
-                Some(j) => j,
+                Some(j) => {
+                    shard
+                        .fanout_queued
+                        .set(shard.fanout_queued.get().saturating_sub(1));
+                    j
+                }
                 None => {
                     c.fanout_running = false;
                     return;
@@ -328,6 +339,8 @@ async fn drain_fanout(shard: Rc<Shard>, conv_id: String) {
                 let users = Recipients::range(list.clone(), start, start + FANOUT_CHUNK);
                 deliver(&shard, &job, target, users);
                 crate::shard::yield_now().await;
+                // A full ring slows the fan-out instead of growing the outbox.
+                shard.ring_room().await;
             }
         }
     }

@@ -51,9 +51,14 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind_with_config(addr, &opts)
 }
 
+/// Accepts until the shard starts draining; then the listener closes.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, port: Port) {
     loop {
-        match listener.accept().await {
+        let accepted = monoio::select! {
+            r = listener.accept() => r,
+            _ = shard.until_draining() => return,
+        };
+        match accepted {
             Ok((stream, _)) => {
                 let _ = stream.set_nodelay(true);
                 monoio::spawn(serve_http(shard.clone(), stream, port));
@@ -138,9 +143,17 @@ async fn serve_http(shard: Rc<Shard>, mut stream: TcpStream, port: Port) {
             upgrade(shard, stream, head, leftover).await;
             return;
         }
-        let keep_alive = head.keep_alive;
+        // The same brake as WebSocket readers: no new work while the shard is behind.
+        // Operators' requests on the admin port skip it: they must see a shard that is
+        // behind.
+        if port == Port::Public {
+            shard.input_allowed().await;
+        }
+        let keep_alive = head.keep_alive && !shard.draining.get();
+        shard.request_started();
         let reply = crate::api::handle(&shard, &head, &body).await;
-        if stream.write_all(reply).await.0.is_err() || !keep_alive {
+        shard.request_finished();
+        if stream.write_all(reply).await.0.is_err() || !keep_alive || shard.draining.get() {
             return;
         }
     }
@@ -195,6 +208,18 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: Head, leftover: 
 fn check_upgrade(shard: &Shard, head: &Head) -> Result<(crate::auth::Claims, String), ApiError> {
     if head.method != "GET" {
         return Err(ApiError::invalid("WebSocket upgrade must be GET"));
+    }
+    if shard.draining.get() {
+        return Err(ApiError::Unavailable("the server is shutting down"));
+    }
+    let open = shard
+        .global
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if open >= shard.cfg.max_connections {
+        return Err(ApiError::Unavailable(
+            "the server is at max_connections; retry later",
+        ));
     }
     let token = head
         .token()

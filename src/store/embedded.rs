@@ -60,6 +60,12 @@ struct Put {
     value: Option<Vec<u8>>,
 }
 
+impl Put {
+    fn size(&self) -> usize {
+        self.key.len() + self.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
 /// Work for the sync thread.
 enum Job {
     Batch {
@@ -121,6 +127,11 @@ pub struct ShardStore {
     shared: Arc<SyncShared>,
     /// Set by a failure until `reset_after_failure`.
     failed: Cell<bool>,
+    /// Batches handed to the sync thread and not yet reported, with their bytes, and
+    /// the sum: the shard's readers pause while it is high (the job channel is bounded
+    /// by that backpressure, not by a capacity that would block the loop).
+    unsynced: RefCell<VecDeque<(u64, usize)>>,
+    unsynced_bytes: Cell<usize>,
 }
 
 impl ShardStore {
@@ -176,6 +187,8 @@ impl ShardStore {
             done,
             shared,
             failed: Cell::new(false),
+            unsynced: RefCell::new(VecDeque::new()),
+            unsynced_bytes: Cell::new(0),
         });
         monoio::spawn(completion_loop(store.clone()));
         Ok(store)
@@ -258,6 +271,11 @@ impl ShardStore {
         }
     }
 
+    /// Bytes handed to the sync thread and not yet durable (or failed).
+    pub fn unsynced_bytes(&self) -> usize {
+        self.unsynced_bytes.get()
+    }
+
     /// Whether a failure is waiting for `reset_after_failure`.
     pub fn has_failed(&self) -> bool {
         self.failed.get()
@@ -270,6 +288,9 @@ impl ShardStore {
         }
         let id = self.staging_id.get();
         self.staging_id.set(id + 1);
+        let bytes: usize = puts.iter().map(Put::size).sum();
+        self.unsynced.borrow_mut().push_back((id, bytes));
+        self.unsynced_bytes.set(self.unsynced_bytes.get() + bytes);
         if self.jobs.send(Job::Batch { id, puts }).is_err() {
             self.fail_upto(id, "sync thread is gone".to_string());
         }
@@ -281,6 +302,17 @@ impl ShardStore {
     }
 
     fn resolve_upto(&self, upto: u64, result: Result<(), StoreError>) {
+        {
+            let mut unsynced = self.unsynced.borrow_mut();
+            while let Some(&(id, bytes)) = unsynced.front() {
+                if id > upto {
+                    break;
+                }
+                unsynced.pop_front();
+                self.unsynced_bytes
+                    .set(self.unsynced_bytes.get().saturating_sub(bytes));
+            }
+        }
         // Taken out first: a callback may stage more writes (or reset the store).
         let ready: Vec<Waiter> = {
             let mut waiters = self.waiters.borrow_mut();
@@ -630,9 +662,13 @@ fn sync_thread(
                     let _ = done.send(Done::Durable { upto: ok_upto });
                 }
                 Err(e) => {
-                    failed = true;
-                    let upto = fail.as_ref().map_or(ok_upto, |f| f.0.max(ok_upto));
-                    fail = Some((upto, format!("fsync: {e}")));
+                    // After a failed fsync the kernel may have dropped the dirty pages:
+                    // a later fsync could "succeed" without the data ("fsyncgate").
+                    // Retrying on the same files is not safe; stop, and let the
+                    // supervisor restart us: recovery replays the journal.
+                    tracing::error!(error = %e, "fsync of the store failed; aborting so that recovery starts from the journal");
+                    eprintln!("imshard: fsync of the store failed ({e}); aborting");
+                    std::process::abort();
                 }
             }
         }

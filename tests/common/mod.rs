@@ -103,6 +103,30 @@ impl Server {
         }
     }
 
+    /// Sends a signal (SIGTERM, SIGINT) to the server process.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("server running").id();
+        // SAFETY: plain kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(pid as i32, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig})");
+    }
+
+    /// Waits (at most `limit`) for the server to exit; its exit status, if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills and starts again on the same data dir and port.
     pub fn restart(&mut self) {
         self.kill9();
