@@ -69,7 +69,8 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 fn heartbeat(c: &mut Client) -> i32 {
-    c.request(Body::Heartbeat(pb::Heartbeat { client_ts: 1 })).code
+    c.request(Body::Heartbeat(pb::Heartbeat { client_ts: 1 }))
+        .code
 }
 
 #[test]
@@ -187,10 +188,7 @@ fn max_connections_is_enforced_with_503() {
 
 #[test]
 fn requests_past_the_in_flight_limit_wait_unread_and_all_get_answers() {
-    let server = Server::start(
-        2,
-        &["--max-requests-in-flight", "2", "--rate-limit", "0"],
-    );
+    let server = Server::start(2, &["--max-requests-in-flight", "2", "--rate-limit", "0"]);
     let (alice, bob) = users_on_shards(2, "pipe", false);
     let mut a = server.connect(&alice, "d");
     let mut burst = Vec::new();
@@ -228,7 +226,8 @@ fn sigterm_answers_closes_with_1001_and_exits_0() {
     let (alice, bob) = users_on_shards(2, "bye", false);
     let mut a = server.connect(&alice, "d");
     let mut b = server.connect(&bob, "d");
-    a.send_p2p(&bob, "c1", "{\"t\":\"last words\"}").expect("send");
+    a.send_p2p(&bob, "c1", "{\"t\":\"last words\"}")
+        .expect("send");
     assert_eq!(b.next_push().map(|m| m.seq), Some(1));
     server.signal(libc::SIGTERM);
     a.set_timeout(Duration::from_secs(15));

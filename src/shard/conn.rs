@@ -292,8 +292,7 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, up: Upgrade) {
     {
         let mut timers = shard.timers.borrow_mut();
         let at = now + timers.timeout();
-        conn.filed_at
-            .set(timers.insert(Rc::downgrade(&conn), at));
+        conn.filed_at.set(timers.insert(Rc::downgrade(&conn), at));
     }
     if let Some(old) = chat::user::register(&shard, &conn) {
         old.close(&shard, close::KICKED, Some(kick::REPLACED));
@@ -543,7 +542,12 @@ impl Input {
 /// frame (or, when the connection has its maximum of requests in flight, the frames
 /// not yet handled). Stops (and drops the rest) at the first frame that closes the
 /// connection. Returns whether a complete message or control frame was handled.
-fn process(shard: &Rc<Shard>, conn: &Rc<Conn>, data: &mut Vec<u8>, asm: &mut ws::Assembler) -> bool {
+fn process(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    data: &mut Vec<u8>,
+    asm: &mut ws::Assembler,
+) -> bool {
     let max = shard.cfg.max_frame_bytes;
     let mut used = 0;
     let mut progressed = false;
