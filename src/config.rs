@@ -45,6 +45,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start-up, so its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
