@@ -4,6 +4,7 @@
 //! | key (TOML) | flag | env | default | meaning |
 //! |---|---|---|---|---|
 //! | listen | --listen | IMSHARD_LISTEN | 0.0.0.0:8080 | address every shard listens on (SO_REUSEPORT) |
+//! | admin_listen | --admin-listen | IMSHARD_ADMIN_LISTEN | (none) | if set: `/metrics`, `/healthz` and `/api/v1/admin/*` are served only here (404 on `listen`), and nothing else is |
 //! | shards | --shards | IMSHARD_SHARDS | number of cores | shard threads, each pinned to a core |
 //! | data_dir | --data-dir | IMSHARD_DATA_DIR | ./data | embedded store, shard count, generated JWT secret |
 //! | heartbeat_timeout | --heartbeat-timeout | IMSHARD_HEARTBEAT_TIMEOUT | 90s | silent connections are closed after this |
@@ -44,6 +45,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start-up, so its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
@@ -70,6 +73,8 @@ pub struct ServeArgs {
     pub common: CommonArgs,
     #[arg(long, env = "IMSHARD_LISTEN")]
     pub listen: Option<SocketAddr>,
+    #[arg(long, env = "IMSHARD_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     #[arg(long, env = "IMSHARD_SHARDS")]
     pub shards: Option<usize>,
     #[arg(long, env = "IMSHARD_HEARTBEAT_TIMEOUT", value_parser = parse_duration)]
@@ -139,6 +144,7 @@ pub enum FilterMode {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
     shards: Option<usize>,
     data_dir: Option<PathBuf>,
     #[serde(default, deserialize_with = "de_duration")]
@@ -168,6 +174,8 @@ struct FileConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The operators' address: metrics, health and admin API move here when set.
+    pub admin_listen: Option<SocketAddr>,
     pub shards: usize,
     pub data_dir: PathBuf,
     pub heartbeat_timeout: Duration,
@@ -193,6 +201,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: None,
             shards: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
@@ -254,6 +263,7 @@ impl Config {
         let d = Config::default();
         let c = Config {
             listen: a.listen.or(f.listen).unwrap_or(d.listen),
+            admin_listen: a.admin_listen.or(f.admin_listen),
             shards: a.shards.or(f.shards).unwrap_or(d.shards),
             data_dir: a
                 .common
@@ -358,6 +368,14 @@ impl Config {
         if self.outbound_queue_bytes < self.max_frame_bytes {
             return bad("outbound_queue_bytes must be at least max_frame_bytes".into());
         }
+        if let Some(admin) = self.admin_listen {
+            if admin.port() == self.listen.port() && admin.port() != 0 {
+                return bad(format!(
+                    "admin_listen ({admin}) must use another port than listen ({})",
+                    self.listen
+                ));
+            }
+        }
         if self.frame_timeout < Duration::from_secs(1) {
             return bad("frame_timeout must be at least 1s".into());
         }
@@ -450,6 +468,15 @@ mod tests {
         assert_eq!(c.shards, 3);
         assert_eq!(c.heartbeat_timeout, Duration::from_secs(30));
         assert_eq!(c.rate_limit, 7);
+        assert_eq!(c.admin_listen, None);
+        std::fs::write(&p, "admin_listen = \"127.0.0.1:9090\"\n").unwrap();
+        let c = Config::from_serve_args(&a).unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        std::fs::write(&p, "admin_listen = \"127.0.0.1:8080\"\n").unwrap();
+        assert!(matches!(
+            Config::from_serve_args(&a),
+            Err(ConfigError::Invalid(..))
+        ));
         std::fs::write(&p, "shard = 3\n").unwrap();
         assert!(matches!(
             Config::from_serve_args(&a),

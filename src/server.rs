@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use crate::auth::{self, SecretSource};
 use crate::config::Config;
+use crate::shard::accept::Port;
 use crate::shard::{accept, conn, ring, shutdown, Global, Shard};
 use crate::store::{self, ShardStore};
 
@@ -121,7 +122,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             }
         }
     }
-    tracing::info!(listen = %cfg.listen, shards = cfg.shards, data_dir = %cfg.data_dir.display(), "imshard is serving");
+    tracing::info!(listen = %cfg.listen, admin_listen = ?cfg.admin_listen, shards = cfg.shards, data_dir = %cfg.data_dir.display(), "imshard is serving");
     let sig = wait_for_signal();
     let grace = cfg.shutdown_grace;
     tracing::info!(
@@ -181,11 +182,18 @@ async fn shard_main(started: Started, parts: ring::EndpointParts) {
         Err(e) => return fail(e.to_string()),
     };
     let shard = Shard::new(id, cfg, &secret, store, parts.into_endpoint(), global);
-    let listener = match accept::bind(&shard) {
+    let listener = match accept::bind(shard.cfg.listen) {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {}: {e}", shard.cfg.listen)),
     };
-    monoio::spawn(accept::accept_loop(shard.clone(), listener));
+    monoio::spawn(accept::accept_loop(shard.clone(), listener, Port::Public));
+    if let Some(addr) = shard.cfg.admin_listen {
+        let admin = match accept::bind(addr) {
+            Ok(l) => l,
+            Err(e) => return fail(format!("cannot listen on {addr} (admin): {e}")),
+        };
+        monoio::spawn(accept::accept_loop(shard.clone(), admin, Port::Admin));
+    }
     monoio::spawn(conn::heartbeat_ticker(shard.clone()));
     {
         let shard = shard.clone();

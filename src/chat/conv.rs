@@ -351,7 +351,8 @@ async fn drain_fanout(shard: Rc<Shard>, conv_id: String) {
 
 /// Answers a pull: FORWARD from anchor_seq + 1 upwards, BACKWARD the `limit` seqs just
 /// below anchor_seq (0 = from the newest); ascending either way; never at or below the
-/// caller's clear_seq, never past what is durable.
+/// caller's clear_seq, never past what is durable. Stops early (with `has_more`) once
+/// the messages reach `pull.max_bytes`, so paging by seq gets the rest.
 pub fn handle_pull(shard: &Rc<Shard>, pull: &PullCmd) -> Result<Bytes, ApiError> {
     let conv = ConvRef::parse(&pull.conv_id)?;
     check_member(shard, &pull.conv_id, &conv, &pull.user)?;
@@ -366,14 +367,19 @@ pub fn handle_pull(shard: &Rc<Shard>, pull: &PullCmd) -> Result<Bytes, ApiError>
         let lo = floor.max(1);
         let msgs = shard
             .store
-            .messages(&pull.conv_id, lo, hi, pull.limit, true)?;
+            .messages(&pull.conv_id, lo, hi, pull.limit, true, pull.max_bytes)?;
         let more = msgs.first().is_some_and(|m| m.seq > lo);
         (msgs, more)
     } else {
         let lo = (pull.anchor_seq + 1).max(floor);
-        let msgs = shard
-            .store
-            .messages(&pull.conv_id, lo, max_seq, pull.limit, false)?;
+        let msgs = shard.store.messages(
+            &pull.conv_id,
+            lo,
+            max_seq,
+            pull.limit,
+            false,
+            pull.max_bytes,
+        )?;
         let more = msgs.last().is_some_and(|m| m.seq < max_seq);
         (msgs, more)
     };
@@ -425,12 +431,15 @@ fn members_of(shard: &Shard, conv_id: &str, conv: &ConvRef<'_>) -> ByShard {
 }
 
 /// Answers messages by msg_id, in request order, skipping unknown ids and anything at
-/// or below the caller's clear_seq.
+/// or below the caller's clear_seq. Stops at the first message that would take the
+/// reply past `cmd.max_bytes` (the first found is always returned): the ids after it
+/// are left out, and the client asks for them again.
 pub fn handle_by_ids(shard: &Rc<Shard>, cmd: &ByIdsCmd) -> Result<Bytes, ApiError> {
     let conv = ConvRef::parse(&cmd.conv_id)?;
     check_member(shard, &cmd.conv_id, &conv, &cmd.user)?;
     let durable = with_conv(shard, &cmd.conv_id, |c| c.durable_seq)?;
     let mut messages = Vec::with_capacity(cmd.msg_ids.len());
+    let mut bytes = 0usize;
     for id in &cmd.msg_ids {
         let Some(seq) = shard.store.seq_of_msg_id(&cmd.conv_id, id)? else {
             continue;
@@ -439,6 +448,10 @@ pub fn handle_by_ids(shard: &Rc<Shard>, cmd: &ByIdsCmd) -> Result<Bytes, ApiErro
             continue;
         }
         if let Some(m) = shard.store.message(&cmd.conv_id, seq)? {
+            bytes += m.encoded_len();
+            if !messages.is_empty() && bytes > cmd.max_bytes {
+                break;
+            }
             messages.push(m);
         }
     }

@@ -62,6 +62,9 @@ pub struct PullCmd {
     pub backward: bool,
     /// The caller's clear_seq: nothing at or below it is returned.
     pub clear_seq: i64,
+    /// Stop adding messages once they hold this many bytes (at least one is returned):
+    /// the reply must fit the caller's outbound queue ([`limits::reply_budget`]).
+    pub max_bytes: usize,
 }
 
 /// Messages by id, for the conversation's shard.
@@ -71,6 +74,9 @@ pub struct ByIdsCmd {
     pub user: String,
     pub msg_ids: Vec<String>,
     pub clear_seq: i64,
+    /// Stop before the message that would pass this many bytes (at least one is
+    /// returned); see [`limits::reply_budget`].
+    pub max_bytes: usize,
 }
 
 /// A recall, for the conversation's shard.
@@ -82,7 +88,8 @@ pub struct RecallCmd {
 }
 
 /// Runs one client operation on the caller's user shard. Returns the encoded
-/// XxxResponse for the RESPONSE envelope (or the HTTP JSON reply).
+/// XxxResponse for the RESPONSE envelope (or the HTTP JSON reply). Its latency and any
+/// refusal are recorded there, for /metrics.
 pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<Bytes, ApiError> {
     let owner = shard.user_shard(&caller.user);
     if owner != shard.id {
@@ -95,6 +102,16 @@ pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<B
             })
             .await;
     }
+    let op = crate::metrics::Op::of(&body);
+    let started = std::time::Instant::now();
+    let result = run(shard, caller, body).await;
+    let micros = started.elapsed().as_micros() as u64;
+    shard.counters.recorded.request(op, micros, &result);
+    result
+}
+
+/// Runs one operation on the caller's user shard (this shard).
+async fn run(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<Bytes, ApiError> {
     user::take_tokens(shard, &caller.user, cost(&body))?;
     match body {
         Body::Send(req) => send(shard, caller, req).await,
@@ -239,6 +256,7 @@ async fn pull(
         limit,
         backward: direction == PullDirection::Backward,
         clear_seq,
+        max_bytes: limits::reply_budget(shard.cfg.outbound_queue_bytes),
     };
     let target = shard.conv_shard(&cmd.conv_id);
     shard
@@ -286,6 +304,7 @@ async fn by_ids(
         user: caller.user.clone(),
         msg_ids: req.msg_ids,
         clear_seq,
+        max_bytes: limits::reply_budget(shard.cfg.outbound_queue_bytes),
     };
     let target = shard.conv_shard(&cmd.conv_id);
     shard

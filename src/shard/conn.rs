@@ -119,6 +119,8 @@ impl Conn {
         if self.phase.get() != Phase::Open {
             return;
         }
+        let why = crate::metrics::Cut::of(code, kick_reason, shard.draining.get());
+        shard.counters.cut(why);
         if let Some(reason) = kick_reason {
             self.send(shard, envelope::kickout_frame(reason));
         }

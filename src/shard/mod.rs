@@ -122,11 +122,18 @@ pub struct Counters {
     pub pushes: Cell<u64>,
     pub slow_reader_cuts: Cell<u64>,
     pub heartbeat_timeouts: Cell<u64>,
+    /// Latency histograms, refusals by code, cuts by reason.
+    pub recorded: crate::metrics::Recorded,
 }
 
 impl Counters {
     pub fn bump(c: &Cell<u64>) {
         c.set(c.get() + 1);
+    }
+
+    /// Counts a connection the server closes (one call per close frame it sends).
+    pub fn cut(&self, why: crate::metrics::Cut) {
+        self.recorded.cut(why);
     }
 }
 
@@ -314,11 +321,7 @@ impl Shard {
             }
             ShardMsg::Ping { reply } => self.reply(reply, Ok(bytes::Bytes::new())),
             ShardMsg::Metrics { reply } => {
-                let body: Vec<u8> = crate::api::metric_values(self)
-                    .iter()
-                    .flat_map(|v| v.to_be_bytes())
-                    .collect();
-                self.reply(reply, Ok(body.into()));
+                self.reply(reply, Ok(crate::metrics::snapshot(self).encode()));
             }
             ShardMsg::Reply { token, reply } => self.answer_call(token, reply),
         }

@@ -82,8 +82,8 @@ pub enum ShardMsg {
     },
     /// Online devices of users this shard owns; answers JSON `{"user": ["device", ..]}`.
     Presence { reply: ReplyTo, users: Vec<String> },
-    /// This shard's metric values for /metrics, in the order of `api::METRICS`, 8 bytes
-    /// big-endian each.
+    /// This shard's metrics for /metrics: a `metrics::ShardMetrics`, encoded (replies
+    /// are `Bytes` for every call; see `ShardMetrics::encode`).
     Metrics { reply: ReplyTo },
     /// Liveness probe for /healthz; answers an empty body.
     Ping { reply: ReplyTo },

@@ -26,6 +26,7 @@ use local_sync::oneshot;
 use prost::Message;
 
 use super::{keys, StoreError};
+use crate::metrics::{AtomicHistogram, HistogramSnapshot};
 use crate::proto::pb::MsgItem;
 use crate::proto::store_pb::{ConvRow, DedupeRecord, GroupMeta, MemberRecord};
 use crate::shard::doorbell::Bell;
@@ -105,6 +106,8 @@ struct SyncShared {
     rounds: AtomicU64,
     slow_rounds: AtomicU64,
     round_micros: AtomicU64,
+    /// Duration of each round, for /metrics.
+    round_histogram: AtomicHistogram,
     /// Highest batch id reported (durable or failed); lets the loop skip empty wakes.
     reported: AtomicU64,
 }
@@ -161,6 +164,7 @@ impl ShardStore {
             bell,
             rounds: AtomicU64::new(0),
             slow_rounds: AtomicU64::new(0),
+            round_histogram: AtomicHistogram::default(),
             round_micros: AtomicU64::new(0),
             reported: AtomicU64::new(0),
         });
@@ -235,6 +239,16 @@ impl ShardStore {
             s.slow_rounds.load(Ordering::Relaxed),
             s.round_micros.load(Ordering::Relaxed),
         )
+    }
+
+    /// The durations of the sync rounds so far.
+    pub fn round_histogram(&self) -> HistogramSnapshot {
+        self.shared.round_histogram.snapshot()
+    }
+
+    /// Callers waiting for staged writes to become durable.
+    pub fn waiting_writes(&self) -> usize {
+        self.waiters.borrow().len()
     }
 
     /// Called by the shard's bell listener on the shard's thread: lets the completion
@@ -332,7 +346,9 @@ impl ShardStore {
     }
 
     /// Messages with `lo <= seq <= hi`, at most `limit`, ascending. `newest` takes
-    /// the highest `limit` seqs of the range instead of the lowest.
+    /// the highest seqs of the range instead of the lowest. Reading stops once the
+    /// stored bytes taken reach `max_bytes` (the next message would pass it), but at
+    /// least one message is always taken, so a caller paging by seq always advances.
     pub fn messages(
         &self,
         conv: &str,
@@ -340,27 +356,38 @@ impl ShardStore {
         hi: i64,
         limit: usize,
         newest: bool,
+        max_bytes: usize,
     ) -> Result<Vec<MsgItem>, StoreError> {
         if lo > hi || limit == 0 {
             return Ok(Vec::new());
         }
         let range = self.ks[Ks::Msgs as usize].range(keys::msg(conv, lo)..=keys::msg(conv, hi));
         let mut out = Vec::with_capacity(limit.min(256));
-        let mut take = |g: fjall::Guard| -> Result<(), StoreError> {
+        let mut bytes = 0usize;
+        // Returns false when the message does not fit the budget (and is not taken).
+        let mut take = |g: fjall::Guard| -> Result<bool, StoreError> {
             let v = g.value().map_err(read_err)?;
+            if !out.is_empty() && bytes + v.len() > max_bytes {
+                return Ok(false);
+            }
+            bytes += v.len();
             out.push(
                 MsgItem::decode(&*v).map_err(|e| StoreError::Corrupt(format!("message: {e}")))?,
             );
-            Ok(())
+            Ok(true)
         };
         if newest {
             for g in range.rev().take(limit) {
-                take(g)?;
+                if !take(g)? {
+                    break;
+                }
             }
             out.reverse();
         } else {
             for g in range.take(limit) {
-                take(g)?;
+                if !take(g)? {
+                    break;
+                }
             }
         }
         Ok(out)
@@ -655,6 +682,7 @@ fn sync_thread(
         shared
             .round_micros
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        shared.round_histogram.observe(took.as_micros() as u64);
         if took >= std::time::Duration::from_millis(10) {
             shared.slow_rounds.fetch_add(1, Ordering::Relaxed);
         }
@@ -716,6 +744,20 @@ mod tests {
             }
             assert_eq!(*order.borrow(), (1..=300).collect::<Vec<i64>>());
             assert_eq!(store.max_seq("p2p-a-b").expect("read"), 300);
+            // A byte budget stops the read early, from either end; one message always.
+            let (low, high) = (msg(1).encoded_len(), msg(300).encoded_len());
+            let read = |lo, newest, max_bytes| -> Vec<i64> {
+                store
+                    .messages("p2p-a-b", lo, 300, 200, newest, max_bytes)
+                    .expect("read")
+                    .iter()
+                    .map(|m| m.seq)
+                    .collect()
+            };
+            assert_eq!(read(1, false, 3 * low), vec![1, 2, 3]);
+            assert_eq!(read(1, true, 4 * high - 1), vec![298, 299, 300]);
+            assert_eq!(read(5, false, 0), vec![5]);
+            assert_eq!(read(1, false, usize::MAX).len(), 200);
         });
     }
 }
