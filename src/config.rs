@@ -530,12 +530,12 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     let Some((host, port)) = s.rsplit_once(':') else {
         return Err(form());
     };
-    if host.is_empty() || port.parse::<u16>().is_err() {
+    if host.is_empty() || host.contains(['/', ' ']) || port.parse::<u16>().is_err() {
         return Err(form());
     }
     let addrs: Vec<SocketAddr> = s
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
+        .map_err(|e| format!("cannot resolve {host:?} ({e}); {}", form()))?
         .collect();
     addrs
         .iter()
@@ -670,7 +670,7 @@ mod tests {
             parse_addr("localhost:8080"),
             Ok("127.0.0.1:8080".parse().unwrap())
         );
-        for bad in ["", "http://x:1", "70000", "host:", "1.2.3.4"] {
+        for bad in ["", "http://x:1", "70000", "host:", "1.2.3.4", "no.such.host.invalid:1"] {
             let e = parse_addr(bad).unwrap_err();
             assert!(
                 e.contains("HOST:PORT") || e.contains("resolve"),
