@@ -670,7 +670,14 @@ mod tests {
             parse_addr("localhost:8080"),
             Ok("127.0.0.1:8080".parse().unwrap())
         );
-        for bad in ["", "http://x:1", "70000", "host:", "1.2.3.4", "no.such.host.invalid:1"] {
+        for bad in [
+            "",
+            "http://x:1",
+            "70000",
+            "host:",
+            "1.2.3.4",
+            "no.such.host.invalid:1",
+        ] {
             let e = parse_addr(bad).unwrap_err();
             assert!(
                 e.contains("HOST:PORT") || e.contains("resolve"),
