@@ -369,3 +369,31 @@ fn token_with_zero_ttl_is_refused() {
     assert!(err.contains("--ttl must be at least 1s"), "{err}");
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn open_files_warning_only_when_more_connections_are_asked_for() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("data");
+    let port = free_port();
+    let s = Started::spawn(
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--shards",
+            "2",
+            "--data-dir",
+            dir.to_str().expect("p"),
+            "--jwt-secret",
+            SECRET,
+            "--max-connections",
+            "1000000000",
+        ],
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        &tmp.path().join("serve.log"),
+    );
+    let log = s.log();
+    assert!(
+        log.contains("WARN") && log.contains("the open-files limit cannot hold --max-connections"),
+        "{log}"
+    );
+}
