@@ -1,6 +1,8 @@
-//! Start-up and shutdown: checks the data dir, loads the secret, starts one pinned
-//! thread per shard (each with its own io_uring runtime, store, listener, timer wheel
-//! and ring consumer), then waits for SIGINT/SIGTERM.
+//! Start-up and shutdown: checks the data dir and the addresses before anything is
+//! written (a data dir that is a file or that another imshard holds, an address another
+//! process listens on: refused, nothing written), locks the data dir, loads the secret,
+//! starts one pinned thread per shard (each with its own io_uring runtime, store,
+//! listener, timer wheel and ring consumer), then waits for SIGINT/SIGTERM.
 //!
 //! Shutdown is graceful ([`crate::shard::shutdown`]): every shard stops accepting,
 //! answers its requests in flight, sends close 1001 to every connection (spread over
