@@ -212,9 +212,7 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
                 };
                 rows.insert(d.conv_id.as_str().into(), Box::new(row));
             }
-            let Some(row) = rows.get_mut(d.conv_id.as_str()) else {
-                return None;
-            };
+            let row = rows.get_mut(d.conv_id.as_str())?;
             if row.deleted && d.seq > row.clear_seq {
                 row.deleted = false;
                 changed = true;
