@@ -210,8 +210,8 @@ config_keys! {
         max_groups_owned: u32 = 1000, parse_num::<u32>,
             "N", "IMSHARD_MAX_GROUPS_OWNED", "1000", "groups per user",
             "groups one user may create (40301 past it; 0 = no limit)";
-        members_added_per_hour: u32 = 200_000, parse_num::<u32>,
-            "N", "IMSHARD_MEMBERS_ADDED_PER_HOUR", "200000", "member ids per user per hour",
+        members_added_per_hour: u32 = 100_000, parse_num::<u32>,
+            "N", "IMSHARD_MEMBERS_ADDED_PER_HOUR", "100000", "member ids per user per hour",
             "member ids one user may name in creates and adds per hour (42901 past it; 0 = no limit)";
         shutdown_grace: Duration = Duration::from_secs(5), parse_duration,
             "DURATION", "IMSHARD_SHUTDOWN_GRACE", "5s", "duration, at most 10m",
