@@ -388,6 +388,10 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
 /// split clients between two servers with different secrets and stores), so each
 /// address is first bound by a plain probe socket without SO_REUSEPORT, closed again
 /// before the shards bind. Port 0 (a port per shard) is not probed.
+///
+/// An address in use is probed again for [`ADDRESS_IN_USE_PATIENCE`]: the listeners of
+/// a server that just died (a restart after `kill -9`) stay bound for some
+/// milliseconds, until the kernel tears down its io_uring instances, which hold them.
 fn check_addresses(cfg: &Config) -> Result<(), StartError> {
     let mut addrs = vec![("listen", cfg.listen)];
     addrs.extend(cfg.admin_listen.map(|a| ("admin_listen", a)));
@@ -395,18 +399,28 @@ fn check_addresses(cfg: &Config) -> Result<(), StartError> {
         if addr.port() == 0 {
             continue;
         }
-        // std's bind sets SO_REUSEADDR (a restart is not blocked by TIME_WAIT) but not
-        // SO_REUSEPORT, so it fails while any socket listens on the address.
-        match std::net::TcpListener::bind(addr) {
-            Ok(probe) => drop(probe),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                return Err(StartError::AddressInUse { key, addr })
+        let give_up = std::time::Instant::now() + ADDRESS_IN_USE_PATIENCE;
+        loop {
+            // std's bind sets SO_REUSEADDR (a restart is not blocked by TIME_WAIT) but
+            // not SO_REUSEPORT, so it fails while any socket listens on the address.
+            match std::net::TcpListener::bind(addr) {
+                Ok(probe) => break drop(probe),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    if std::time::Instant::now() >= give_up {
+                        return Err(StartError::AddressInUse { key, addr });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(error) => return Err(StartError::Listen { key, addr, error }),
             }
-            Err(error) => return Err(StartError::Listen { key, addr, error }),
         }
     }
     Ok(())
 }
+
+/// How long an address must stay in use before the start is refused (see
+/// [`check_addresses`]).
+const ADDRESS_IN_USE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A panic in any thread logs and aborts the whole process (see the module docs).
 fn abort_on_panic() {
