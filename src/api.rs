@@ -48,7 +48,7 @@ async fn healthz(shard: &Rc<Shard>, ka: bool) -> Vec<u8> {
 
 /// Every metric: name, Prometheus type, help. One value per shard each, in this order
 /// (see [`metric_values`]).
-pub const METRICS: [(&str, &str, &str); 10] = [
+pub const METRICS: [(&str, &str, &str); 14] = [
     ("imshard_connections", "gauge", "open WebSocket connections"),
     (
         "imshard_connections_total",
@@ -95,10 +95,30 @@ pub const METRICS: [(&str, &str, &str); 10] = [
         "counter",
         "time spent in store rounds",
     ),
+    (
+        "imshard_cache_bytes",
+        "gauge",
+        "bytes charged for cached rows and conversation states (budget: cache_bytes / shards)",
+    ),
+    (
+        "imshard_cached_users",
+        "gauge",
+        "users held in memory (online, or with cached rows)",
+    ),
+    (
+        "imshard_cached_conversations",
+        "gauge",
+        "conversation states held in memory",
+    ),
+    (
+        "imshard_cache_evictions_total",
+        "counter",
+        "cached rows and conversation states evicted",
+    ),
 ];
 
 /// This shard's values for [`METRICS`] (the last one in microseconds).
-pub fn metric_values(shard: &Shard) -> [u64; 10] {
+pub fn metric_values(shard: &Shard) -> [u64; 14] {
     let c = &shard.counters;
     let (rounds, slow, micros) = shard.store.sync_stats();
     [
@@ -112,6 +132,10 @@ pub fn metric_values(shard: &Shard) -> [u64; 10] {
         rounds,
         slow,
         micros,
+        shard.cache_bytes.get() as u64,
+        shard.users.borrow().len() as u64,
+        shard.convs.borrow().len() as u64,
+        c.cache_evictions.get(),
     ]
 }
 

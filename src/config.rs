@@ -213,6 +213,9 @@ config_keys! {
         members_added_per_hour: u32 = 100_000, parse_num::<u32>,
             "N", "IMSHARD_MEMBERS_ADDED_PER_HOUR", "100000", "member ids per user per hour",
             "member ids one user may name in creates and adds per hour (42901 past it; 0 = no limit)";
+        cache_bytes: usize = 256 << 20, parse_bytes,
+            "BYTES", "IMSHARD_CACHE_BYTES", "256MiB", "bytes for the whole process",
+            "memory for cached conversation rows, conversation states and group member lists (split over the shards); the least recently used idle entries are evicted past it";
         shutdown_grace: Duration = Duration::from_secs(5), parse_duration,
             "DURATION", "IMSHARD_SHUTDOWN_GRACE", "5s", "duration, at most 10m",
             "on SIGTERM/SIGINT: how long to answer in-flight requests and spread the close frames";

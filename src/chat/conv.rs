@@ -15,7 +15,7 @@ use std::task::{Poll, Waker};
 use bytes::Bytes;
 use prost::Message as _;
 
-use super::{ByIdsCmd, PullCmd, RecallCmd, SendCmd};
+use super::{cache, ByIdsCmd, PullCmd, RecallCmd, SendCmd};
 use crate::codes::ApiError;
 use crate::ids::ConvRef;
 use crate::limits::DEDUPE_WINDOW_MS;
@@ -58,6 +58,10 @@ pub struct ConvState {
     /// Deliveries waiting for their turn, in seq order; one task drains them.
     fanout: VecDeque<FanoutJob>,
     fanout_running: bool,
+    /// Bytes charged to the shard's cache for this state, and whether it was used
+    /// since the eviction hand last passed.
+    pub(crate) charged: usize,
+    pub(crate) used: bool,
 }
 
 impl ConvState {
@@ -74,7 +78,27 @@ impl ConvState {
             group: None,
             fanout: VecDeque::new(),
             fanout_running: false,
+            charged: 0,
+            used: true,
         }
+    }
+
+    /// Bytes charged to the cache for this state.
+    pub fn charged(&self) -> usize {
+        self.charged
+    }
+
+    /// Nothing is queued, in flight or waiting, and every assigned seq is durable: a
+    /// reload from the store would give the same state.
+    fn idle(&self) -> bool {
+        self.ready
+            && self.sends.is_empty()
+            && !self.sending
+            && self.in_flight.is_empty()
+            && self.fanout.is_empty()
+            && !self.fanout_running
+            && self.loading.is_empty()
+            && self.next_seq - 1 == self.durable_seq
     }
 
     /// Fan-out jobs queued behind this conversation.
@@ -182,10 +206,15 @@ pub(crate) async fn load_conv(shard: &Rc<Shard>, conv_id: &str) -> Result<(), Ap
         }
         match loaded {
             Ok((max, group)) => {
+                let members = group.as_ref().map_or(0, |g| g.member_count());
                 c.ready = true;
                 c.next_seq = max + 1;
                 c.durable_seq = max;
                 c.group = group;
+                c.charged = cache::CONV_BYTES + members * cache::MEMBER_BYTES;
+                let charged = c.charged;
+                drop(convs);
+                cache::admit(shard, cache::CacheKey::Conv(conv_id.into()), charged);
                 return Ok(());
             }
             Err(e) => {
@@ -208,7 +237,10 @@ pub(crate) fn with_conv<R>(
     f: impl FnOnce(&mut ConvState) -> R,
 ) -> Result<R, ApiError> {
     match shard.convs.borrow_mut().get_mut(conv_id) {
-        Some(c) if c.ready => Ok(f(c)),
+        Some(c) if c.ready => {
+            c.used = true;
+            Ok(f(c))
+        }
         _ => Err(ApiError::StoreUnavailable(
             "the conversation was dropped after a store failure; retry".into(),
         )),
@@ -223,6 +255,25 @@ pub(crate) async fn on_conv<R>(
 ) -> Result<R, ApiError> {
     load_conv(shard, conv_id).await?;
     with_conv(shard, conv_id, f)
+}
+
+/// The eviction hand at a conversation (see [`cache`]).
+pub(crate) fn visit_for_eviction(shard: &Shard, conv_id: &str) -> cache::Visit {
+    let mut convs = shard.convs.borrow_mut();
+    let Some(c) = convs.get_mut(conv_id) else {
+        return cache::Visit::Gone;
+    };
+    if !c.ready {
+        // Dropped and asked for again since: its own load queues it again.
+        return cache::Visit::Gone;
+    }
+    if std::mem::replace(&mut c.used, false) || !c.idle() {
+        return cache::Visit::Keep;
+    }
+    let charged = c.charged;
+    convs.remove(conv_id);
+    cache::release(shard, charged);
+    cache::Visit::Evicted
 }
 
 fn encode_sent(msg_id: &str, conv_id: &str, seq: i64, send_time: i64) -> Bytes {
@@ -662,7 +713,11 @@ pub async fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
         let conv = ConvRef::parse(&cmd.conv_id)?;
         load_conv(shard, &cmd.conv_id).await?;
         check_member(shard, &cmd.conv_id, &conv, &cmd.operator)?;
-        let durable = with_conv(shard, &cmd.conv_id, |c| c.durable_seq)?;
+        // Read together, before any await: the state may be evicted while reads wait.
+        let (durable, group_admin) = with_conv(shard, &cmd.conv_id, |c| {
+            let admin = c.group.as_ref().is_some_and(|g| g.is_admin(&cmd.operator));
+            (c.durable_seq, admin)
+        })?;
         let seq = shard
             .store
             .seq_of_msg_id(&cmd.conv_id, &cmd.msg_id)
@@ -680,13 +735,7 @@ pub async fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
         if msg.msg_type > crate::limits::MAX_USER_MSG_TYPE {
             return Err(ApiError::Forbidden("system messages cannot be recalled"));
         }
-        let group_admin = || {
-            with_conv(shard, &cmd.conv_id, |c| {
-                c.group.as_ref().is_some_and(|g| g.is_admin(&cmd.operator))
-            })
-            .unwrap_or(false)
-        };
-        if msg.from_uuid != cmd.operator && !group_admin() {
+        if msg.from_uuid != cmd.operator && !group_admin {
             return Err(ApiError::Forbidden(
                 "only the sender (or a group owner or admin) may recall this message",
             ));
@@ -711,6 +760,11 @@ pub async fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
     };
     let mut write = WriteSet::new();
     write.message_update(&msg);
+    // Who hears of it, taken now: the state may be evicted while the write waits.
+    let members = match ConvRef::parse(&msg.conv_id) {
+        Ok(conv) => members_of(shard, &msg.conv_id, &conv),
+        Err(_) => Rc::default(),
+    };
     match shard.store.stage(write).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return shard.reply(reply, Err(e.into())),
@@ -730,10 +784,6 @@ pub async fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
         seq: msg.seq,
     };
     let frame = notice_frame(kind::MSG_RECALL, &notice);
-    let members = match ConvRef::parse(&msg.conv_id) {
-        Ok(conv) => members_of(shard, &msg.conv_id, &conv),
-        Err(_) => Rc::default(),
-    };
     notify_members(shard, frame, &members);
 }
 

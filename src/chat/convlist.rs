@@ -177,7 +177,9 @@ async fn update_row(
     .ok_or(ApiError::NotFound("no such conversation"))?;
     let mut write = WriteSet::new();
     write.row(user, conv_id, &row);
-    match shard.store.stage(write).await {
+    let durable = shard.store.stage(write);
+    user::note_row_write(shard, user);
+    match durable.await {
         Ok(Ok(())) => Ok(row),
         Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(ApiError::StoreUnavailable("store closed".into())),

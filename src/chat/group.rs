@@ -14,6 +14,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 use prost::Message as _;
 
+use super::cache;
 use super::conv::{fan_out, on_conv, split_by_shard, ByShard};
 use crate::codes::ApiError;
 use crate::proto::envelope::now_ms;
@@ -201,7 +202,10 @@ pub async fn handle_create(shard: &Rc<Shard>, reply: ReplyTo, cmd: CreateGroupCm
         g.roles.insert(UserId::from(cmd.owner.as_str()), ROLE_OWNER);
         g.rebuild_list(shard.n);
         let by_shard = g.by_shard.clone();
+        let grown = g.member_count() * cache::MEMBER_BYTES;
         c.group = Some(Box::new(g));
+        c.charged += grown;
+        cache::grow(shard, grown);
         let seq = c.next_seq;
         c.next_seq += 1;
         Ok((seq, by_shard))
@@ -341,6 +345,9 @@ pub async fn handle_update(shard: &Rc<Shard>, reply: ReplyTo, cmd: UpdateMembers
         }
         g.rebuild_list(shard.n);
         let after = g.sorted_members();
+        let grown = added.len() * cache::MEMBER_BYTES;
+        c.charged += grown;
+        cache::grow(shard, grown);
         if added.is_empty() && removed.is_empty() && admins.is_empty() {
             return Ok((None, after));
         }

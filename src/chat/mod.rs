@@ -4,6 +4,7 @@
 //! user shard ([`user`]).
 
 pub mod admin;
+pub mod cache;
 pub mod conv;
 pub mod convlist;
 pub mod filter;

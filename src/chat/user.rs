@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use super::cache;
 use crate::codes::ApiError;
 use crate::ids::ConvRef;
 use crate::proto::envelope::now_ms;
@@ -44,7 +45,19 @@ enum RowsSlot {
         waiters: Vec<std::task::Waker>,
         updates: Vec<RowUpdate>,
     },
-    Loaded(Rows),
+    Loaded(CachedRows),
+}
+
+/// Loaded rows with what the cache needs to know about them.
+struct CachedRows {
+    rows: Rows,
+    /// Bytes charged to the shard's cache.
+    charged: usize,
+    /// Used since the eviction hand last passed.
+    used: bool,
+    /// The store batch of the last row write: the rows may be evicted once it is
+    /// settled (a reload then reads it back).
+    pending_batch: u64,
 }
 
 /// The user's entry, created on first use without allocating when it exists.
@@ -241,11 +254,23 @@ async fn run_rows_load(shard: &Rc<Shard>, user: &str) -> Result<(), ApiError> {
             write.row(user, &upd.conv_id, &row);
         }
     }
-    u.rows = Some(Box::new(RowsSlot::Loaded(rows)));
+    let charged = cache::USER_BYTES + rows.len() * cache::ROW_BYTES;
+    let pending_batch = if write.is_empty() {
+        0
+    } else {
+        shard.store.staging_batch()
+    };
+    u.rows = Some(Box::new(RowsSlot::Loaded(CachedRows {
+        rows,
+        charged,
+        used: true,
+        pending_batch,
+    })));
     drop(users);
     if !write.is_empty() {
         shard.store.stage_detached(write);
     }
+    cache::admit(shard, cache::CacheKey::Rows(user.into()), charged);
     Ok(())
 }
 
@@ -258,7 +283,10 @@ pub async fn with_rows<R>(
     load_rows(shard, user).await?;
     let mut users = shard.users.borrow_mut();
     match users.get_mut(user).and_then(|u| u.rows.as_deref_mut()) {
-        Some(RowsSlot::Loaded(rows)) => Ok(f(rows)),
+        Some(RowsSlot::Loaded(c)) => {
+            c.used = true;
+            Ok(f(&mut c.rows))
+        }
         _ => Err(ApiError::StoreUnavailable(
             "conversation rows could not be loaded; retry".into(),
         )),
@@ -272,6 +300,41 @@ pub async fn row_of(
     conv_id: &str,
 ) -> Result<Option<ConvRow>, ApiError> {
     with_rows(shard, user, |rows| rows.get(conv_id).map(|r| (**r).clone())).await
+}
+
+/// Records that a row write of `user` was staged just now (its rows stay cached until
+/// the write is settled).
+pub fn note_row_write(shard: &Shard, user: &str) {
+    let batch = shard.store.staging_batch();
+    if let Some(RowsSlot::Loaded(c)) = shard
+        .users
+        .borrow_mut()
+        .get_mut(user)
+        .and_then(|u| u.rows.as_deref_mut())
+    {
+        c.pending_batch = batch;
+    }
+}
+
+/// The eviction hand at a user's rows (see [`cache`]).
+pub(crate) fn visit_for_eviction(shard: &Shard, user: &str) -> cache::Visit {
+    let mut users = shard.users.borrow_mut();
+    let Some(u) = users.get_mut(user) else {
+        return cache::Visit::Gone;
+    };
+    let Some(RowsSlot::Loaded(c)) = u.rows.as_deref_mut() else {
+        return cache::Visit::Gone;
+    };
+    if std::mem::replace(&mut c.used, false) || shard.store.settled_upto() < c.pending_batch {
+        return cache::Visit::Keep;
+    }
+    let charged = c.charged;
+    u.rows = None;
+    if u.conns.is_empty() && u.quota.is_none() {
+        users.remove(user);
+    }
+    cache::release(shard, charged);
+    cache::Visit::Evicted
 }
 
 /// What one delivered message changes in one recipient's row.
@@ -353,9 +416,15 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
             let mut users = shard.users.borrow_mut();
             let u = user_entry(&mut users, user);
             match u.rows.as_deref_mut() {
-                Some(RowsSlot::Loaded(rows)) => {
-                    if let Some(row) = upd.apply(user, rows) {
+                Some(RowsSlot::Loaded(c)) => {
+                    let before = c.rows.len();
+                    if let Some(row) = upd.apply(user, &mut c.rows) {
                         write.row(user, &d.conv_id, &row);
+                        c.pending_batch = shard.store.staging_batch();
+                    }
+                    if c.rows.len() > before {
+                        c.charged += cache::ROW_BYTES;
+                        cache::grow(shard, cache::ROW_BYTES);
                     }
                     false
                 }

@@ -122,6 +122,7 @@ pub struct Counters {
     pub pushes: Cell<u64>,
     pub slow_reader_cuts: Cell<u64>,
     pub heartbeat_timeouts: Cell<u64>,
+    pub cache_evictions: Cell<u64>,
     /// Latency histograms, refusals by code, cuts by reason.
     pub recorded: crate::metrics::Recorded,
 }
@@ -155,6 +156,12 @@ pub struct Shard {
     /// Bumped whenever conversations are dropped from `convs`: a load that started
     /// before may have read what is no longer true, and starts over.
     pub conv_epoch: Cell<u64>,
+    /// Bytes charged for loaded rows and conversations (see `chat::cache`), and the
+    /// eviction queue over them.
+    pub cache_bytes: Cell<usize>,
+    pub cache_queue: RefCell<std::collections::VecDeque<chat::cache::CacheKey>>,
+    /// An eviction pass is scheduled for the end of this loop turn.
+    pub cache_pass_due: Cell<bool>,
     /// What all shards share (connection count, shutdown flag).
     pub global: Arc<Global>,
     /// Calls this shard made that wait for a reply, by token, with the wheel second
@@ -202,6 +209,9 @@ impl Shard {
             users: RefCell::new(HashMap::new()),
             convs: RefCell::new(HashMap::new()),
             conv_epoch: Cell::new(0),
+            cache_bytes: Cell::new(0),
+            cache_queue: RefCell::new(std::collections::VecDeque::new()),
+            cache_pass_due: Cell::new(false),
             global,
             calls: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
@@ -458,6 +468,7 @@ impl Shard {
             self.conv_epoch.set(self.conv_epoch.get() + 1);
             self.store.reset_after_failure();
             for (_, conv) in convs {
+                chat::cache::release(self, conv.charged());
                 let queued = conv.queued_fanout();
                 self.fanout_queued
                     .set(self.fanout_queued.get().saturating_sub(queued));

@@ -375,6 +375,17 @@ impl ShardStore {
         }
     }
 
+    /// The batch that writes staged now go into.
+    pub fn staging_batch(&self) -> u64 {
+        self.staging_id.get()
+    }
+
+    /// Every batch up to this one is settled (durable, or failed): a read now sees
+    /// whatever of them is stored.
+    pub fn settled_upto(&self) -> u64 {
+        self.shared.reported.load(Ordering::Acquire)
+    }
+
     /// Bytes handed to the sync thread and not yet durable (or failed).
     pub fn unsynced_bytes(&self) -> usize {
         self.unsynced_bytes.get()
