@@ -42,7 +42,7 @@ fn touching_200000_conversations_stays_within_the_cache_budget() {
             let n = window * WINDOW + i;
             // Half p2p conversations with peers that never wrote, half group ids
             // that do not exist.
-            let conv_id = if n % 2 == 0 {
+            let conv_id = if n.is_multiple_of(2) {
                 p2p_conv_id("aaa_reader", &format!("peer{n}"))
             } else {
                 format!("grp-nosuch{n}")
