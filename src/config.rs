@@ -23,6 +23,7 @@
 //! | max_groups_owned | --max-groups-owned | IMSHARD_MAX_GROUPS_OWNED | 1000 | groups one user may create (40301 past it; 0 = no limit) |
 //! | members_added_per_hour | --members-added-per-hour | IMSHARD_MEMBERS_ADDED_PER_HOUR | 200000 | member ids one user may name in creates and adds per hour (42901 past it; 0 = no limit) |
 //! | shutdown_grace | --shutdown-grace | IMSHARD_SHUTDOWN_GRACE | 5s | on SIGTERM/SIGINT: how long to answer in-flight requests and spread the close frames |
+//! | demo | --demo | IMSHARD_DEMO | true | serve the browser chat page at `/demo` (`--demo=false` turns it off; on by default because the embedded store is the only store so far) |
 //! | log | --log | IMSHARD_LOG | info,fjall=warn,lsm_tree=warn | tracing filter (e.g. `info,imshard=debug`) |
 //!
 //! Durations are written `90s`, `2m`, `1h`, `1d`, `250ms` or a number of seconds.
@@ -107,6 +108,9 @@ pub struct ServeArgs {
     pub members_added_per_hour: Option<u32>,
     #[arg(long, env = "IMSHARD_SHUTDOWN_GRACE", value_parser = parse_duration)]
     pub shutdown_grace: Option<Duration>,
+    /// `--demo` alone means true.
+    #[arg(long, env = "IMSHARD_DEMO", num_args = 0..=1, default_missing_value = "true")]
+    pub demo: Option<bool>,
     #[arg(long, env = "IMSHARD_LOG")]
     pub log: Option<String>,
 }
@@ -117,7 +121,7 @@ pub struct TokenArgs {
     pub common: CommonArgs,
     #[arg(long)]
     pub user: String,
-    #[arg(long)]
+    #[arg(long, default_value = "web")]
     pub device: String,
     /// mobile, desktop, web or pad.
     #[arg(long, default_value = "web")]
@@ -127,6 +131,11 @@ pub struct TokenArgs {
     pub admin: bool,
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub ttl: Duration,
+    /// Print a link to the chat page at `/demo` that signs in with the token. The
+    /// optional value is the server's base URL (default: `http://127.0.0.1:PORT`, the
+    /// port of `listen` from IMSHARD_LISTEN or the config file).
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "BASE_URL")]
+    pub demo_url: Option<String>,
 }
 
 /// What the content filter does with a blocked word.
@@ -167,6 +176,7 @@ struct FileConfig {
     members_added_per_hour: Option<u32>,
     #[serde(default, deserialize_with = "de_duration")]
     shutdown_grace: Option<Duration>,
+    demo: Option<bool>,
     log: Option<String>,
 }
 
@@ -194,6 +204,8 @@ pub struct Config {
     pub max_groups_owned: u32,
     pub members_added_per_hour: u32,
     pub shutdown_grace: Duration,
+    /// Serve the chat page at `/demo` ([`crate::web`]).
+    pub demo: bool,
     pub log: String,
 }
 
@@ -222,6 +234,7 @@ impl Default for Config {
             max_groups_owned: 1000,
             members_added_per_hour: 200_000,
             shutdown_grace: Duration::from_secs(5),
+            demo: true,
             log: "info,fjall=warn,lsm_tree=warn".to_string(),
         }
     }
@@ -331,6 +344,7 @@ impl Config {
                 .shutdown_grace
                 .or(f.shutdown_grace)
                 .unwrap_or(d.shutdown_grace),
+            demo: a.demo.or(f.demo).unwrap_or(d.demo),
             log: a.log.clone().or(f.log).unwrap_or(d.log),
         };
         c.validate()?;
@@ -346,6 +360,26 @@ impl Config {
             .or(f.data_dir)
             .unwrap_or_else(|| Config::default().data_dir);
         Ok((dir, a.jwt_secret.clone().or(f.jwt_secret)))
+    }
+
+    /// The page link `imshard token --demo-url` prints: `base` (or the local address
+    /// of `listen`, read like `serve` reads it) + `/demo#token=...`. The token is in
+    /// the fragment, which the browser never sends to the server.
+    pub fn demo_url(a: &CommonArgs, base: &str, token: &str) -> Result<String, ConfigError> {
+        let base = if base.is_empty() {
+            let listen = match std::env::var("IMSHARD_LISTEN") {
+                Ok(v) => Some(
+                    v.parse::<SocketAddr>()
+                        .map_err(|e| ConfigError::Invalid(format!("IMSHARD_LISTEN {v:?}: {e}")))?,
+                ),
+                Err(_) => read_file(a.config.as_deref())?.listen,
+            };
+            let port = listen.unwrap_or(Config::default().listen).port();
+            format!("http://127.0.0.1:{port}")
+        } else {
+            base.trim_end_matches('/').to_string()
+        };
+        Ok(format!("{base}/demo#token={token}"))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -469,6 +503,9 @@ mod tests {
         assert_eq!(c.heartbeat_timeout, Duration::from_secs(30));
         assert_eq!(c.rate_limit, 7);
         assert_eq!(c.admin_listen, None);
+        assert!(c.demo);
+        std::fs::write(&p, "demo = false\n").unwrap();
+        assert!(!Config::from_serve_args(&a).unwrap().demo);
         std::fs::write(&p, "admin_listen = \"127.0.0.1:9090\"\n").unwrap();
         let c = Config::from_serve_args(&a).unwrap();
         assert_eq!(c.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));

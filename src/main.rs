@@ -63,10 +63,22 @@ fn main() -> ExitCode {
                 args.admin,
                 args.ttl.as_secs(),
             ) {
-                Ok(t) => {
-                    println!("{t}");
-                    ExitCode::SUCCESS
-                }
+                Ok(t) => match &args.demo_url {
+                    None => {
+                        println!("{t}");
+                        ExitCode::SUCCESS
+                    }
+                    Some(base) => match Config::demo_url(&args.common, base, &t) {
+                        Ok(url) => {
+                            println!("{url}");
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!("imshard token: {e}");
+                            ExitCode::from(2)
+                        }
+                    },
+                },
                 Err(e) => {
                     eprintln!("imshard token: {e}");
                     ExitCode::FAILURE
