@@ -371,7 +371,10 @@ $('new-group').onsubmit = (ev) => {
   ev.preventDefault();
   const members = $('group-members').value.split(',').map((s) => s.trim()).filter(Boolean);
   const name = $('group-name').value.trim();
-  call('create_group', { name, members })
+  // A readable group id (ids are [A-Za-z0-9_.@]): the name plus a few random letters.
+  const slug = name.replace(/[^A-Za-z0-9_.@]/g, '_').slice(0, 40) || 'group';
+  const groupId = `${slug}_${Math.random().toString(36).slice(2, 6)}`;
+  call('create_group', { group_id: groupId, name, members })
     .then(async (r) => {
       $('group-name').value = $('group-members').value = '';
       await loadConversations();
