@@ -321,6 +321,29 @@ impl Drop for Browser {
 }
 
 #[test]
+fn the_page_is_served_only_with_demo_on() {
+    let server = Server::start(1, &[]);
+    let (status, body) = server.http("GET", "/demo", None, "").expect("GET /demo");
+    assert_eq!(status, 200);
+    assert!(body.contains("/demo/app.js"), "{body}");
+    let (status, body) = server
+        .http("GET", "/demo/app.js", None, "")
+        .expect("GET app.js");
+    assert_eq!(status, 200);
+    assert!(body.contains("imshard.v1.json"));
+    assert_eq!(
+        server.http("GET", "/demo/nope", None, "").expect("GET").0,
+        404
+    );
+    let off = Server::start(1, &["--demo=false"]);
+    assert_eq!(off.http("GET", "/demo", None, "").expect("GET").0, 404);
+    assert_eq!(
+        off.http("GET", "/demo/app.js", None, "").expect("GET").0,
+        404
+    );
+}
+
+#[test]
 fn two_users_chat_in_a_real_browser() {
     let chromedriver = find_chromedriver();
     if chromedriver.is_none() || !Path::new(CHROMIUM).is_file() {

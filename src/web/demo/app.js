@@ -94,11 +94,16 @@ function onEnvelope(env) {
 }
 
 // After every (re)connect: the conversation list, then every conversation held here
-// pulled FORWARD from its newest seq, so nothing sent meanwhile is lost; messages are
-// kept by seq, so nothing shows twice.
+// pulled FORWARD from its newest seq, so nothing sent meanwhile is lost, and its
+// newest page again, so recalls made meanwhile show; messages are kept by seq, so
+// nothing shows twice.
 async function resync() {
   await loadConversations();
-  for (const convId of state.msgs.keys()) await pullForward(convId);
+  for (const convId of state.msgs.keys()) {
+    await pullForward(convId);
+    const r = await call('pull', { conv_id: convId, limit: 30, direction: 'PULL_DIRECTION_BACKWARD' }).catch(() => ({}));
+    store(convId, r.messages || []);
+  }
   if (state.open && !state.msgs.has(state.open)) await loadOlder(state.open);
   markOpenRead();
   render();
