@@ -88,7 +88,9 @@ impl JsonClient {
     fn response(&mut self, req_id: u64) -> Value {
         loop {
             let env = self.read().expect("connection ended before the response");
-            if env["type"] == "RESPONSE" && env["req_id"] == req_id.to_string() {
+            // 64-bit integers are strings in the canonical JSON mapping.
+            let id = env["req_id"].as_str().and_then(|s| s.parse::<u64>().ok());
+            if env["type"] == "RESPONSE" && id == Some(req_id) {
                 assert!(env.get("data").is_none(), "{env}");
                 return env["payload"].clone();
             }
