@@ -426,10 +426,17 @@ fn two_users_chat_in_a_real_browser() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("web-demo");
     std::fs::create_dir_all(&dir).expect("screenshot dir");
     let shots: Vec<_> = [&a, &b].iter().map(|w| w.screenshot(&dir)).collect();
-    println!("web_demo: screenshots written to {}", dir.display());
-    for s in &shots {
-        println!("  {}", s.display());
-    }
+    // Straight to stderr: libtest captures only the print macros, and the paths should
+    // show in a passing run too.
+    let _ = writeln!(
+        std::io::stderr(),
+        "web_demo: screenshots written to {}",
+        shots
+            .iter()
+            .map(|s| s.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 
     // The server restarts; bob's phone sends before the pages are back: every page
     // pulls it by seq after reconnecting, once.

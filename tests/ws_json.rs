@@ -123,6 +123,12 @@ impl JsonClient {
     }
 }
 
+/// GetUnread of `user` over a fresh JSON connection.
+fn json_unread_of(server: &Server, user: &str) -> Value {
+    let mut c = JsonClient::connect(server, user, "json_unread");
+    c.request("get_unread", json!({"per_conv_limit": 10}))
+}
+
 #[test]
 fn negotiation_echoes_the_chosen_subprotocol() {
     let server = Server::start(2, &[]);
@@ -224,6 +230,33 @@ fn json_and_binary_clients_chat() {
         json!({"conv_type": "CONV_TYPE_GROUP", "target": "jsg", "content": "{}"}),
     );
     assert_eq!(sent["body"]["seq"], "2");
+
+    // The remaining operations, each answered with its XxxResponse as JSON.
+    let by_ids = a1.request("get_by_ids", json!({"conv_id": conv, "msg_ids": [msg_id]}));
+    assert_eq!(by_ids["body"]["messages"][0]["status"], 1, "{by_ids}");
+    let unread = json_unread_of(&server, &bob);
+    assert_eq!(unread["body"]["total_unread"], "2", "{unread}");
+    assert_eq!(
+        unread["body"]["conversations"][0]["messages"][1]["seq"],
+        "2"
+    );
+    let set = a1.request("update_settings", json!({"conv_id": conv, "pin": true}));
+    assert_eq!(set, json!({"body": {}}));
+    let list = a1.request("get_conversations", json!({"page_size": 10}));
+    let pinned = list["body"]["conversations"]
+        .as_array()
+        .expect("conversations")
+        .iter()
+        .find(|c| c["conv_id"] == conv.as_str())
+        .expect("the p2p row");
+    assert_eq!(pinned["pin"], true);
+    let members = a1.request(
+        "update_members",
+        json!({"group_id": "jsg", "add": ["carol"]}),
+    );
+    assert_eq!(members["body"]["members"].as_array().map(Vec::len), Some(3));
+    let deleted = a1.request("delete_conversation", json!({"conv_id": conv}));
+    assert_eq!(deleted, json!({"body": {}}));
 
     // Operation errors keep their codes.
     let denied = a1.request("pull", json!({"conv_id": "p2p-x1-x2"}));
