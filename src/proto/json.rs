@@ -210,10 +210,36 @@ fn response_json(
     Ok(out)
 }
 
+thread_local! {
+    /// The last push or notice converted on this thread (a shard): (protobuf frame,
+    /// JSON frame). A group push is one shared `Bytes` for every recipient, so its
+    /// JSON connections on this shard share one conversion. Holding the protobuf
+    /// frame keeps its allocation alive, so its address identifies it.
+    static LAST: std::cell::RefCell<Option<(Bytes, Bytes)>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Converts one of the server's binary frames (a `MessageEnvelope`, see
 /// [`super::envelope`]) to a text frame with its JSON. Other frames (pong, close) are
-/// returned as they are.
+/// returned as they are. A push or notice sent to several JSON connections in a row
+/// is converted once.
 pub fn text_frame(frame: &Bytes, body_type: Option<&'static str>) -> Result<Bytes, JsonError> {
+    if body_type.is_some() {
+        // A RESPONSE: one recipient.
+        return convert(frame, body_type);
+    }
+    let same = |(pb, _): &(Bytes, Bytes)| pb.as_ptr() == frame.as_ptr() && pb.len() == frame.len();
+    if let Some(text) =
+        LAST.with_borrow(|last| last.as_ref().filter(|l| same(l)).map(|l| l.1.clone()))
+    {
+        return Ok(text);
+    }
+    let text = convert(frame, None)?;
+    LAST.set(Some((frame.clone(), text.clone())));
+    Ok(text)
+}
+
+/// [`text_frame`] without the cache.
+pub fn convert(frame: &Bytes, body_type: Option<&'static str>) -> Result<Bytes, JsonError> {
     let Some((opcode, payload)) = ws::server_frame_payload(frame) else {
         return Err(JsonError::NotAFrame);
     };
@@ -377,6 +403,15 @@ mod tests {
         // Control frames pass unchanged.
         let pong = ws::frame(ws::PONG, b"p");
         assert_eq!(text_frame(&pong, None).unwrap(), pong);
+
+        // The same frame again (a group push's next recipient) is the same conversion;
+        // an equal frame at another address is converted anew.
+        let push = push_frame(&msg);
+        let first = text_frame(&push, None).unwrap();
+        let again = text_frame(&push, None).unwrap();
+        assert_eq!(first.as_ptr(), again.as_ptr());
+        let copy = Bytes::copy_from_slice(&push);
+        assert_ne!(text_frame(&copy, None).unwrap().as_ptr(), first.as_ptr());
     }
 
     #[test]

@@ -660,6 +660,8 @@ fn on_client_frame(
         }
     };
     let req_id = frame.req_id;
+    // What a JSON connection decodes a successful RESPONSE's body as.
+    let body_type = frame.body.as_ref().and_then(json::response_type);
     match frame.body {
         None => {
             if req_id != 0 {
@@ -674,7 +676,7 @@ fn on_client_frame(
                 }
                 .encode_to_vec();
                 let frame = envelope::response_frame(req_id, Ok(body.into()));
-                conn.send_reply(shard, frame, Some("HeartbeatResponse"));
+                conn.send_reply(shard, frame, body_type);
             }
         }
         Some(Body::PushAck(_)) => {
@@ -687,7 +689,6 @@ fn on_client_frame(
             let conn = conn.clone();
             conn.in_flight.set(conn.in_flight.get() + 1);
             shard.request_started();
-            let body_type = json::response_type(&body);
             monoio::spawn(async move {
                 let caller = Caller {
                     user: conn.user.to_string(),
