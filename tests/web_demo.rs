@@ -344,6 +344,44 @@ fn the_page_is_served_only_with_demo_on() {
 }
 
 #[test]
+fn token_prints_a_demo_link() {
+    let token = |extra: &[&str], listen: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imshard"));
+        cmd.args(["token", "--user", "alice", "--jwt-secret", common::SECRET])
+            .args(extra)
+            .env_remove("IMSHARD_LISTEN");
+        if let Some(l) = listen {
+            cmd.env("IMSHARD_LISTEN", l);
+        }
+        let out = cmd.output().expect("imshard token");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_string()
+    };
+    let link = token(&["--demo-url"], None);
+    let jwt = link
+        .strip_prefix("http://127.0.0.1:8080/demo#token=")
+        .unwrap_or_else(|| panic!("{link}"));
+    let claims = imshard::auth::Verifier::new(common::SECRET.as_bytes())
+        .verify(jwt)
+        .expect("a valid token");
+    assert_eq!((claims.sub.as_str(), claims.did.as_str()), ("alice", "web"));
+    let link = token(&["--demo-url"], Some("0.0.0.0:9000"));
+    assert!(
+        link.starts_with("http://127.0.0.1:9000/demo#token="),
+        "{link}"
+    );
+    let link = token(&["--demo-url=https://chat.example/"], None);
+    assert!(
+        link.starts_with("https://chat.example/demo#token="),
+        "{link}"
+    );
+    assert!(!token(&[], None).contains("demo"));
+}
+
+#[test]
 fn two_users_chat_in_a_real_browser() {
     let chromedriver = find_chromedriver();
     if chromedriver.is_none() || !Path::new(CHROMIUM).is_file() {
