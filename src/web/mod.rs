@@ -23,11 +23,6 @@ const FILES: [(&str, &str, &str); 3] = [
     ),
 ];
 
-/// Whether `path` belongs to the page (answered by [`serve`], 404 when unknown).
-pub fn is_demo_path(path: &str) -> bool {
-    path == "/demo" || path.starts_with("/demo/")
-}
-
 /// The file at `path` (`/demo/` is the page too), or None.
 pub fn file(path: &str) -> Option<(&'static str, &'static str)> {
     let path = if path == "/demo/" { "/demo" } else { path };
@@ -37,7 +32,8 @@ pub fn file(path: &str) -> Option<(&'static str, &'static str)> {
         .map(|(_, ty, body)| (*ty, *body))
 }
 
-/// The HTTP answer for a GET of a `/demo` path.
+/// The HTTP answer for a GET of a path starting with `/demo` (404 when it is not one
+/// of the page's files).
 pub fn serve(path: &str, keep_alive: bool) -> Vec<u8> {
     match file(path) {
         Some((ty, body)) => http::response(200, ty, body.as_bytes(), keep_alive),
@@ -60,6 +56,6 @@ mod tests {
         assert_eq!(file("/demo/"), file("/demo"));
         assert!(file("/demo/app.js").is_some());
         assert!(file("/demo/nope").is_none());
-        assert!(is_demo_path("/demo/x") && !is_demo_path("/demox"));
+        assert!(file("/demox").is_none());
     }
 }
