@@ -267,6 +267,22 @@ fn json_and_binary_clients_chat() {
     );
     assert!(denied.get("body").is_none());
 
+    // An admin broadcast of a type of its own keeps `data` as base64.
+    let body =
+        json!({"user_uuids": [alice], "message": {"type": "SYSTEM_NOTICE", "data": "aGVsbG8="}});
+    let (status, _) = server
+        .http(
+            "POST",
+            "/api/v1/admin/broadcast",
+            Some(&server.admin_token()),
+            &body.to_string(),
+        )
+        .expect("broadcast");
+    assert_eq!(status, 200);
+    let notice = a2.next_of("SYSTEM_NOTICE");
+    assert_eq!(notice["data"], "aGVsbG8=");
+    assert!(notice.get("payload").is_none());
+
     // A second connection of the same device replaces the first: KICKOUT as JSON.
     let mut a1b = JsonClient::connect(&server, &alice, "web1");
     let kick = a1.next_of("KICKOUT");
