@@ -113,12 +113,14 @@ impl Driver {
             .spawn()
             .expect("start chromedriver");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        // Built first, so a failed start still stops the process.
+        let driver = Driver { child, addr };
         let deadline = Instant::now() + PATIENCE;
         while !matches!(wd(addr, "GET", "/status", None), Ok(v) if v["ready"] == true) {
             assert!(Instant::now() < deadline, "chromedriver did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
-        Driver { child, addr }
+        driver
     }
 }
 

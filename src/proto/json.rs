@@ -414,6 +414,36 @@ mod tests {
         assert_ne!(text_frame(&copy, None).unwrap().as_ptr(), first.as_ptr());
     }
 
+    /// Garbage and mutated frames are refused, never a panic (a small stand-in for a
+    /// fuzz target: deterministic, so it runs with the unit tests).
+    #[test]
+    fn mutated_input_never_panics() {
+        let valid = br#"{"req_id":"7","send":{"conv_type":"CONV_TYPE_P2P","target":"bob","content":"{}","at_users":["a"]}}"#;
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..5000 {
+            let mut input = valid.to_vec();
+            for _ in 0..(next() % 4 + 1) {
+                let at = (next() as usize) % input.len();
+                match next() % 3 {
+                    0 => input[at] = next() as u8,
+                    1 => input.truncate(at),
+                    _ => input.insert(at, b"{}[]\",:0-e"[(next() % 10) as usize]),
+                }
+                if input.is_empty() {
+                    break;
+                }
+            }
+            let _ = decode_client_frame(&input);
+            let _ = text_frame(&Bytes::from(input), None);
+        }
+    }
+
     #[test]
     fn unknown_broadcast_type_keeps_base64() {
         let env = crate::proto::pb::MessageEnvelope {
