@@ -272,11 +272,21 @@ impl Client {
         self.wait_response(req_id)
     }
 
+    /// The RESPONSE to `req_id`, also when it came before (responses of concurrent
+    /// requests may arrive in any order; one read while waiting for another is kept).
     pub fn wait_response(&mut self, req_id: u64) -> Resp {
+        let kept = self
+            .pushes
+            .iter()
+            .position(|e| e.r#type == "RESPONSE" && e.req_id == req_id);
+        let mut early = kept.and_then(|i| self.pushes.remove(i));
         loop {
-            let env = self
-                .read_envelope()
-                .expect("connection ended while waiting for a response");
+            let env = match early.take() {
+                Some(env) => env,
+                None => self
+                    .read_envelope()
+                    .expect("connection ended while waiting for a response"),
+            };
             if env.r#type == "RESPONSE" && env.req_id == req_id {
                 let r = pb::Response::decode(&*env.data).expect("response decodes");
                 return Resp {
