@@ -86,11 +86,21 @@ impl JsonClient {
     }
 
     fn response(&mut self, req_id: u64) -> Value {
+        // 64-bit integers are strings in the canonical JSON mapping.
+        let answers = |env: &Value| {
+            env["type"] == "RESPONSE"
+                && env["req_id"].as_str().and_then(|s| s.parse::<u64>().ok()) == Some(req_id)
+        };
+        let mut early = match self.kept.iter().position(answers) {
+            Some(i) => Some(self.kept.remove(i)),
+            None => None,
+        };
         loop {
-            let env = self.read().expect("connection ended before the response");
-            // 64-bit integers are strings in the canonical JSON mapping.
-            let id = env["req_id"].as_str().and_then(|s| s.parse::<u64>().ok());
-            if env["type"] == "RESPONSE" && id == Some(req_id) {
+            let env = match early.take() {
+                Some(env) => env,
+                None => self.read().expect("connection ended before the response"),
+            };
+            if answers(&env) {
                 assert!(env.get("data").is_none(), "{env}");
                 return env["payload"].clone();
             }
