@@ -1,4 +1,5 @@
-//! The HTTP side of the port: `/healthz`, `/metrics` and the JSON API of docs/PROTOCOL.md.
+//! The HTTP side of the port: `/healthz`, `/metrics`, the JSON API of docs/PROTOCOL.md
+//! and (with `demo` on) the chat page ([`crate::web`]).
 //! API calls run the same operations as the WebSocket ([`crate::chat::execute`]) on the
 //! caller's user shard, so both transports give identical results.
 
@@ -19,6 +20,7 @@ pub async fn handle(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Vec<u8> {
     match (head.method.as_str(), head.path.as_str()) {
         ("GET", "/healthz") => healthz(shard, ka).await,
         ("GET", "/metrics") => metrics(shard, ka).await,
+        ("GET", r) if r.starts_with("/demo") && shard.cfg.demo => crate::web::serve(r, ka),
         (_, p) if p.starts_with("/api/v1/") => match api(shard, head, body).await {
             Ok(data) => http::json_ok(data, ka),
             Err(e) => http::json_err(&e, ka),

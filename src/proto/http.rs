@@ -240,10 +240,14 @@ pub fn json_err(err: &ApiError, keep_alive: bool) -> Vec<u8> {
     )
 }
 
-/// The 101 answer to a valid upgrade.
-pub fn upgrade_response(accept: &str) -> Vec<u8> {
+/// The 101 answer to a valid upgrade, echoing the chosen subprotocol if any.
+pub fn upgrade_response(accept: &str, subprotocol: Option<&str>) -> Vec<u8> {
+    let protocol = match subprotocol {
+        Some(p) => format!("Sec-WebSocket-Protocol: {p}\r\n"),
+        None => String::new(),
+    };
     format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{protocol}\r\n"
     )
     .into_bytes()
 }

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use crate::chat::group::{CreateGroupCmd, UpdateMembersCmd};
 use crate::chat::{ByIdsCmd, Caller, PullCmd, RecallCmd, SendCmd};
 use crate::codes::ApiError;
+use crate::proto::json::Negotiated;
 use crate::proto::pb::client_frame::Body;
 
 /// Where an answer goes: the asking shard and its call token.
@@ -98,6 +99,8 @@ pub struct HandOver {
     pub device: String,
     pub device_type: String,
     pub ws_key: String,
+    /// The subprotocol chosen from the client's `Sec-WebSocket-Protocol`.
+    pub subprotocol: Negotiated,
     /// Bytes the client sent after the request head (normally none).
     pub leftover: Vec<u8>,
 }
