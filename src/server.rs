@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use crate::auth::{self, SecretSource};
+use crate::chat::filter::{Filter, FilterError};
 use crate::config::Config;
 use crate::shard::{accept, conn, ring, Shard};
 use crate::store::{self, ShardStore};
@@ -18,6 +19,7 @@ use crate::store::{self, ShardStore};
 pub enum StartError {
     Store(store::StoreError),
     Secret(std::io::Error),
+    Filter(FilterError),
     /// The eventfds shards wake each other with could not be created.
     Mesh(std::io::Error),
     Shard {
@@ -31,6 +33,7 @@ impl std::fmt::Display for StartError {
         match self {
             StartError::Store(e) => write!(f, "{e}"),
             StartError::Secret(e) => write!(f, "JWT secret: {e}"),
+            StartError::Filter(e) => write!(f, "{e}"),
             StartError::Mesh(e) => write!(f, "cannot create the shards' eventfds: {e}"),
             StartError::Shard { shard, error } => write!(f, "shard {shard}: {error}"),
         }
@@ -52,6 +55,8 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             cfg.data_dir.display()
         );
     }
+    let filter =
+        Arc::new(Filter::new(&cfg.blocked_words, cfg.filter_mode).map_err(StartError::Filter)?);
     check_open_files(cfg.max_connections);
     block_signals();
     let cfg = Arc::new(cfg);
@@ -62,6 +67,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         let id = parts.id();
         let cfg = cfg.clone();
         let secret = secret.clone();
+        let filter = filter.clone();
         let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
         let ready = ready_tx.clone();
         std::thread::Builder::new()
@@ -82,7 +88,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
                         return;
                     }
                 };
-                rt.block_on(shard_main(id, cfg, secret, parts, ready));
+                rt.block_on(shard_main(id, cfg, filter, secret, parts, ready));
             })
             .map_err(|e| StartError::Shard { shard: id, error: e.to_string() })?;
     }
@@ -111,6 +117,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
 async fn shard_main(
     id: usize,
     cfg: Arc<Config>,
+    filter: Arc<Filter>,
     secret: Arc<[u8]>,
     parts: ring::EndpointParts,
     ready: mpsc::Sender<Result<usize, StartError>>,
@@ -123,7 +130,7 @@ async fn shard_main(
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
-    let shard = Shard::new(id, cfg, &secret, store, parts.into_endpoint());
+    let shard = Shard::new(id, cfg, filter, &secret, store, parts.into_endpoint());
     let listener = match accept::bind(&shard) {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {}: {e}", shard.cfg.listen)),

@@ -22,6 +22,7 @@ use std::task::Poll;
 use local_sync::oneshot;
 
 use crate::auth::Verifier;
+use crate::chat::filter::Filter;
 use crate::chat::{self, ConvState, UserState};
 use crate::codes::ApiError;
 use crate::config::Config;
@@ -96,6 +97,8 @@ pub struct Shard {
     /// Number of shards.
     pub n: usize,
     pub cfg: Arc<Config>,
+    /// The content filter, compiled once at start-up and shared by every shard.
+    pub filter: Arc<Filter>,
     pub verifier: Verifier,
     /// This shard's store (conversations and user rows it owns).
     pub store: Rc<ShardStore>,
@@ -120,6 +123,7 @@ impl Shard {
     pub fn new(
         id: usize,
         cfg: Arc<Config>,
+        filter: Arc<Filter>,
         secret: &[u8],
         store: Rc<ShardStore>,
         ring: Endpoint,
@@ -128,6 +132,7 @@ impl Shard {
         Rc::new(Shard {
             id,
             n: cfg.shards,
+            filter,
             verifier: Verifier::new(secret),
             store,
             ring: Rc::new(ring),
