@@ -300,17 +300,14 @@ async fn admin_api(
 ) -> Result<Value, ApiError> {
     match (method, route) {
         ("POST", "kick") => {
-            let ev: pb::KickEvent = json_body(body)?;
-            crate::ids::check_id("user_uuid", &ev.user_uuid)?;
-            if ev.device_id != "ALL" {
-                crate::ids::check_id("device_id", &ev.device_id)?;
-            }
+            let ev = kick_body(body)?;
             let target = shard.user_shard(&ev.user_uuid);
             let n = shard
                 .call(target, |reply| ShardMsg::Kick {
                     reply,
                     user: ev.user_uuid,
                     device: ev.device_id,
+                    reason: ev.reason,
                 })
                 .await?;
             Ok(serde_json::json!({ "kicked": count(&n) }))
@@ -375,6 +372,18 @@ async fn admin_api(
         }
         _ => Err(ApiError::NotFound("no such admin route")),
     }
+}
+
+/// A KickEvent in JSON, checked: ids valid (`device_id` may be `ALL`), and `reason`
+/// replaced by the KICKOUT reason to send ([`chat::admin::kick_reason`]).
+pub fn kick_body(body: &[u8]) -> Result<pb::KickEvent, ApiError> {
+    let mut ev: pb::KickEvent = json_body(body)?;
+    crate::ids::check_id("user_uuid", &ev.user_uuid)?;
+    if ev.device_id != "ALL" {
+        crate::ids::check_id("device_id", &ev.device_id)?;
+    }
+    ev.reason = chat::admin::kick_reason(&ev.reason)?;
+    Ok(ev)
 }
 
 fn count(b: &[u8]) -> u64 {

@@ -3,8 +3,16 @@
 
 mod common;
 
-use common::Server;
+use common::{Client, Server};
 use imshard::proto::pb;
+use prost::Message as _;
+use serde_json::{json, Value};
+
+fn http_json(server: &Server, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
+    let (status, text) = server.http(method, path, Some(token), body).expect("http");
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    (status, v)
+}
 
 /// The server answers /healthz and a new client can send and receive.
 fn still_serves(server: &Server, tag: &str) {
@@ -33,4 +41,51 @@ fn masking_60_kb_of_multi_byte_blocked_words_does_not_crash() {
     assert_eq!(page.messages.len(), 1);
     assert_eq!(page.messages[0].content, "*".repeat(20_000));
     still_serves(&server, "f");
+}
+
+fn kick(server: &Server, body: &str) -> (u16, Value) {
+    http_json(
+        server,
+        "POST",
+        "/api/v1/admin/kick",
+        &server.admin_token(),
+        body,
+    )
+}
+
+fn kickout_reason(c: &mut Client) -> String {
+    let env = c.next_of("KICKOUT").expect("KICKOUT before close");
+    pb::KickoutNotice::decode(&*env.data)
+        .expect("notice decodes")
+        .reason
+}
+
+#[test]
+fn admin_kick_passes_its_reason_through() {
+    let server = Server::start(2, &[]);
+    let mut phone = server.connect("kr", "phone");
+    let mut laptop = server.connect("kr", "laptop");
+    let (s, v) = kick(
+        &server,
+        r#"{"user_uuid":"kr","device_id":"ALL","reason":"banned"}"#,
+    );
+    assert_eq!((s, v["data"]["kicked"].clone()), (200, json!(2)), "{v}");
+    assert_eq!(kickout_reason(&mut phone), "banned");
+    assert_eq!(kickout_reason(&mut laptop), "banned");
+
+    let mut phone = server.connect("kr", "phone");
+    let (s, _) = kick(
+        &server,
+        r#"{"user_uuid":"kr","device_id":"phone","reason":""}"#,
+    );
+    assert_eq!(s, 200);
+    assert_eq!(kickout_reason(&mut phone), "admin", "empty reason");
+
+    let long = "x".repeat(65);
+    for bad in [long.as_str(), "a\nb", "\u{7}"] {
+        let body = json!({"user_uuid": "kr", "device_id": "ALL", "reason": bad}).to_string();
+        let (s, v) = kick(&server, &body);
+        assert_eq!((s, v["code"].clone()), (400, json!(40001)), "{bad:?}: {v}");
+    }
+    still_serves(&server, "k");
 }

@@ -236,8 +236,9 @@ impl Shard {
                 reply,
                 user,
                 device,
+                reason,
             } => {
-                let n = chat::admin::kick_local(self, &user, &device);
+                let n = chat::admin::kick_local(self, &user, &device, &reason);
                 self.reply(reply, Ok(bytes::Bytes::copy_from_slice(&n.to_be_bytes())));
             }
             ShardMsg::Broadcast {
