@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{Client, Server};
+use std::time::Duration;
+
+use common::{Client, Server, SECRET};
 use imshard::proto::pb;
 use prost::Message as _;
 use serde_json::{json, Value};
@@ -88,4 +90,66 @@ fn admin_kick_passes_its_reason_through() {
         assert_eq!((s, v["code"].clone()), (400, json!(40001)), "{bad:?}: {v}");
     }
     still_serves(&server, "k");
+}
+
+fn future_token(nbf_offset: i64, iat_offset: Option<i64>) -> String {
+    let now = jsonwebtoken::get_current_timestamp() as i64;
+    let mut claims = json!({
+        "sub": "early", "did": "phone", "dty": "mobile",
+        "exp": now + 7200, "nbf": now + nbf_offset,
+    });
+    if let Some(iat) = iat_offset {
+        claims["iat"] = json!(now + iat);
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("encode")
+}
+
+/// Status and body of a WebSocket upgrade with `?token=`.
+fn upgrade(server: &Server, token: &str) -> (u16, String) {
+    common::http_raw(
+        server.addr,
+        "GET",
+        &format!("/ws?token={token}"),
+        None,
+        "",
+        &[
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+    )
+    .expect("upgrade request")
+}
+
+#[test]
+fn tokens_not_yet_valid_are_refused() {
+    let server = Server::start(2, &[]);
+    for token in [future_token(3600, None), future_token(-10, Some(3600))] {
+        let (s, v) = http_json(&server, "GET", "/api/v1/auth/conversations", &token, "");
+        assert_eq!((s, v["code"].clone()), (401, json!(40101)), "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("not yet valid")),
+            "{v}"
+        );
+        let (s, body) = upgrade(&server, &token);
+        assert_eq!(s, 401, "{body}");
+        assert!(body.contains("not yet valid"), "{body}");
+    }
+    // Already valid (nbf in the past), it works on both.
+    let ok = future_token(-10, Some(-10));
+    let (s, v) = http_json(&server, "GET", "/api/v1/auth/conversations", &ok, "");
+    assert_eq!(s, 200, "{v}");
+    let mut c = Client::connect(server.addr, &ok);
+    c.set_timeout(Duration::from_secs(10));
+    let r = c.request(pb::client_frame::Body::Heartbeat(pb::Heartbeat {
+        client_ts: 1,
+    }));
+    assert_eq!(r.code, 0);
 }
