@@ -281,7 +281,7 @@ fn bench_ring(c: &mut Criterion) {
             conv_id: "p2p-alice_00042-bob_00117".into(),
             seq: i as i64,
             send_time: 1_760_000_000_000,
-            users: vec!["bob_00117".to_string()].into(),
+            users: vec![std::sync::Arc::<str>::from("bob_00117")].into(),
             except_user: "alice_00042".into(),
             except_device: "phone".into(),
             left: Vec::new(),
@@ -427,7 +427,9 @@ fn bench_seq_dedupe(c: &mut Criterion) {
 /// as `chat::conv` builds it, without posting it to a live shard).
 fn bench_fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout");
-    let members: Vec<String> = (0..1000).map(|i| format!("user_{i:06}")).collect();
+    let members: Vec<std::sync::Arc<str>> = (0..1000)
+        .map(|i| std::sync::Arc::from(format!("user_{i:06}")))
+        .collect();
     g.throughput(Throughput::Elements(members.len() as u64));
     let frame = push_frame(&msg_item(7));
     for shards in [2usize, 8] {

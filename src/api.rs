@@ -27,6 +27,11 @@ pub async fn handle(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Vec<u8> {
     }
 }
 
+/// The operators' paths: served only on `admin_listen` when that is set.
+pub fn is_admin_path(path: &str) -> bool {
+    path == "/metrics" || path == "/healthz" || path.starts_with("/api/v1/admin/")
+}
+
 async fn healthz(shard: &Rc<Shard>, ka: bool) -> Vec<u8> {
     let mut pending = Vec::with_capacity(shard.n);
     for target in 0..shard.n {
@@ -110,39 +115,22 @@ pub fn metric_values(shard: &Shard) -> [u64; 10] {
     ]
 }
 
-/// Prometheus text of every shard (asked over the rings), one series per shard.
+/// Prometheus text of every shard (asked over the rings), one series per shard; a
+/// shard that does not answer within 2 s shows as `imshard_shard_up 0`.
 async fn metrics(shard: &Rc<Shard>, ka: bool) -> Vec<u8> {
     let mut pending = Vec::with_capacity(shard.n);
     for target in 0..shard.n {
         pending.push(shard.call(target, |reply| ShardMsg::Metrics { reply }));
     }
-    let mut per_shard: Vec<Option<Vec<u64>>> = Vec::with_capacity(shard.n);
+    let mut per_shard = Vec::with_capacity(shard.n);
     for p in pending {
         let answered = monoio::time::timeout(std::time::Duration::from_secs(2), p).await;
         per_shard.push(match answered {
-            Ok(Ok(body)) => Some(
-                body.chunks_exact(8)
-                    .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
-                    .collect(),
-            ),
+            Ok(Ok(body)) => crate::metrics::ShardMetrics::decode(&body),
             _ => None,
         });
     }
-    let mut out = String::new();
-    for (i, (name, kind, help)) in METRICS.iter().enumerate() {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (s, values) in per_shard.iter().enumerate() {
-            let Some(v) = values.as_ref().and_then(|v| v.get(i)) else {
-                continue;
-            };
-            if *name == "imshard_store_sync_seconds_total" {
-                let secs = *v as f64 / 1e6;
-                out.push_str(&format!("{name}{{shard=\"{s}\"}} {secs}\n"));
-            } else {
-                out.push_str(&format!("{name}{{shard=\"{s}\"}} {v}\n"));
-            }
-        }
-    }
+    let out = crate::metrics::render(&METRICS, &per_shard);
     http::response(200, "text/plain; version=0.0.4", out.as_bytes(), ka)
 }
 

@@ -23,12 +23,18 @@ pub enum ApiError {
     RecallExpired,
     /// 42202: content has a blocked word and the filter is in `reject` mode.
     ContentRejected,
-    /// 42901: the sender is over the rate limit.
+    /// 42901: the caller is over its request budget (`rate_limit`).
     RateLimited,
+    /// 42901: the caller used up a quota (e.g. `members_added_per_hour`); the text
+    /// names it. Retry after the quota's window.
+    QuotaExceeded(String),
     /// 50001: a bug or an unexpected state; the text is for logs.
     Internal(String),
     /// 50301: the store did not accept the write; nothing was stored.
     StoreUnavailable(String),
+    /// 50301: the server cannot take this now (at `max_connections`, shutting down);
+    /// nothing was done. Retry later, elsewhere if there is another node.
+    Unavailable(&'static str),
 }
 
 pub const OK: i32 = 0;
@@ -48,9 +54,9 @@ impl ApiError {
             ApiError::ContentTooLarge { .. } => 41301,
             ApiError::RecallExpired => 42201,
             ApiError::ContentRejected => 42202,
-            ApiError::RateLimited => 42901,
+            ApiError::RateLimited | ApiError::QuotaExceeded(_) => 42901,
             ApiError::Internal(_) => 50001,
-            ApiError::StoreUnavailable(_) => 50301,
+            ApiError::StoreUnavailable(_) | ApiError::Unavailable(_) => 50301,
         }
     }
 
@@ -61,7 +67,10 @@ impl ApiError {
 
     /// Whether the same request may succeed if sent again unchanged.
     pub fn retryable(&self) -> bool {
-        matches!(self, ApiError::RateLimited | ApiError::StoreUnavailable(_))
+        matches!(
+            self,
+            ApiError::RateLimited | ApiError::StoreUnavailable(_) | ApiError::Unavailable(_)
+        )
     }
 }
 
@@ -78,8 +87,10 @@ impl fmt::Display for ApiError {
             ApiError::RecallExpired => f.write_str("recall window expired"),
             ApiError::ContentRejected => f.write_str("content rejected by the filter"),
             ApiError::RateLimited => f.write_str("rate limited"),
+            ApiError::QuotaExceeded(w) => write!(f, "quota exceeded: {w}"),
             ApiError::Internal(w) => write!(f, "internal error: {w}"),
             ApiError::StoreUnavailable(w) => write!(f, "store unavailable: {w}"),
+            ApiError::Unavailable(w) => write!(f, "unavailable: {w}"),
         }
     }
 }
@@ -98,8 +109,14 @@ pub mod close {
     pub const UNSUPPORTED_DATA: u16 = 1003;
     /// Invalid payload: a binary frame that is not a ClientFrame and has no readable req_id.
     pub const INVALID_PAYLOAD: u16 = 1007;
+    /// Policy violation: a started message did not complete within `frame_timeout`.
+    /// Send each message promptly once its first byte is out.
+    pub const POLICY_VIOLATION: u16 = 1008;
     /// Message too big: over `max_frame_bytes`.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// Try again later: the shard holds too many unfinished incoming messages
+    /// (`frame_memory_bytes`). Reconnect after a short back-off.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// Kicked (replaced, admin kick) or cut as a slow reader. Reconnect only if the
     /// KICKOUT reason allows (not after `replaced` on the same device).
     pub const KICKED: u16 = 4000;

@@ -4,6 +4,7 @@
 //! | key (TOML) | flag | env | default | meaning |
 //! |---|---|---|---|---|
 //! | listen | --listen | IMSHARD_LISTEN | 0.0.0.0:8080 | address every shard listens on (SO_REUSEPORT) |
+//! | admin_listen | --admin-listen | IMSHARD_ADMIN_LISTEN | (none) | if set: `/metrics`, `/healthz` and `/api/v1/admin/*` are served only here (404 on `listen`), and nothing else is |
 //! | shards | --shards | IMSHARD_SHARDS | number of cores | shard threads, each pinned to a core |
 //! | data_dir | --data-dir | IMSHARD_DATA_DIR | ./data | embedded store, shard count, generated JWT secret |
 //! | heartbeat_timeout | --heartbeat-timeout | IMSHARD_HEARTBEAT_TIMEOUT | 90s | silent connections are closed after this |
@@ -15,7 +16,13 @@
 //! | blocked_words | --blocked-words | IMSHARD_BLOCKED_WORDS | (none) | comma-separated words the content filter looks for |
 //! | filter_mode | --filter-mode | IMSHARD_FILTER_MODE | reject | `reject` (42202) or `mask` (replace with `*`) |
 //! | outbound_queue_bytes | --outbound-queue-bytes | IMSHARD_OUTBOUND_QUEUE_BYTES | 4194304 | a connection whose unsent bytes pass this is cut (slow reader) |
-//! | max_connections | --max-connections | IMSHARD_MAX_CONNECTIONS | 1000000 | start-up warns when the open-files limit cannot hold this |
+//! | max_connections | --max-connections | IMSHARD_MAX_CONNECTIONS | 1000000 | upgrades past this many open connections get HTTP 503; start-up warns when the open-files limit cannot hold it |
+//! | frame_timeout | --frame-timeout | IMSHARD_FRAME_TIMEOUT | 10s | a started WebSocket message must complete within this (else close 1008) |
+//! | frame_memory_bytes | --frame-memory-bytes | IMSHARD_FRAME_MEMORY_BYTES | 134217728 | per shard: bytes of unfinished incoming messages held at once; a connection that would pass it is closed (1013) |
+//! | max_requests_in_flight | --max-requests-in-flight | IMSHARD_MAX_REQUESTS_IN_FLIGHT | 64 | per connection: requests being served at once; past it the connection is not read until one finishes |
+//! | max_groups_owned | --max-groups-owned | IMSHARD_MAX_GROUPS_OWNED | 1000 | groups one user may create (40301 past it; 0 = no limit) |
+//! | members_added_per_hour | --members-added-per-hour | IMSHARD_MEMBERS_ADDED_PER_HOUR | 200000 | member ids one user may name in creates and adds per hour (42901 past it; 0 = no limit) |
+//! | shutdown_grace | --shutdown-grace | IMSHARD_SHUTDOWN_GRACE | 5s | on SIGTERM/SIGINT: how long to answer in-flight requests and spread the close frames |
 //! | log | --log | IMSHARD_LOG | info,fjall=warn,lsm_tree=warn | tracing filter (e.g. `info,imshard=debug`) |
 //!
 //! Durations are written `90s`, `2m`, `1h`, `1d`, `250ms` or a number of seconds.
@@ -38,6 +45,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start-up, so its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
@@ -64,6 +73,8 @@ pub struct ServeArgs {
     pub common: CommonArgs,
     #[arg(long, env = "IMSHARD_LISTEN")]
     pub listen: Option<SocketAddr>,
+    #[arg(long, env = "IMSHARD_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     #[arg(long, env = "IMSHARD_SHARDS")]
     pub shards: Option<usize>,
     #[arg(long, env = "IMSHARD_HEARTBEAT_TIMEOUT", value_parser = parse_duration)]
@@ -84,6 +95,18 @@ pub struct ServeArgs {
     pub outbound_queue_bytes: Option<usize>,
     #[arg(long, env = "IMSHARD_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    #[arg(long, env = "IMSHARD_FRAME_TIMEOUT", value_parser = parse_duration)]
+    pub frame_timeout: Option<Duration>,
+    #[arg(long, env = "IMSHARD_FRAME_MEMORY_BYTES")]
+    pub frame_memory_bytes: Option<usize>,
+    #[arg(long, env = "IMSHARD_MAX_REQUESTS_IN_FLIGHT")]
+    pub max_requests_in_flight: Option<u16>,
+    #[arg(long, env = "IMSHARD_MAX_GROUPS_OWNED")]
+    pub max_groups_owned: Option<u32>,
+    #[arg(long, env = "IMSHARD_MEMBERS_ADDED_PER_HOUR")]
+    pub members_added_per_hour: Option<u32>,
+    #[arg(long, env = "IMSHARD_SHUTDOWN_GRACE", value_parser = parse_duration)]
+    pub shutdown_grace: Option<Duration>,
     #[arg(long, env = "IMSHARD_LOG")]
     pub log: Option<String>,
 }
@@ -121,6 +144,7 @@ pub enum FilterMode {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
     shards: Option<usize>,
     data_dir: Option<PathBuf>,
     #[serde(default, deserialize_with = "de_duration")]
@@ -135,6 +159,14 @@ struct FileConfig {
     filter_mode: Option<FilterMode>,
     outbound_queue_bytes: Option<usize>,
     max_connections: Option<usize>,
+    #[serde(default, deserialize_with = "de_duration")]
+    frame_timeout: Option<Duration>,
+    frame_memory_bytes: Option<usize>,
+    max_requests_in_flight: Option<u16>,
+    max_groups_owned: Option<u32>,
+    members_added_per_hour: Option<u32>,
+    #[serde(default, deserialize_with = "de_duration")]
+    shutdown_grace: Option<Duration>,
     log: Option<String>,
 }
 
@@ -142,6 +174,8 @@ struct FileConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The operators' address: metrics, health and admin API move here when set.
+    pub admin_listen: Option<SocketAddr>,
     pub shards: usize,
     pub data_dir: PathBuf,
     pub heartbeat_timeout: Duration,
@@ -154,6 +188,12 @@ pub struct Config {
     pub filter_mode: FilterMode,
     pub outbound_queue_bytes: usize,
     pub max_connections: usize,
+    pub frame_timeout: Duration,
+    pub frame_memory_bytes: usize,
+    pub max_requests_in_flight: u16,
+    pub max_groups_owned: u32,
+    pub members_added_per_hour: u32,
+    pub shutdown_grace: Duration,
     pub log: String,
 }
 
@@ -161,6 +201,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: None,
             shards: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
@@ -175,6 +216,12 @@ impl Default for Config {
             filter_mode: FilterMode::Reject,
             outbound_queue_bytes: 4 << 20,
             max_connections: 1_000_000,
+            frame_timeout: Duration::from_secs(10),
+            frame_memory_bytes: 128 << 20,
+            max_requests_in_flight: 64,
+            max_groups_owned: 1000,
+            members_added_per_hour: 200_000,
+            shutdown_grace: Duration::from_secs(5),
             log: "info,fjall=warn,lsm_tree=warn".to_string(),
         }
     }
@@ -216,6 +263,7 @@ impl Config {
         let d = Config::default();
         let c = Config {
             listen: a.listen.or(f.listen).unwrap_or(d.listen),
+            admin_listen: a.admin_listen.or(f.admin_listen),
             shards: a.shards.or(f.shards).unwrap_or(d.shards),
             data_dir: a
                 .common
@@ -259,6 +307,30 @@ impl Config {
                 .max_connections
                 .or(f.max_connections)
                 .unwrap_or(d.max_connections),
+            frame_timeout: a
+                .frame_timeout
+                .or(f.frame_timeout)
+                .unwrap_or(d.frame_timeout),
+            frame_memory_bytes: a
+                .frame_memory_bytes
+                .or(f.frame_memory_bytes)
+                .unwrap_or(d.frame_memory_bytes),
+            max_requests_in_flight: a
+                .max_requests_in_flight
+                .or(f.max_requests_in_flight)
+                .unwrap_or(d.max_requests_in_flight),
+            max_groups_owned: a
+                .max_groups_owned
+                .or(f.max_groups_owned)
+                .unwrap_or(d.max_groups_owned),
+            members_added_per_hour: a
+                .members_added_per_hour
+                .or(f.members_added_per_hour)
+                .unwrap_or(d.members_added_per_hour),
+            shutdown_grace: a
+                .shutdown_grace
+                .or(f.shutdown_grace)
+                .unwrap_or(d.shutdown_grace),
             log: a.log.clone().or(f.log).unwrap_or(d.log),
         };
         c.validate()?;
@@ -295,6 +367,26 @@ impl Config {
         }
         if self.outbound_queue_bytes < self.max_frame_bytes {
             return bad("outbound_queue_bytes must be at least max_frame_bytes".into());
+        }
+        if let Some(admin) = self.admin_listen {
+            if admin.port() == self.listen.port() && admin.port() != 0 {
+                return bad(format!(
+                    "admin_listen ({admin}) must use another port than listen ({})",
+                    self.listen
+                ));
+            }
+        }
+        if self.frame_timeout < Duration::from_secs(1) {
+            return bad("frame_timeout must be at least 1s".into());
+        }
+        if self.frame_memory_bytes < self.max_frame_bytes {
+            return bad("frame_memory_bytes must be at least max_frame_bytes".into());
+        }
+        if self.max_requests_in_flight == 0 {
+            return bad("max_requests_in_flight must be at least 1".into());
+        }
+        if self.shutdown_grace > Duration::from_secs(600) {
+            return bad("shutdown_grace must be at most 10m".into());
         }
         if matches!(&self.jwt_secret, Some(s) if s.len() < 16) {
             return bad("jwt_secret must be at least 16 bytes".into());
@@ -376,6 +468,15 @@ mod tests {
         assert_eq!(c.shards, 3);
         assert_eq!(c.heartbeat_timeout, Duration::from_secs(30));
         assert_eq!(c.rate_limit, 7);
+        assert_eq!(c.admin_listen, None);
+        std::fs::write(&p, "admin_listen = \"127.0.0.1:9090\"\n").unwrap();
+        let c = Config::from_serve_args(&a).unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        std::fs::write(&p, "admin_listen = \"127.0.0.1:8080\"\n").unwrap();
+        assert!(matches!(
+            Config::from_serve_args(&a),
+            Err(ConfigError::Invalid(..))
+        ));
         std::fs::write(&p, "shard = 3\n").unwrap();
         assert!(matches!(
             Config::from_serve_args(&a),

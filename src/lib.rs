@@ -14,7 +14,8 @@
 //!   send, pull, recall, fan-out); [`chat::group`] members, roles and membership
 //!   changes; [`chat::convlist`] conversation lists, read marks, unread;
 //!   [`chat::user`] the user side (devices, rows, delivery).
-//! - [`api`]: the HTTP JSON API, `/healthz`, `/metrics`.
+//! - [`api`]: the HTTP JSON API, `/healthz`, `/metrics`; [`metrics`]: histograms,
+//!   refusal and cut counters each shard records, and the scrape's rendering.
 //! - [`proto`]: wire formats: protobuf types, WebSocket frames, HTTP, envelopes.
 //! - [`store`]: the storage interface and its embedded (fjall) backend.
 //! - [`auth`]: JWT verification and minting; [`config`]: flags, env, TOML.
@@ -28,6 +29,7 @@ pub mod codes;
 pub mod config;
 pub mod ids;
 pub mod limits;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod shard;

@@ -13,6 +13,19 @@ pub const CONV_PAGE_MAX: i32 = 200;
 /// GetUnread: default and maximum messages per conversation.
 pub const UNREAD_PER_CONV_DEFAULT: i32 = 50;
 pub const UNREAD_PER_CONV_MAX: i32 = 200;
+/// Pull, GetMessagesByIds and GetUnread stop adding messages once a reply holds this
+/// many bytes of stored messages (always at least one message), and say so
+/// (`has_more`). Well under the default `outbound_queue_bytes` (4 MiB), so a reply
+/// never gets its own client cut as a slow reader: 200 messages of 64 KiB would be
+/// 12.8 MB. See [`reply_budget`] for the effective value.
+pub const REPLY_MESSAGE_BYTES: usize = 1 << 20;
+
+/// The byte budget of one reply: [`REPLY_MESSAGE_BYTES`], or a quarter of the
+/// configured `outbound_queue_bytes` if that is smaller.
+pub fn reply_budget(outbound_queue_bytes: usize) -> usize {
+    REPLY_MESSAGE_BYTES.min(outbound_queue_bytes / 4)
+}
+
 /// The dedupe window for (sender, client_msg_id).
 pub const DEDUPE_WINDOW_MS: i64 = 24 * 3600 * 1000;
 /// client_msg_id: at most this many bytes.

@@ -2,8 +2,15 @@
 //! thread per shard (each with its own io_uring runtime, store, listener, timer wheel
 //! and ring consumer), then waits for SIGINT/SIGTERM.
 //!
-//! Shutdown needs no flush: everything answered is already durable, so the process
-//! exits as soon as a signal arrives.
+//! Shutdown is graceful ([`crate::shard::shutdown`]): every shard stops accepting,
+//! answers its requests in flight, sends close 1001 to every connection (spread over
+//! `shutdown_grace`) and lets its store finish; the process then exits 0. A second
+//! signal exits at once (status 130).
+//!
+//! Failures are loud, never a zombie: a panic anywhere logs and aborts the process
+//! (a shard thread that unwound would leave the others queueing to it forever), and
+//! so does a failed fsync (see the store). The supervisor (systemd, Kubernetes)
+//! restarts it; the store's journal recovers everything that was acknowledged.
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -11,7 +18,8 @@ use std::sync::Arc;
 use crate::auth::{self, SecretSource};
 use crate::chat::filter::{Filter, FilterError};
 use crate::config::Config;
-use crate::shard::{accept, conn, ring, Shard};
+use crate::shard::accept::Port;
+use crate::shard::{accept, conn, ring, shutdown, Global, Shard};
 use crate::store::{self, ShardStore};
 
 /// Why the server could not start.
@@ -58,13 +66,20 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     let filter =
         Arc::new(Filter::new(&cfg.blocked_words, cfg.filter_mode).map_err(StartError::Filter)?);
     check_open_files(cfg.max_connections);
+    abort_on_panic();
     block_signals();
     let cfg = Arc::new(cfg);
+    let global = Arc::new(Global::default());
+    let (drained_tx, drained_rx) = mpsc::channel::<usize>();
+    let mut bells = Vec::with_capacity(cfg.shards);
     let secret: Arc<[u8]> = secret.into();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, StartError>>();
     for parts in ring::mesh(cfg.shards).map_err(StartError::Mesh)? {
         let id = parts.id();
+        bells.push(parts.bell());
+        let global = global.clone();
+        let drained = drained_tx.clone();
         let cfg = cfg.clone();
         let secret = secret.clone();
         let filter = filter.clone();
@@ -88,7 +103,16 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
                         return;
                     }
                 };
-                rt.block_on(shard_main(id, cfg, filter, secret, parts, ready));
+                let started = Started {
+                    id,
+                    cfg,
+                    filter,
+                    secret,
+                    global,
+                    ready,
+                    drained,
+                };
+                rt.block_on(shard_main(started, parts));
             })
             .map_err(|e| StartError::Shard { shard: id, error: e.to_string() })?;
     }
@@ -105,23 +129,59 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             }
         }
     }
-    tracing::info!(listen = %cfg.listen, shards = cfg.shards, data_dir = %cfg.data_dir.display(), "imshard is serving");
+    tracing::info!(listen = %cfg.listen, admin_listen = ?cfg.admin_listen, shards = cfg.shards, data_dir = %cfg.data_dir.display(), "imshard is serving");
     let sig = wait_for_signal();
+    let grace = cfg.shutdown_grace;
     tracing::info!(
         signal = sig,
-        "shutting down; every answered message is already durable"
+        grace_ms = grace.as_millis() as u64,
+        "shutting down: closing connections (a second signal exits at once)"
     );
+    global
+        .shutting_down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    for bell in &bells {
+        bell.ring();
+    }
+    std::thread::spawn(|| {
+        let sig = wait_for_signal();
+        eprintln!("imshard: second signal ({sig}); exiting now");
+        std::process::exit(130);
+    });
+    let deadline = std::time::Instant::now() + grace + std::time::Duration::from_secs(5);
+    for _ in 0..cfg.shards {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if drained_rx.recv_timeout(left).is_err() {
+            tracing::warn!("a shard did not finish draining in time; exiting anyway");
+            break;
+        }
+    }
+    tracing::info!("stopped; every answered message is durable");
     Ok(())
 }
 
-async fn shard_main(
+/// What a shard thread starts with.
+struct Started {
     id: usize,
     cfg: Arc<Config>,
     filter: Arc<Filter>,
     secret: Arc<[u8]>,
-    parts: ring::EndpointParts,
+    global: Arc<Global>,
     ready: mpsc::Sender<Result<usize, StartError>>,
-) {
+    /// Told the shard's id once it drained after a shutdown signal.
+    drained: mpsc::Sender<usize>,
+}
+
+async fn shard_main(started: Started, parts: ring::EndpointParts) {
+    let Started {
+        id,
+        cfg,
+        filter,
+        secret,
+        global,
+        ready,
+        drained,
+    } = started;
     let fail = |error: String| {
         let _ = ready.send(Err(StartError::Shard { shard: id, error }));
     };
@@ -130,12 +190,27 @@ async fn shard_main(
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
-    let shard = Shard::new(id, cfg, filter, &secret, store, parts.into_endpoint());
-    let listener = match accept::bind(&shard) {
+    let shard = Shard::new(
+        id,
+        cfg,
+        filter,
+        &secret,
+        store,
+        parts.into_endpoint(),
+        global,
+    );
+    let listener = match accept::bind(shard.cfg.listen) {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {}: {e}", shard.cfg.listen)),
     };
-    monoio::spawn(accept::accept_loop(shard.clone(), listener));
+    monoio::spawn(accept::accept_loop(shard.clone(), listener, Port::Public));
+    if let Some(addr) = shard.cfg.admin_listen {
+        let admin = match accept::bind(addr) {
+            Ok(l) => l,
+            Err(e) => return fail(format!("cannot listen on {addr} (admin): {e}")),
+        };
+        monoio::spawn(accept::accept_loop(shard.clone(), admin, Port::Admin));
+    }
     monoio::spawn(conn::heartbeat_ticker(shard.clone()));
     {
         let shard = shard.clone();
@@ -144,6 +219,24 @@ async fn shard_main(
                 .listen(|| {
                     shard.ring.wake_local();
                     shard.store.wake_local();
+                    let stop = shard
+                        .global
+                        .shutting_down
+                        .load(std::sync::atomic::Ordering::SeqCst);
+                    if stop && shard.begin_draining() {
+                        let conns = shard
+                            .users
+                            .borrow()
+                            .values()
+                            .flat_map(|u| u.conns.iter().cloned())
+                            .collect();
+                        let shard = shard.clone();
+                        let drained = drained.clone();
+                        monoio::spawn(async move {
+                            shutdown::drain(shard.clone(), conns).await;
+                            let _ = drained.send(shard.id);
+                        });
+                    }
                 })
                 .await;
             // Without its bell a shard would hear of other shards' messages and of
@@ -210,6 +303,16 @@ fn check_open_files(max_connections: usize) {
             "the open-files limit cannot hold --max-connections; raise LimitNOFILE / nofile (run tuning/check)"
         );
     }
+}
+
+/// A panic in any thread logs and aborts the whole process (see the module docs).
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!(%info, "a thread panicked; aborting the process");
+        std::process::abort();
+    }));
 }
 
 fn signal_set() -> libc::sigset_t {

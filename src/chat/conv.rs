@@ -24,7 +24,7 @@ use crate::proto::pb::{
     RecallNotice, SendMessageResponse,
 };
 use crate::proto::store_pb::{ConvSummaries, ConvSummary, DedupeRecord};
-use crate::shard::msg::{Delivery, Notice, Recipients, ReplyTo, ShardMsg};
+use crate::shard::msg::{Delivery, Notice, Recipients, ReplyTo, ShardMsg, UserId};
 use crate::shard::Shard;
 use crate::store::embedded::WriteSet;
 
@@ -48,12 +48,12 @@ pub struct ConvState {
 }
 
 /// Recipients by owner shard (index = shard id), each list shared by reference.
-pub type ByShard = Rc<Vec<Arc<[String]>>>;
+pub type ByShard = Rc<Vec<Arc<[UserId]>>>;
 
 /// Groups users by the shard that owns them: done once per membership change for a
 /// group, so a message's fan-out costs one ring message per shard, not per member.
-pub fn split_by_shard(n: usize, users: impl IntoIterator<Item = String>) -> Vec<Arc<[String]>> {
-    let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); n];
+pub fn split_by_shard(n: usize, users: impl IntoIterator<Item = UserId>) -> Vec<Arc<[UserId]>> {
+    let mut by_shard: Vec<Vec<UserId>> = vec![Vec::new(); n];
     for u in users {
         by_shard[crate::shard::shard_of_user(&u, n)].push(u);
     }
@@ -74,6 +74,11 @@ pub(crate) struct FanoutJob {
 }
 
 impl ConvState {
+    /// Fan-out jobs queued behind this conversation.
+    pub fn queued_fanout(&self) -> usize {
+        self.fanout.len()
+    }
+
     /// Callers waiting for in-flight sends (answered with an error on a store reset).
     pub fn into_waiters(self) -> impl Iterator<Item = ReplyTo> {
         self.in_flight.into_values().flatten()
@@ -153,7 +158,10 @@ pub fn handle_send(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
     }
     let assigned = with_conv(shard, &cmd.conv_id, |c| {
         let members = match (&c.group, cmd.conv_type) {
-            (_, ConvType::P2p) => Rc::new(split_by_shard(shard.n, cmd.members.iter().cloned())),
+            (_, ConvType::P2p) => Rc::new(split_by_shard(
+                shard.n,
+                cmd.members.iter().map(|m| UserId::from(m.as_str())),
+            )),
             (Some(g), _) if g.is_member(&cmd.sender) => g.by_shard.clone(),
             (Some(_), _) => return Err(ApiError::Forbidden("not a member of this group")),
             (None, _) => return Err(ApiError::NotFound("no such group")),
@@ -268,6 +276,7 @@ pub(crate) fn fan_out(
         match convs.get_mut(&job.conv_id) {
             Some(c) if c.fanout_running || recipients(&job.targets) > FANOUT_CHUNK => {
                 c.fanout.push_back(job);
+                shard.fanout_queued.set(shard.fanout_queued.get() + 1);
                 !std::mem::replace(&mut c.fanout_running, true)
             }
             _ => {
@@ -316,7 +325,12 @@ async fn drain_fanout(shard: Rc<Shard>, conv_id: String) {
                 return;
             };
             match c.fanout.pop_front() {
-                Some(j) => j,
+                Some(j) => {
+                    shard
+                        .fanout_queued
+                        .set(shard.fanout_queued.get().saturating_sub(1));
+                    j
+                }
                 None => {
                     c.fanout_running = false;
                     return;
@@ -328,6 +342,8 @@ async fn drain_fanout(shard: Rc<Shard>, conv_id: String) {
                 let users = Recipients::range(list.clone(), start, start + FANOUT_CHUNK);
                 deliver(&shard, &job, target, users);
                 crate::shard::yield_now().await;
+                // A full ring slows the fan-out instead of growing the outbox.
+                shard.ring_room().await;
             }
         }
     }
@@ -335,7 +351,8 @@ async fn drain_fanout(shard: Rc<Shard>, conv_id: String) {
 
 /// Answers a pull: FORWARD from anchor_seq + 1 upwards, BACKWARD the `limit` seqs just
 /// below anchor_seq (0 = from the newest); ascending either way; never at or below the
-/// caller's clear_seq, never past what is durable.
+/// caller's clear_seq, never past what is durable. Stops early (with `has_more`) once
+/// the messages reach `pull.max_bytes`, so paging by seq gets the rest.
 pub fn handle_pull(shard: &Rc<Shard>, pull: &PullCmd) -> Result<Bytes, ApiError> {
     let conv = ConvRef::parse(&pull.conv_id)?;
     check_member(shard, &pull.conv_id, &conv, &pull.user)?;
@@ -350,14 +367,19 @@ pub fn handle_pull(shard: &Rc<Shard>, pull: &PullCmd) -> Result<Bytes, ApiError>
         let lo = floor.max(1);
         let msgs = shard
             .store
-            .messages(&pull.conv_id, lo, hi, pull.limit, true)?;
+            .messages(&pull.conv_id, lo, hi, pull.limit, true, pull.max_bytes)?;
         let more = msgs.first().is_some_and(|m| m.seq > lo);
         (msgs, more)
     } else {
         let lo = (pull.anchor_seq + 1).max(floor);
-        let msgs = shard
-            .store
-            .messages(&pull.conv_id, lo, max_seq, pull.limit, false)?;
+        let msgs = shard.store.messages(
+            &pull.conv_id,
+            lo,
+            max_seq,
+            pull.limit,
+            false,
+            pull.max_bytes,
+        )?;
         let more = msgs.last().is_some_and(|m| m.seq < max_seq);
         (msgs, more)
     };
@@ -392,26 +414,32 @@ fn check_member(
     }
 }
 
-/// Members who receive a conversation's notices.
-fn members_of(shard: &Shard, conv_id: &str, conv: &ConvRef<'_>) -> Rc<Vec<String>> {
+/// Members who receive a conversation's notices, by owner shard.
+fn members_of(shard: &Shard, conv_id: &str, conv: &ConvRef<'_>) -> ByShard {
     match conv {
-        ConvRef::P2p { a, b } => Rc::new(vec![a.to_string(), b.to_string()]),
-        ConvRef::Group { .. } => {
-            with_conv(shard, conv_id, |c| c.group.as_ref().map(|g| g.list.clone()))
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-        }
+        ConvRef::P2p { a, b } => Rc::new(split_by_shard(
+            shard.n,
+            [UserId::from(*a), UserId::from(*b)],
+        )),
+        ConvRef::Group { .. } => with_conv(shard, conv_id, |c| {
+            c.group.as_ref().map(|g| g.by_shard.clone())
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_default(),
     }
 }
 
 /// Answers messages by msg_id, in request order, skipping unknown ids and anything at
-/// or below the caller's clear_seq.
+/// or below the caller's clear_seq. Stops at the first message that would take the
+/// reply past `cmd.max_bytes` (the first found is always returned): the ids after it
+/// are left out, and the client asks for them again.
 pub fn handle_by_ids(shard: &Rc<Shard>, cmd: &ByIdsCmd) -> Result<Bytes, ApiError> {
     let conv = ConvRef::parse(&cmd.conv_id)?;
     check_member(shard, &cmd.conv_id, &conv, &cmd.user)?;
     let durable = with_conv(shard, &cmd.conv_id, |c| c.durable_seq)?;
     let mut messages = Vec::with_capacity(cmd.msg_ids.len());
+    let mut bytes = 0usize;
     for id in &cmd.msg_ids {
         let Some(seq) = shard.store.seq_of_msg_id(&cmd.conv_id, id)? else {
             continue;
@@ -420,6 +448,10 @@ pub fn handle_by_ids(shard: &Rc<Shard>, cmd: &ByIdsCmd) -> Result<Bytes, ApiErro
             continue;
         }
         if let Some(m) = shard.store.message(&cmd.conv_id, seq)? {
+            bytes += m.encoded_len();
+            if !messages.is_empty() && bytes > cmd.max_bytes {
+                break;
+            }
             messages.push(m);
         }
     }
@@ -510,19 +542,16 @@ pub fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
     });
 }
 
-/// Sends a notice frame to every member's shard (one message per shard).
-pub fn notify_members(shard: &Rc<Shard>, frame: Bytes, members: &[String]) {
-    let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); shard.n];
-    for m in members {
-        by_shard[shard.user_shard(m)].push(m.clone());
-    }
-    for (target, users) in by_shard.into_iter().enumerate() {
+/// Sends a notice frame to every member's shard (one message per shard, the member
+/// lists shared by reference).
+pub fn notify_members(shard: &Rc<Shard>, frame: Bytes, members: &ByShard) {
+    for (target, users) in members.iter().enumerate() {
         if !users.is_empty() {
             shard.post(
                 target,
                 ShardMsg::Notify(Box::new(Notice {
                     frame: frame.clone(),
-                    users,
+                    users: Recipients::all(users.clone()),
                 })),
             );
         }

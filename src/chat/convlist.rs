@@ -128,7 +128,18 @@ pub async fn get_conversations(
         .filter(|i| i.updated_at > req.updated_since)
         .filter(|i| req.cursor == 0 || i.updated_at < req.cursor)
         .collect();
-    let mut end = items.len().min(page_size);
+    // Items carry their last message (up to max_content_bytes each): the page also
+    // ends at the reply budget, so 200 of them never cut the caller as a slow reader.
+    let budget = limits::reply_budget(shard.cfg.outbound_queue_bytes);
+    let mut end = 0;
+    let mut bytes = 0;
+    while end < items.len().min(page_size) {
+        bytes += items[end].encoded_len();
+        if end > 0 && bytes > budget {
+            break;
+        }
+        end += 1;
+    }
     while end > 0 && end < items.len() && items[end].updated_at == items[end - 1].updated_at {
         end += 1;
     }
@@ -262,6 +273,9 @@ pub async fn update_settings(
 
 /// Every conversation with unread messages, with up to `per_conv_limit` of them (the
 /// newest, in ascending order), and the total: what an app needs after being offline.
+/// Conversations are listed (most recently updated first) until the reply holds
+/// [`limits::reply_budget`] bytes; then `has_more` is set and the rest is left to Pull
+/// (`total_unread` still counts every conversation).
 pub async fn get_unread(
     shard: &Rc<Shard>,
     caller: &Caller,
@@ -277,49 +291,66 @@ pub async fn get_unread(
         .into_iter()
         .filter(|i| i.unread_count > 0)
         .collect();
-    let pulls: Vec<_> = items
-        .iter()
-        .map(|i| {
-            let cmd = PullCmd {
-                conv_id: i.conv_id.clone(),
-                user: caller.user.clone(),
-                anchor_seq: 0,
-                limit,
-                backward: true,
-                clear_seq: i.read_seq.max(i.clear_seq),
-            };
-            let target = shard.conv_shard(&cmd.conv_id);
-            shard.call(target, |reply| ShardMsg::Pull {
+    let total_unread: i64 = items.iter().map(|i| i64::from(i.unread_count)).sum();
+    // One budget for the whole reply, so it fits the caller's outbound queue. Pulls run
+    // one after another, each with what is left: at most one budget of messages is in
+    // memory, however many conversations are unread.
+    let budget = limits::reply_budget(shard.cfg.outbound_queue_bytes);
+    let mut used = 0usize;
+    let mut has_more = false;
+    let mut conversations = Vec::new();
+    for conversation in items {
+        if used >= budget {
+            has_more = true;
+            break;
+        }
+        let cmd = PullCmd {
+            conv_id: conversation.conv_id.clone(),
+            user: caller.user.clone(),
+            anchor_seq: 0,
+            limit,
+            backward: true,
+            clear_seq: conversation.read_seq.max(conversation.clear_seq),
+            max_bytes: budget - used,
+        };
+        let target = shard.conv_shard(&cmd.conv_id);
+        let pulled = shard
+            .call(target, |reply| ShardMsg::Pull {
                 reply,
                 pull: Box::new(cmd),
             })
-        })
-        .collect();
-    let mut total_unread = 0i64;
-    let mut conversations = Vec::with_capacity(items.len());
-    for (conversation, pull) in items.into_iter().zip(pulls) {
+            .await;
         // A removed group member keeps the unread count of what came before the removal
         // but may no longer read the group: no messages for that row.
-        let messages = match pull.await {
+        let messages = match pulled {
             Ok(body) => {
-                PullMessagesResponse::decode(&*body)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?
-                    .messages
+                let page = PullMessagesResponse::decode(&*body)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                // Fewer than asked for with more below: the budget cut it short.
+                if page.has_more && page.messages.len() < limit {
+                    has_more = true;
+                }
+                page.messages
             }
             Err(ApiError::Forbidden(_)) if conversation.conv_type == ConvType::Group as i32 => {
                 Vec::new()
             }
             Err(e) => return Err(e),
         };
-        total_unread += conversation.unread_count as i64;
-        conversations.push(UnreadConversation {
+        let entry = UnreadConversation {
             conversation: Some(conversation),
             messages,
-        });
+        };
+        used += entry.encoded_len();
+        conversations.push(entry);
+        if has_more {
+            break;
+        }
     }
     Ok(GetUnreadResponse {
         total_unread,
         conversations,
+        has_more,
     }
     .encode_to_vec()
     .into())

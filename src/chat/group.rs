@@ -19,7 +19,7 @@ use crate::codes::ApiError;
 use crate::proto::envelope::now_ms;
 use crate::proto::pb::{CreateGroupResponse, MsgItem, UpdateGroupMembersResponse};
 use crate::proto::store_pb::{GroupMeta, MemberRecord};
-use crate::shard::msg::ReplyTo;
+use crate::shard::msg::{ReplyTo, UserId};
 use crate::shard::Shard;
 use crate::store::embedded::WriteSet;
 
@@ -31,18 +31,29 @@ pub const ROLE_OWNER: i32 = 2;
 pub const MSG_GROUP_CREATED: i32 = 100;
 pub const MSG_MEMBERS_CHANGED: i32 = 101;
 
-/// Members and roles of one group.
+/// Members and roles of one group. Each member id is one shared allocation, named by
+/// the role map and by the per-shard lists (about 80 bytes a member in all).
 pub struct GroupState {
     pub name: String,
     pub owner: String,
-    roles: HashMap<String, i32>,
-    /// The members, sorted (shared, rebuilt on change).
-    pub list: Rc<Vec<String>>,
-    /// The members by owner shard, handed to every message's fan-out by reference.
+    roles: HashMap<UserId, i32>,
+    /// The members by owner shard, handed to every message's fan-out by reference
+    /// (rebuilt on change).
     pub by_shard: ByShard,
 }
 
 impl GroupState {
+    /// Every member id, sorted (for the UpdateGroupMembers answer).
+    pub fn sorted_members(&self) -> Vec<String> {
+        let mut list: Vec<String> = self.roles.keys().map(|u| u.to_string()).collect();
+        list.sort_unstable();
+        list
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.roles.len()
+    }
+
     pub fn is_member(&self, user: &str) -> bool {
         self.roles.contains_key(user)
     }
@@ -55,12 +66,12 @@ impl GroupState {
         self.roles.get(user).copied()
     }
 
-    /// Rebuilds the shared lists after a change, for `n` shards.
+    /// Rebuilds the shared per-shard lists after a change, for `n` shards.
     fn rebuild_list(&mut self, n: usize) {
-        let mut list: Vec<String> = self.roles.keys().cloned().collect();
+        let mut list: Vec<UserId> = self.roles.keys().cloned().collect();
         list.sort_unstable();
-        self.by_shard = Rc::new(split_by_shard(n, list.iter().cloned()));
-        self.list = Rc::new(list);
+        self.by_shard = Rc::new(split_by_shard(n, list));
+        self.roles.shrink_to_fit();
     }
 }
 
@@ -69,17 +80,16 @@ pub fn load(shard: &Shard, conv_id: &str) -> Result<Option<Box<GroupState>>, Api
     let Some(meta) = shard.store.group(conv_id)? else {
         return Ok(None);
     };
-    let roles: HashMap<String, i32> = shard
+    let roles: HashMap<UserId, i32> = shard
         .store
         .members(conv_id)?
         .into_iter()
-        .map(|(u, r)| (u, r.role))
+        .map(|(u, r)| (UserId::from(u), r.role))
         .collect();
     let mut g = GroupState {
         name: meta.name,
         owner: meta.owner,
         roles,
-        list: Rc::default(),
         by_shard: Rc::default(),
     };
     g.rebuild_list(shard.n);
@@ -186,21 +196,19 @@ pub fn handle_create(shard: &Rc<Shard>, reply: ReplyTo, cmd: CreateGroupCmd) {
             roles: cmd
                 .members
                 .iter()
-                .map(|m| (m.clone(), ROLE_MEMBER))
+                .map(|m| (UserId::from(m.as_str()), ROLE_MEMBER))
                 .collect(),
-            list: Rc::default(),
             by_shard: Rc::default(),
         };
-        g.roles.insert(cmd.owner.clone(), ROLE_OWNER);
+        g.roles.insert(UserId::from(cmd.owner.as_str()), ROLE_OWNER);
         g.rebuild_list(shard.n);
-        let list = g.list.clone();
         let by_shard = g.by_shard.clone();
         c.group = Some(Box::new(g));
         let seq = c.next_seq;
         c.next_seq += 1;
-        Ok((seq, list, by_shard))
+        Ok((seq, by_shard))
     });
-    let (seq, list, by_shard) = match prepared.and_then(|r| r) {
+    let (seq, by_shard) = match prepared.and_then(|r| r) {
         Ok(v) => v,
         Err(e) => return shard.reply(reply, Err(e)),
     };
@@ -214,7 +222,7 @@ pub fn handle_create(shard: &Rc<Shard>, reply: ReplyTo, cmd: CreateGroupCmd) {
             created_at: now,
         },
     );
-    for m in list.iter() {
+    for m in &cmd.members {
         let role = if *m == cmd.owner {
             ROLE_OWNER
         } else {
@@ -235,7 +243,7 @@ pub fn handle_create(shard: &Rc<Shard>, reply: ReplyTo, cmd: CreateGroupCmd) {
         &cmd.owner,
         MSG_GROUP_CREATED,
         serde_json::json!({"event": "group_created", "operator": cmd.owner, "name": cmd.name,
-            "member_count": list.len(), "members": capped(&list)}),
+            "member_count": cmd.members.len(), "members": capped(&cmd.members)}),
     );
     let body = CreateGroupResponse {
         group_id: cmd.group_id,
@@ -295,12 +303,12 @@ pub fn handle_update(shard: &Rc<Shard>, reply: ReplyTo, cmd: UpdateMembersCmd) {
             }
         }
         // Everyone who should hear of the change: members before it and those added.
-        let before = g.list.clone();
+        let before: Vec<UserId> = g.roles.keys().cloned().collect();
         let mut write = WriteSet::new();
         let (mut added, mut removed, mut admins) = (Vec::new(), Vec::new(), Vec::new());
         for a in &cmd.add {
             if !g.is_member(a) {
-                g.roles.insert(a.clone(), ROLE_MEMBER);
+                g.roles.insert(UserId::from(a.as_str()), ROLE_MEMBER);
                 write.member(
                     &cmd.conv_id,
                     a,
@@ -313,14 +321,14 @@ pub fn handle_update(shard: &Rc<Shard>, reply: ReplyTo, cmd: UpdateMembersCmd) {
             }
         }
         for r in &cmd.remove {
-            if g.roles.remove(r).is_some() {
+            if g.roles.remove(r.as_str()).is_some() {
                 write.remove_member(&cmd.conv_id, r);
                 removed.push(r.clone());
             }
         }
         for a in &cmd.add_admins {
             if g.role(a) == Some(ROLE_MEMBER) {
-                g.roles.insert(a.clone(), ROLE_ADMIN);
+                g.roles.insert(UserId::from(a.as_str()), ROLE_ADMIN);
                 write.member(
                     &cmd.conv_id,
                     a,
@@ -333,11 +341,16 @@ pub fn handle_update(shard: &Rc<Shard>, reply: ReplyTo, cmd: UpdateMembersCmd) {
             }
         }
         g.rebuild_list(shard.n);
-        let after = g.list.clone();
+        let after = g.sorted_members();
         if added.is_empty() && removed.is_empty() && admins.is_empty() {
             return Ok((None, after));
         }
-        let fanout = split_by_shard(shard.n, before.iter().chain(&added).cloned());
+        let fanout = split_by_shard(
+            shard.n,
+            before
+                .into_iter()
+                .chain(added.iter().map(|a| UserId::from(a.as_str()))),
+        );
         let seq = c.next_seq;
         c.next_seq += 1;
         let msg = system_message(
@@ -362,11 +375,9 @@ pub fn handle_update(shard: &Rc<Shard>, reply: ReplyTo, cmd: UpdateMembersCmd) {
         Ok(v) => v,
         Err(e) => return shard.reply(reply, Err(e)),
     };
-    let body: Bytes = UpdateGroupMembersResponse {
-        members: after.to_vec(),
-    }
-    .encode_to_vec()
-    .into();
+    let body: Bytes = UpdateGroupMembersResponse { members: after }
+        .encode_to_vec()
+        .into();
     match change {
         None => shard.reply(reply, Ok(body)),
         Some(change) => commit(shard, reply, change, cmd.device, body),

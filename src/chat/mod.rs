@@ -62,6 +62,9 @@ pub struct PullCmd {
     pub backward: bool,
     /// The caller's clear_seq: nothing at or below it is returned.
     pub clear_seq: i64,
+    /// Stop adding messages once they hold this many bytes (at least one is returned):
+    /// the reply must fit the caller's outbound queue ([`limits::reply_budget`]).
+    pub max_bytes: usize,
 }
 
 /// Messages by id, for the conversation's shard.
@@ -71,6 +74,9 @@ pub struct ByIdsCmd {
     pub user: String,
     pub msg_ids: Vec<String>,
     pub clear_seq: i64,
+    /// Stop before the message that would pass this many bytes (at least one is
+    /// returned); see [`limits::reply_budget`].
+    pub max_bytes: usize,
 }
 
 /// A recall, for the conversation's shard.
@@ -82,7 +88,8 @@ pub struct RecallCmd {
 }
 
 /// Runs one client operation on the caller's user shard. Returns the encoded
-/// XxxResponse for the RESPONSE envelope (or the HTTP JSON reply).
+/// XxxResponse for the RESPONSE envelope (or the HTTP JSON reply). Its latency and any
+/// refusal are recorded there, for /metrics.
 pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<Bytes, ApiError> {
     let owner = shard.user_shard(&caller.user);
     if owner != shard.id {
@@ -95,6 +102,17 @@ pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<B
             })
             .await;
     }
+    let op = crate::metrics::Op::of(&body);
+    let started = std::time::Instant::now();
+    let result = run(shard, caller, body).await;
+    let micros = started.elapsed().as_micros() as u64;
+    shard.counters.recorded.request(op, micros, &result);
+    result
+}
+
+/// Runs one operation on the caller's user shard (this shard).
+async fn run(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<Bytes, ApiError> {
+    user::take_tokens(shard, &caller.user, cost(&body))?;
     match body {
         Body::Send(req) => send(shard, caller, req).await,
         Body::Pull(req) => pull(shard, caller, req).await,
@@ -113,6 +131,30 @@ pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<B
         Body::PushAck(_) => Ok(Bytes::new()),
         Body::CreateGroup(req) => create_group(shard, caller, req).await,
         Body::UpdateMembers(req) => update_members(shard, caller, req).await,
+    }
+}
+
+/// What an operation takes from the caller's request budget (`rate_limit` tokens per
+/// second): one for a message operation, more for what reads or writes much.
+pub fn cost(body: &Body) -> u32 {
+    /// Member ids one token pays for in group changes.
+    const IDS_PER_TOKEN: usize = 100;
+    match body {
+        Body::Heartbeat(_) | Body::PushAck(_) => 0,
+        Body::Send(_)
+        | Body::Pull(_)
+        | Body::GetByIds(_)
+        | Body::Recall(_)
+        | Body::GetConversations(_)
+        | Body::MarkRead(_)
+        | Body::DeleteConversation(_)
+        | Body::UpdateSettings(_) => 1,
+        Body::GetUnread(_) => 5,
+        Body::CreateGroup(r) => 5 + (r.members.len() / IDS_PER_TOKEN) as u32,
+        Body::UpdateMembers(r) => {
+            let ids = r.add.len() + r.remove.len() + r.add_admins.len();
+            5 + (ids / IDS_PER_TOKEN) as u32
+        }
     }
 }
 
@@ -169,7 +211,6 @@ async fn send(
         ConvType::Group => (ids::group_conv_id(&req.target), Vec::new()),
         ConvType::Unspecified => return Err(ApiError::invalid("conv_type must be P2P or GROUP")),
     };
-    user::take_send_token(shard, &caller.user)?;
     let cmd = SendCmd {
         conv_id,
         conv_type,
@@ -215,6 +256,7 @@ async fn pull(
         limit,
         backward: direction == PullDirection::Backward,
         clear_seq,
+        max_bytes: limits::reply_budget(shard.cfg.outbound_queue_bytes),
     };
     let target = shard.conv_shard(&cmd.conv_id);
     shard
@@ -262,6 +304,7 @@ async fn by_ids(
         user: caller.user.clone(),
         msg_ids: req.msg_ids,
         clear_seq,
+        max_bytes: limits::reply_budget(shard.cfg.outbound_queue_bytes),
     };
     let target = shard.conv_shard(&cmd.conv_id);
     shard
@@ -335,6 +378,9 @@ async fn create_group(
     if !members.contains(&caller.user) {
         members.push(caller.user.clone());
     }
+    user::check_groups_owned(shard, &caller.user)?;
+    let named = members.iter().filter(|m| **m != caller.user).count();
+    user::take_member_quota(shard, &caller.user, named)?;
     let cmd = group::CreateGroupCmd {
         conv_id: ids::group_conv_id(&group_id),
         group_id,
@@ -378,6 +424,7 @@ async fn update_members(
         remove: unique_ids("remove", req.remove)?,
         add_admins: unique_ids("add_admins", req.add_admins)?,
     };
+    user::take_member_quota(shard, &caller.user, cmd.add.len())?;
     let target = shard.conv_shard(&cmd.conv_id);
     shard
         .call(target, |reply| ShardMsg::UpdateMembers {

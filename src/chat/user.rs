@@ -1,5 +1,5 @@
-//! The user side, on the user's shard: online devices, conversation rows, the send
-//! rate limit, and delivery of pushes to devices.
+//! The user side, on the user's shard: online devices, conversation rows, the
+//! per-user request budget and quotas, and delivery of pushes to devices.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -23,10 +23,21 @@ pub struct UserState {
     /// purpose: 8 bytes instead of 48 for the many online users never loaded.
     #[allow(clippy::box_collection)]
     rows: Option<Box<HashMap<String, ConvRow>>>,
-    /// Send tokens left (token bucket, refilled at `rate_limit` per second).
+    /// Request tokens left (token bucket, refilled at `rate_limit` per second; may go
+    /// below zero after a costly request, see [`take_tokens`]).
     tokens: f32,
     /// When the bucket was last refilled, ms since the epoch (0 = never).
     refilled_at: i64,
+    /// Member ids named this hour (boxed: most users never create or change groups).
+    quota: Option<Box<MemberQuota>>,
+}
+
+/// Member ids a user named in creates and adds during one clock hour.
+#[derive(Default)]
+struct MemberQuota {
+    /// Hours since the epoch of the window counted in `used`.
+    hour: i64,
+    used: u64,
 }
 
 /// Adds a connection; returns the one it replaces (same device), if any.
@@ -57,16 +68,26 @@ pub fn unregister(shard: &Shard, conn: &Rc<Conn>) {
     }
 }
 
-/// Takes one send token, or answers 42901.
-pub fn take_send_token(shard: &Shard, user: &str) -> Result<(), ApiError> {
+/// Takes `cost` tokens of the user's request budget, or answers 42901.
+///
+/// The bucket refills at `rate_limit` tokens per second up to twice that. A request is
+/// let through when the bucket holds `cost` tokens (or is full, for a request that costs
+/// more than the bucket can hold) and then takes its whole cost, so the bucket may go
+/// below zero: a 100,000-member create is allowed, and the user waits for the debt to
+/// refill before the next request.
+pub fn take_tokens(shard: &Shard, user: &str, cost: u32) -> Result<(), ApiError> {
     let rate = shard.cfg.rate_limit as f32;
-    if rate == 0.0 {
+    if rate == 0.0 || cost == 0 {
         return Ok(());
     }
     let burst = rate * 2.0;
+    let cost = cost as f32;
     let now = now_ms();
     let mut users = shard.users.borrow_mut();
-    let u = users.entry(user.to_string()).or_default();
+    let u = match users.get_mut(user) {
+        Some(u) => u,
+        None => users.entry(user.to_string()).or_default(),
+    };
     let elapsed = if u.refilled_at == 0 {
         f32::MAX
     } else {
@@ -74,12 +95,55 @@ pub fn take_send_token(shard: &Shard, user: &str) -> Result<(), ApiError> {
     };
     u.tokens = (u.tokens + elapsed * rate).min(burst);
     u.refilled_at = now;
-    if u.tokens >= 1.0 {
-        u.tokens -= 1.0;
+    if u.tokens >= cost.min(burst) {
+        u.tokens -= cost;
         Ok(())
     } else {
         Err(ApiError::RateLimited)
     }
+}
+
+/// Counts `n` member ids against the user's `members_added_per_hour`, or answers
+/// 42901 (and counts nothing).
+pub fn take_member_quota(shard: &Shard, user: &str, n: usize) -> Result<(), ApiError> {
+    let limit = shard.cfg.members_added_per_hour as u64;
+    if limit == 0 || n == 0 {
+        return Ok(());
+    }
+    let hour = now_ms() / 3_600_000;
+    let mut users = shard.users.borrow_mut();
+    let u = users.entry(user.to_string()).or_default();
+    let q = u.quota.get_or_insert_with(Box::default);
+    if q.hour != hour {
+        q.hour = hour;
+        q.used = 0;
+    }
+    if q.used + n as u64 > limit {
+        return Err(ApiError::QuotaExceeded(format!(
+            "members_added_per_hour: {} of {limit} used this hour, {n} more asked",
+            q.used
+        )));
+    }
+    q.used += n as u64;
+    Ok(())
+}
+
+/// Groups the user created (counted from its conversation rows, which mark the
+/// creator), against `max_groups_owned` (40301 past it).
+pub fn check_groups_owned(shard: &Shard, user: &str) -> Result<(), ApiError> {
+    let max = shard.cfg.max_groups_owned as usize;
+    if max == 0 {
+        return Ok(());
+    }
+    let owned = with_rows(shard, user, |rows| {
+        rows.values().filter(|r| r.owner).count()
+    })?;
+    if owned >= max {
+        return Err(ApiError::Forbidden(
+            "max_groups_owned reached: this user may create no more groups",
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `f` on the user's rows, loading them from the store first if needed.
@@ -114,6 +178,7 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
     };
     let mut write = WriteSet::new();
     for user in d.users.iter() {
+        let user: &str = user;
         let changed = with_rows(shard, user, |rows| {
             let mut changed = false;
             let row = rows.entry(d.conv_id.clone()).or_insert_with(|| {
@@ -133,9 +198,16 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
                 changed = true;
             }
             // Sending a message means having read the conversation up to it.
-            if *user == d.except_user && row.read_seq < d.seq {
+            if user == d.except_user && row.read_seq < d.seq {
                 row.read_seq = d.seq;
                 changed = true;
+            }
+            // A group's first message is its creation, sent by its owner.
+            if d.seq == 1 && user == d.except_user && !row.owner {
+                if let ConvRef::Group { .. } = conv {
+                    row.owner = true;
+                    changed = true;
+                }
             }
             if d.left.iter().any(|u| u == user) {
                 row.left_seq = d.seq;
@@ -169,7 +241,7 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
 }
 
 /// Writes a notice frame to every online device of these users.
-pub fn notify(shard: &Rc<Shard>, frame: &bytes::Bytes, users: &[String]) {
+pub fn notify(shard: &Rc<Shard>, frame: &bytes::Bytes, users: &[crate::shard::msg::UserId]) {
     for user in users {
         for c in devices(shard, user) {
             c.send(shard, frame.clone());

@@ -122,6 +122,11 @@ pub struct Assembler {
 }
 
 impl Assembler {
+    /// Bytes held for an unfinished fragmented message (its buffer's capacity).
+    pub fn buffered(&self) -> usize {
+        self.partial.as_ref().map_or(0, |(_, b)| b.capacity())
+    }
+
     /// Feeds one frame; returns a message when one is complete.
     pub fn push(&mut self, frame: Frame, max_message: usize) -> Result<Option<Message>, WsError> {
         match frame.opcode {

@@ -1,6 +1,8 @@
 //! Accepting: every shard listens on the same port (SO_REUSEPORT), reads the HTTP
 //! request, and either upgrades it to a WebSocket (after checking the JWT; handing the
 //! socket to the user's shard when that is another one) or serves the HTTP API.
+//! With `admin_listen` set, every shard also listens there (SO_REUSEPORT too), and
+//! each listener serves only its own paths ([`Port::serves`]).
 
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
@@ -20,21 +22,46 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest HTTP request body (JSON API).
 const MAX_BODY: usize = 2 << 20;
 
-/// Binds this shard's listener on the shared port.
-pub fn bind(shard: &Shard) -> std::io::Result<TcpListener> {
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// `listen`: clients (WebSocket, JSON API).
+    Public,
+    /// `admin_listen`: operators (`/metrics`, `/healthz`, `/api/v1/admin/*`).
+    Admin,
+}
+
+impl Port {
+    /// Whether a request for `path` is served on this listener. Without an admin
+    /// listener the public one serves everything.
+    pub fn serves(self, shard: &Shard, path: &str) -> bool {
+        match self {
+            Port::Public => shard.cfg.admin_listen.is_none() || !crate::api::is_admin_path(path),
+            Port::Admin => crate::api::is_admin_path(path),
+        }
+    }
+}
+
+/// Binds this shard's listener on a shared address (`listen` or `admin_listen`).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     let opts = ListenerOpts::new()
         .reuse_port(true)
         .reuse_addr(true)
         .backlog(65535);
-    TcpListener::bind_with_config(shard.cfg.listen, &opts)
+    TcpListener::bind_with_config(addr, &opts)
 }
 
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+/// Accepts until the shard starts draining; then the listener closes.
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, port: Port) {
     loop {
-        match listener.accept().await {
+        let accepted = monoio::select! {
+            r = listener.accept() => r,
+            _ = shard.until_draining() => return,
+        };
+        match accepted {
             Ok((stream, _)) => {
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(serve_http(shard.clone(), stream));
+                monoio::spawn(serve_http(shard.clone(), stream, port));
             }
             Err(e) => {
                 // Out of descriptors (EMFILE/ENFILE): back off instead of spinning.
@@ -87,7 +114,7 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
     }
 }
 
-async fn serve_http(shard: Rc<Shard>, mut stream: TcpStream) {
+async fn serve_http(shard: Rc<Shard>, mut stream: TcpStream, port: Port) {
     let mut buf = Vec::new();
     loop {
         let (head, body) = match read_request(&mut stream, &mut buf).await {
@@ -104,14 +131,29 @@ async fn serve_http(shard: Rc<Shard>, mut stream: TcpStream) {
                 return;
             }
         };
+        if !port.serves(&shard, &head.path) {
+            let reply = http::json_err(&ApiError::NotFound("no such path"), head.keep_alive);
+            if stream.write_all(reply).await.0.is_err() || !head.keep_alive {
+                return;
+            }
+            continue;
+        }
         if head.path == "/ws" {
             let leftover = std::mem::take(&mut buf);
             upgrade(shard, stream, head, leftover).await;
             return;
         }
-        let keep_alive = head.keep_alive;
+        // The same brake as WebSocket readers: no new work while the shard is behind.
+        // Operators' requests on the admin port skip it: they must see a shard that is
+        // behind.
+        if port == Port::Public {
+            shard.input_allowed().await;
+        }
+        let keep_alive = head.keep_alive && !shard.draining.get();
+        shard.request_started();
         let reply = crate::api::handle(&shard, &head, &body).await;
-        if stream.write_all(reply).await.0.is_err() || !keep_alive {
+        shard.request_finished();
+        if stream.write_all(reply).await.0.is_err() || !keep_alive || shard.draining.get() {
             return;
         }
     }
@@ -166,6 +208,18 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: Head, leftover: 
 fn check_upgrade(shard: &Shard, head: &Head) -> Result<(crate::auth::Claims, String), ApiError> {
     if head.method != "GET" {
         return Err(ApiError::invalid("WebSocket upgrade must be GET"));
+    }
+    if shard.draining.get() {
+        return Err(ApiError::Unavailable("the server is shutting down"));
+    }
+    let open = shard
+        .global
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if open >= shard.cfg.max_connections {
+        return Err(ApiError::Unavailable(
+            "the server is at max_connections; retry later",
+        ));
     }
     let token = head
         .token()

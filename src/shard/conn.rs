@@ -9,6 +9,18 @@
 //! drains the queue with a single write per batch. A connection whose queue passes
 //! `outbound_queue_bytes` is cut (slow reader): it resyncs by seq on reconnect, and
 //! nothing is lost because everything pushed was already stored.
+//!
+//! What a client cannot do to the shard:
+//! - keep a connection alive with bytes alone: only a complete message or a control
+//!   frame counts as activity for the heartbeat, and a started message must complete
+//!   within `frame_timeout` (close 1008);
+//! - hold unbounded memory with unfinished messages: the shard's total is capped by
+//!   `frame_memory_bytes` (the connection that would pass it is closed with 1013);
+//! - queue unbounded work: at most `max_requests_in_flight` requests per connection
+//!   are served at once (the rest wait unread in the socket), and no connection reads
+//!   while the shard is behind ([`Shard::input_allowed`]);
+//! - keep a socket after a close: a closing connection lingers at most
+//!   [`CLOSE_LINGER_SECS`] for the client's close, then is aborted.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -30,6 +42,11 @@ use crate::proto::{http, ws};
 
 /// Bytes read per `recv` (the shard's read buffer size).
 const READ_CHUNK: usize = 64 * 1024;
+/// A closing connection waits at most this long (seconds) for its close frame to be
+/// written and the client's close, then is aborted.
+pub const CLOSE_LINGER_SECS: u32 = 2;
+/// `Conn::partial_since` when the connection holds no unfinished message.
+const NO_PARTIAL: u32 = u32::MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -57,13 +74,24 @@ pub struct Conn {
     /// The write half; taken by the writer task while it writes.
     writer: RefCell<Option<OwnedWriteHalf<TcpStream>>>,
     writing: Cell<bool>,
-    /// Wheel second of the last frame received.
+    /// Wheel second of the last complete message or control frame received.
     pub last_active: Cell<u32>,
+    /// Wheel second at which the unfinished message now held started (`NO_PARTIAL`).
+    partial_since: Cell<u32>,
+    /// The wheel second this connection is filed under (see `timer`).
+    filed_at: Cell<u32>,
+    /// Requests of this connection being served.
+    in_flight: Cell<u16>,
 }
 
 impl Conn {
     pub fn is_open(&self) -> bool {
         self.phase.get() == Phase::Open
+    }
+
+    /// Whether requests of this connection are being served.
+    pub fn has_requests_in_flight(&self) -> bool {
+        self.in_flight.get() > 0
     }
 
     /// Queues a frame; starts the writer if it is not running. Cuts a slow reader.
@@ -73,10 +101,9 @@ impl Conn {
         }
         let size = self.out_bytes.get() + frame.len();
         if size > shard.cfg.outbound_queue_bytes {
-            shard
-                .counters
-                .slow_reader_cuts
-                .set(shard.counters.slow_reader_cuts.get() + 1);
+            super::Counters::bump(&shard.counters.slow_reader_cuts);
+            tracing::info!(user = %self.user, device = %self.device, queued = size,
+                reason = kick::SLOW_READER, "cutting a connection");
             self.out.borrow_mut().clear();
             self.out_bytes.set(0);
             self.close(shard, close::KICKED, Some(kick::SLOW_READER));
@@ -92,12 +119,26 @@ impl Conn {
         if self.phase.get() != Phase::Open {
             return;
         }
+        let why = crate::metrics::Cut::of(code, kick_reason, shard.draining.get());
+        shard.counters.cut(why);
         if let Some(reason) = kick_reason {
             self.send(shard, envelope::kickout_frame(reason));
         }
         self.push_raw(ws::close_frame(code, kick_reason.unwrap_or("")));
         self.phase.set(Phase::Closing);
         self.start_writer();
+        let now = shard.timers.borrow().now();
+        self.file_by(shard, now + CLOSE_LINGER_SECS);
+    }
+
+    /// Files the connection in the wheel at `at` unless it is filed earlier already
+    /// (or at all: an entry whose second is `now` is being handled by the ticker).
+    fn file_by(self: &Rc<Self>, shard: &Shard, at: u32) {
+        let mut timers = shard.timers.borrow_mut();
+        let filed = self.filed_at.get();
+        if at < filed || filed <= timers.now() {
+            self.filed_at.set(timers.insert(Rc::downgrade(self), at));
+        }
     }
 
     /// Ends the connection now, without writing anything more.
@@ -244,23 +285,28 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, up: Upgrade) {
         writer: RefCell::new(Some(wr)),
         writing: Cell::new(false),
         last_active: Cell::new(now),
+        partial_since: Cell::new(NO_PARTIAL),
+        filed_at: Cell::new(0),
+        in_flight: Cell::new(0),
     });
     {
         let mut timers = shard.timers.borrow_mut();
         let at = now + timers.timeout();
-        timers.insert(Rc::downgrade(&conn), at);
+        conn.filed_at.set(timers.insert(Rc::downgrade(&conn), at));
     }
     if let Some(old) = chat::user::register(&shard, &conn) {
         old.close(&shard, close::KICKED, Some(kick::REPLACED));
     }
+    if shard.draining.get() {
+        // Handed over just as shutdown began.
+        conn.close(&shard, close::GOING_AWAY, None);
+    }
+    super::Counters::bump(&shard.counters.connections);
+    super::Counters::bump(&shard.counters.connections_total);
     shard
-        .counters
+        .global
         .connections
-        .set(shard.counters.connections.get() + 1);
-    shard
-        .counters
-        .connections_total
-        .set(shard.counters.connections_total.get() + 1);
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // The connection's long-lived task holds only the reader's state; this task (the
     // handshake's strings and buffers) ends here.
     monoio::spawn(run(shard, conn, rd, leftover));
@@ -275,14 +321,29 @@ async fn run(shard: Rc<Shard>, conn: Rc<Conn>, rd: OwnedReadHalf<TcpStream>, lef
         .counters
         .connections
         .set(shard.counters.connections.get() - 1);
+    shard
+        .global
+        .connections
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Waits until the shard's outgoing ring backlog is low again (backpressure: a
-/// connection reads no new requests while other shards are behind).
-async fn backlog_drained(shard: &Rc<Shard>) {
-    while shard.ring.backlog() > super::ring::BACKLOG_HIGH {
-        monoio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
+/// Waits until fewer than `max_requests_in_flight` requests of `conn` are served.
+/// The waker sits in the shard's map only while the reader waits.
+async fn requests_below_limit(shard: &Rc<Shard>, conn: &Conn) {
+    let max = shard.cfg.max_requests_in_flight;
+    std::future::poll_fn(|cx| {
+        if conn.in_flight.get() < max || conn.phase.get() != Phase::Open {
+            shard.paused_readers.borrow_mut().remove(&conn.id);
+            std::task::Poll::Ready(())
+        } else {
+            shard
+                .paused_readers
+                .borrow_mut()
+                .insert(conn.id, cx.waker().clone());
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Sends what fits right away (`send` with MSG_DONTWAIT); the number of bytes sent.
@@ -356,26 +417,30 @@ async fn read_loop(
     rd: OwnedReadHalf<TcpStream>,
     mut pending: Vec<u8>,
 ) {
-    let mut assembler = ws::Assembler::default();
-    let max = shard.cfg.max_frame_bytes;
+    let mut input = Input {
+        asm: ws::Assembler::default(),
+        held: 0,
+    };
     let mut wait = false;
     loop {
-        if !pending.is_empty() {
-            if conn.is_open() {
-                process(shard, conn, &mut pending, &mut assembler, max);
-            }
-            if !conn.is_open() || pending.is_empty() {
-                // Free the partial-frame buffer: idle connections hold none.
-                pending = Vec::new();
-            }
+        if !pending.is_empty() && conn.is_open() {
+            let progressed = process(shard, conn, &mut pending, &mut input.asm);
+            input.account(shard, conn, &mut pending, progressed);
+        }
+        if !conn.is_open() && !pending.is_empty() {
+            pending = Vec::new();
+            input.account(shard, conn, &mut pending, false);
         }
         if conn.phase.get() == Phase::Closed {
-            return;
+            break;
         }
-        if shard.ring.backlog() > super::ring::BACKLOG_HIGH {
-            // Boxed: a timer future is 640 bytes and would otherwise sit in every idle
-            // connection's task.
-            Box::pin(backlog_drained(shard)).await;
+        if conn.is_open() {
+            // Boxed: these futures would otherwise sit in every idle connection's task.
+            if conn.in_flight.get() >= shard.cfg.max_requests_in_flight {
+                Box::pin(requests_below_limit(shard, conn)).await;
+                continue;
+            }
+            Box::pin(shard.input_allowed()).await;
         }
         if wait {
             // SAFETY: monoio's split halves share the stream through an UnsafeCell the
@@ -383,7 +448,7 @@ async fn read_loop(
             // fd into a PollAdd op and never touches the stream's other state.
             let stream = unsafe { &*rd.0.get() };
             if stream.readable(false).await.is_err() {
-                return;
+                break;
             }
         }
         // Borrowed and returned with no await in between: one buffer per shard.
@@ -397,7 +462,7 @@ async fn read_loop(
             }
             Read::End => {
                 shard.give_read_buf(buf);
-                return;
+                break;
             }
         };
         // A short read drained the socket: wait for readiness next time.
@@ -406,31 +471,90 @@ async fn read_loop(
             shard.give_read_buf(buf);
             continue;
         }
-        conn.last_active.set(shard.timers.borrow().now());
-        if pending.is_empty() {
-            process(shard, conn, &mut buf, &mut assembler, max);
+        let progressed = if pending.is_empty() {
+            let progressed = process(shard, conn, &mut buf, &mut input.asm);
             // Keep only a partial frame; the buffer goes back to the pool.
             if conn.is_open() && !buf.is_empty() {
                 pending = buf.clone();
             }
+            progressed
         } else {
             pending.extend_from_slice(&buf);
-        }
+            process(shard, conn, &mut pending, &mut input.asm)
+        };
         shard.give_read_buf(buf);
+        input.account(shard, conn, &mut pending, progressed);
+    }
+    input.asm = ws::Assembler::default();
+    pending = Vec::new();
+    input.account(shard, conn, &mut pending, false);
+}
+
+/// A connection's input state between reads, and the bytes of it that count against
+/// the shard's `frame_memory_bytes`.
+struct Input {
+    asm: ws::Assembler,
+    held: usize,
+}
+
+impl Input {
+    /// After input was handled: refreshes activity and the unfinished-message clock,
+    /// and keeps the shard's frame memory within its cap (closing this connection with
+    /// 1013 when it would pass it).
+    fn account(
+        &mut self,
+        shard: &Rc<Shard>,
+        conn: &Rc<Conn>,
+        pending: &mut Vec<u8>,
+        progressed: bool,
+    ) {
+        if pending.is_empty() && pending.capacity() > 0 {
+            // Free the partial-frame buffer: idle connections hold none.
+            *pending = Vec::new();
+        }
+        let mut now_held = pending.capacity() + self.asm.buffered();
+        let others = shard.frame_memory.get() - self.held;
+        if now_held > self.held && others + now_held > shard.cfg.frame_memory_bytes {
+            tracing::info!(user = %conn.user, device = %conn.device, held = now_held,
+                "closing a connection: the shard's memory for unfinished messages is full");
+            conn.close(shard, close::TRY_AGAIN_LATER, None);
+            *pending = Vec::new();
+            self.asm = ws::Assembler::default();
+            now_held = 0;
+        }
+        shard.frame_memory.set(others + now_held);
+        self.held = now_held;
+        let now = shard.timers.borrow().now();
+        if progressed {
+            conn.last_active.set(now);
+        }
+        if now_held == 0 {
+            conn.partial_since.set(NO_PARTIAL);
+        } else if progressed || conn.partial_since.get() == NO_PARTIAL {
+            conn.partial_since.set(now);
+            let timeout = shard.cfg.frame_timeout.as_secs() as u32;
+            conn.file_by(shard, now + timeout);
+        }
     }
 }
 
 /// Parses and handles every complete frame at the front of `data`, leaving a partial
-/// frame. Stops (and drops the rest) at the first frame that closes the connection.
+/// frame (or, when the connection has its maximum of requests in flight, the frames
+/// not yet handled). Stops (and drops the rest) at the first frame that closes the
+/// connection. Returns whether a complete message or control frame was handled.
 fn process(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     data: &mut Vec<u8>,
     asm: &mut ws::Assembler,
-    max: usize,
-) {
+) -> bool {
+    let max = shard.cfg.max_frame_bytes;
     let mut used = 0;
+    let mut progressed = false;
     let keep_going = loop {
+        if conn.in_flight.get() >= shard.cfg.max_requests_in_flight {
+            break true;
+        }
         match ws::parse_client_frame(&data[used..], max) {
             Ok(None) => break true,
             Ok(Some((frame, n))) => {
@@ -438,6 +562,7 @@ fn process(
                 match asm.push(frame, max) {
                     Ok(None) => {}
                     Ok(Some(msg)) => {
+                        progressed = true;
                         if !on_message(shard, conn, msg) {
                             break false;
                         }
@@ -459,6 +584,7 @@ fn process(
     } else {
         data.clear();
     }
+    progressed
 }
 
 fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: ws::Message) -> bool {
@@ -518,6 +644,8 @@ fn on_client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, payload: &[u8]) -> bool {
         Some(body) => {
             let shard = shard.clone();
             let conn = conn.clone();
+            conn.in_flight.set(conn.in_flight.get() + 1);
+            shard.request_started();
             monoio::spawn(async move {
                 let caller = Caller {
                     user: conn.user.to_string(),
@@ -528,16 +656,27 @@ fn on_client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, payload: &[u8]) -> bool {
                 if req_id != 0 {
                     conn.send(&shard, envelope::response_frame(req_id, r));
                 }
+                shard.request_finished();
+                let n = conn.in_flight.get() - 1;
+                conn.in_flight.set(n);
+                if n + 1 == shard.cfg.max_requests_in_flight {
+                    let paused = shard.paused_readers.borrow_mut().remove(&conn.id);
+                    if let Some(w) = paused {
+                        w.wake();
+                    }
+                }
             });
         }
     }
     true
 }
 
-/// Closes connections that stayed silent past the heartbeat timeout. Runs once a
-/// second on each shard.
+/// Once a second on each shard: closes connections that stayed silent past the
+/// heartbeat timeout or hold a message unfinished past `frame_timeout`, aborts
+/// closing connections whose linger ran out, and fails calls that got no answer.
 pub async fn heartbeat_ticker(shard: Rc<Shard>) {
     let mut tick = monoio::time::interval(std::time::Duration::from_secs(1));
+    let frame_timeout = shard.cfg.frame_timeout.as_secs() as u32;
     loop {
         tick.tick().await;
         let due = shard.timers.borrow_mut().advance();
@@ -547,9 +686,13 @@ pub async fn heartbeat_ticker(shard: Rc<Shard>) {
         };
         for weak in due {
             let Some(conn) = weak.upgrade() else { continue };
+            if conn.filed_at.get() != now {
+                // Filed again under an earlier second since: this entry is stale.
+                continue;
+            }
             match conn.phase.get() {
                 Phase::Closed => continue,
-                // A close that did not finish within a timeout: the peer does not read.
+                // A close that did not finish within its linger: the peer does not read.
                 Phase::Closing => {
                     conn.abort();
                     continue;
@@ -557,16 +700,25 @@ pub async fn heartbeat_ticker(shard: Rc<Shard>) {
                 Phase::Open => {}
             }
             let deadline = conn.last_active.get() + timeout;
+            let partial = conn.partial_since.get();
             if deadline <= now {
-                shard
-                    .counters
-                    .heartbeat_timeouts
-                    .set(shard.counters.heartbeat_timeouts.get() + 1);
+                super::Counters::bump(&shard.counters.heartbeat_timeouts);
+                tracing::debug!(user = %conn.user, device = %conn.device, "closing a silent connection");
                 conn.close(&shard, close::GOING_AWAY, None);
-                shard.timers.borrow_mut().insert(weak, now + timeout);
+            } else if partial != NO_PARTIAL && partial + frame_timeout <= now {
+                tracing::info!(user = %conn.user, device = %conn.device,
+                    "closing a connection: a message did not complete within frame_timeout");
+                conn.close(&shard, close::POLICY_VIOLATION, None);
             } else {
-                shard.timers.borrow_mut().insert(weak, deadline);
+                let next = if partial == NO_PARTIAL {
+                    deadline
+                } else {
+                    deadline.min(partial + frame_timeout)
+                };
+                conn.filed_at
+                    .set(shard.timers.borrow_mut().insert(weak, next));
             }
         }
+        shard.expire_calls();
     }
 }

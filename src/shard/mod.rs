@@ -10,14 +10,17 @@ pub mod conn;
 pub mod doorbell;
 pub mod msg;
 pub mod ring;
+pub mod shutdown;
 pub mod timer;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Poll, Waker};
+use std::time::Duration;
 
 use local_sync::oneshot;
 
@@ -62,6 +65,37 @@ pub fn yield_now() -> impl Future<Output = ()> {
     })
 }
 
+/// A call to another shard that has no answer after this long is answered 50001 by
+/// the caller's shard (the target is stuck or gone); the late answer is dropped.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Messages waiting in a shard's ring outboxes above which its readers pause.
+pub const RING_BACKLOG_HIGH: usize = ring::BACKLOG_HIGH;
+/// Bytes staged in the store but not yet durable above which readers pause.
+pub const STORE_UNSYNCED_HIGH: usize = 64 << 20;
+/// Fan-out jobs queued behind conversations above which readers pause.
+pub const FANOUT_QUEUED_HIGH: usize = 4096;
+
+/// What every shard of the process shares: atomics only, never locked.
+#[derive(Default)]
+pub struct Global {
+    /// Open WebSocket connections on all shards (enforces `max_connections`).
+    pub connections: AtomicUsize,
+    /// Set once by the main thread on SIGTERM/SIGINT, before it rings every bell.
+    pub shutting_down: AtomicBool,
+}
+
+/// Tasks paused until this shard has caught up, and whether the one task that
+/// watches for it runs. A paused connection costs one `Waker` here, not a timer.
+#[derive(Default)]
+struct Pressure {
+    /// Readers (WebSocket and HTTP) waiting for every queue to drain.
+    input: RefCell<Vec<Waker>>,
+    /// Fan-out tasks waiting for the ring outboxes to drain.
+    ring: RefCell<Vec<Waker>>,
+    watching: Cell<bool>,
+}
+
 /// The reply to a [`Shard::call`], once it arrives.
 pub struct Call(oneshot::Receiver<Reply>);
 
@@ -89,6 +123,19 @@ pub struct Counters {
     pub pushes: Cell<u64>,
     pub slow_reader_cuts: Cell<u64>,
     pub heartbeat_timeouts: Cell<u64>,
+    /// Latency histograms, refusals by code, cuts by reason.
+    pub recorded: crate::metrics::Recorded,
+}
+
+impl Counters {
+    pub fn bump(c: &Cell<u64>) {
+        c.set(c.get() + 1);
+    }
+
+    /// Counts a connection the server closes (one call per close frame it sends).
+    pub fn cut(&self, why: crate::metrics::Cut) {
+        self.recorded.cut(why);
+    }
 }
 
 /// One shard's state. Only its own thread touches it; every field says what it owns.
@@ -108,14 +155,31 @@ pub struct Shard {
     pub users: RefCell<HashMap<String, UserState>>,
     /// Conversations this shard owns that were touched: seq counter, in-flight dedupe.
     pub convs: RefCell<HashMap<String, ConvState>>,
-    /// Calls this shard made that wait for a reply, by token.
-    calls: RefCell<HashMap<u64, oneshot::Sender<Reply>>>,
+    /// What all shards share (connection count, shutdown flag).
+    pub global: Arc<Global>,
+    /// Calls this shard made that wait for a reply, by token, with the wheel second
+    /// after which they are answered with an error ([`CALL_TIMEOUT`]).
+    calls: RefCell<HashMap<u64, (oneshot::Sender<Reply>, u32)>>,
     next_token: Cell<u64>,
     /// Heartbeat deadlines of this shard's connections.
     pub timers: RefCell<timer::Wheel>,
     pub next_conn_id: Cell<u64>,
     /// Read buffers lent to connections while they read (none held while idle).
     pub read_bufs: RefCell<Vec<Vec<u8>>>,
+    /// Bytes of unfinished incoming messages held by this shard's connections
+    /// (capped by `frame_memory_bytes`).
+    pub frame_memory: Cell<usize>,
+    /// Fan-out jobs queued behind conversations of this shard.
+    pub fanout_queued: Cell<usize>,
+    /// Requests being served for this shard's connections and HTTP clients.
+    pub requests_in_flight: Cell<usize>,
+    /// Readers waiting for one of their connection's requests to finish, by conn id.
+    pub paused_readers: RefCell<HashMap<u64, Waker>>,
+    pressure: Pressure,
+    /// Set when shutdown begins: no new connections or requests.
+    pub draining: Cell<bool>,
+    /// Tasks to wake when draining begins (the accept loop).
+    drain_wakers: RefCell<Vec<Waker>>,
     pub counters: Counters,
 }
 
@@ -127,6 +191,7 @@ impl Shard {
         secret: &[u8],
         store: Rc<ShardStore>,
         ring: Endpoint,
+        global: Arc<Global>,
     ) -> Rc<Shard> {
         let timeout_ticks = cfg.heartbeat_timeout.as_secs().max(1) as u32;
         Rc::new(Shard {
@@ -138,11 +203,19 @@ impl Shard {
             ring: Rc::new(ring),
             users: RefCell::new(HashMap::new()),
             convs: RefCell::new(HashMap::new()),
+            global,
             calls: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
             timers: RefCell::new(timer::Wheel::new(timeout_ticks)),
             next_conn_id: Cell::new(1),
             read_bufs: RefCell::new(Vec::new()),
+            frame_memory: Cell::new(0),
+            fanout_queued: Cell::new(0),
+            requests_in_flight: Cell::new(0),
+            paused_readers: RefCell::new(HashMap::new()),
+            pressure: Pressure::default(),
+            draining: Cell::new(false),
+            drain_wakers: RefCell::new(Vec::new()),
             counters: Counters::default(),
             cfg,
         })
@@ -170,7 +243,8 @@ impl Shard {
         let (tx, rx) = oneshot::channel();
         let token = self.next_token.get();
         self.next_token.set(token + 1);
-        self.calls.borrow_mut().insert(token, tx);
+        let deadline = self.timers.borrow().now() + CALL_TIMEOUT.as_secs() as u32;
+        self.calls.borrow_mut().insert(token, (tx, deadline));
         self.post(
             target,
             make(ReplyTo {
@@ -184,9 +258,7 @@ impl Shard {
     /// Answers a call, locally or through the ring.
     pub fn reply(self: &Rc<Self>, to: ReplyTo, reply: Reply) {
         if to.shard == self.id {
-            if let Some(tx) = self.calls.borrow_mut().remove(&to.token) {
-                let _ = tx.send(reply);
-            }
+            self.answer_call(to.token, reply);
         } else {
             self.ring.send(
                 to.shard,
@@ -255,18 +327,111 @@ impl Shard {
             }
             ShardMsg::Ping { reply } => self.reply(reply, Ok(bytes::Bytes::new())),
             ShardMsg::Metrics { reply } => {
-                let body: Vec<u8> = crate::api::metric_values(self)
-                    .iter()
-                    .flat_map(|v| v.to_be_bytes())
-                    .collect();
-                self.reply(reply, Ok(body.into()));
+                self.reply(reply, Ok(crate::metrics::snapshot(self).encode()));
             }
-            ShardMsg::Reply { token, reply } => {
-                if let Some(tx) = self.calls.borrow_mut().remove(&token) {
-                    let _ = tx.send(reply);
-                }
-            }
+            ShardMsg::Reply { token, reply } => self.answer_call(token, reply),
         }
+    }
+
+    fn answer_call(&self, token: u64, reply: Reply) {
+        let pending = self.calls.borrow_mut().remove(&token);
+        if let Some((tx, _)) = pending {
+            let _ = tx.send(reply);
+        }
+    }
+
+    /// Answers, with an error, every call whose deadline passed (run once a second by
+    /// the ticker; the map holds only calls in flight).
+    pub fn expire_calls(&self) {
+        let now = self.timers.borrow().now();
+        let expired: Vec<u64> = self
+            .calls
+            .borrow()
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(token, _)| *token)
+            .collect();
+        for token in expired {
+            let err = ApiError::Internal(format!(
+                "no answer from the owning shard within {}s",
+                CALL_TIMEOUT.as_secs()
+            ));
+            tracing::warn!(shard = self.id, token, "a call to another shard timed out");
+            self.answer_call(token, Err(err));
+        }
+    }
+
+    /// Whether this shard is behind (ring outboxes, unsynced store bytes or queued
+    /// fan-out past their marks): readers stop taking new requests until it is not.
+    /// `low` uses half the marks, so readers resume with room to spare.
+    fn behind(&self, low: bool) -> bool {
+        let d = if low { 2 } else { 1 };
+        self.ring.backlog() > RING_BACKLOG_HIGH / d
+            || self.store.unsynced_bytes() > STORE_UNSYNCED_HIGH / d
+            || self.fanout_queued.get() > FANOUT_QUEUED_HIGH / d
+    }
+
+    /// Waits until the shard has caught up (see [`Shard::behind`]); at once if it has.
+    pub async fn input_allowed(self: &Rc<Self>) {
+        if self.behind(false) {
+            self.wait_pressure(true).await;
+        }
+    }
+
+    /// Waits until the ring outboxes are below their mark (fan-out producers: they must
+    /// not wait for the fan-out queues they drain).
+    pub async fn ring_room(self: &Rc<Self>) {
+        if self.ring.backlog() > RING_BACKLOG_HIGH {
+            self.wait_pressure(false).await;
+        }
+    }
+
+    async fn wait_pressure(self: &Rc<Self>, input: bool) {
+        std::future::poll_fn(|cx| {
+            let blocked = if input {
+                self.behind(true)
+            } else {
+                self.ring.backlog() > RING_BACKLOG_HIGH / 2
+            };
+            if !blocked {
+                return Poll::Ready(());
+            }
+            let list = if input {
+                &self.pressure.input
+            } else {
+                &self.pressure.ring
+            };
+            list.borrow_mut().push(cx.waker().clone());
+            if !self.pressure.watching.replace(true) {
+                monoio::spawn(watch_pressure(self.clone()));
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Starts shutdown on this shard: wakes the accept loop so it stops.
+    pub fn begin_draining(&self) -> bool {
+        if self.draining.replace(true) {
+            return false;
+        }
+        for w in self.drain_wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+        true
+    }
+
+    /// Resolves once draining has begun.
+    pub async fn until_draining(&self) {
+        std::future::poll_fn(|cx| {
+            if self.draining.get() {
+                Poll::Ready(())
+            } else {
+                self.drain_wakers.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// After a failed store batch: forget every cached conversation (their seq
@@ -276,12 +441,26 @@ impl Shard {
             let convs = std::mem::take(&mut *self.convs.borrow_mut());
             self.store.reset_after_failure();
             for (_, conv) in convs {
+                let queued = conv.queued_fanout();
+                self.fanout_queued
+                    .set(self.fanout_queued.get().saturating_sub(queued));
                 for waiter in conv.into_waiters() {
                     let err = ApiError::StoreUnavailable("an earlier write failed".into());
                     self.reply(waiter, Err(err));
                 }
             }
         }
+    }
+
+    /// Counts a request in flight for one of this shard's clients.
+    pub fn request_started(&self) {
+        self.requests_in_flight
+            .set(self.requests_in_flight.get() + 1);
+    }
+
+    pub fn request_finished(&self) {
+        self.requests_in_flight
+            .set(self.requests_in_flight.get().saturating_sub(1));
     }
 
     /// Borrows a read buffer of `size` bytes of capacity from the shard's pool.
@@ -298,6 +477,30 @@ impl Shard {
         if pool.len() < 64 {
             buf.clear();
             pool.push(buf);
+        }
+    }
+}
+
+/// The one task per shard that watches queues while something waits for them to
+/// drain: checks every millisecond, wakes the waiters of each condition once it
+/// holds, and ends when nobody waits.
+async fn watch_pressure(shard: Rc<Shard>) {
+    loop {
+        monoio::time::sleep(Duration::from_millis(1)).await;
+        let p = &shard.pressure;
+        if shard.ring.backlog() <= RING_BACKLOG_HIGH / 2 {
+            for w in p.ring.borrow_mut().drain(..) {
+                w.wake();
+            }
+        }
+        if !shard.behind(true) {
+            for w in p.input.borrow_mut().drain(..) {
+                w.wake();
+            }
+        }
+        if p.ring.borrow().is_empty() && p.input.borrow().is_empty() {
+            p.watching.set(false);
+            return;
         }
     }
 }

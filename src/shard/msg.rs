@@ -83,8 +83,8 @@ pub enum ShardMsg {
     },
     /// Online devices of users this shard owns; answers JSON `{"user": ["device", ..]}`.
     Presence { reply: ReplyTo, users: Vec<String> },
-    /// This shard's metric values for /metrics, in the order of `api::METRICS`, 8 bytes
-    /// big-endian each.
+    /// This shard's metrics for /metrics: a `metrics::ShardMetrics`, encoded (replies
+    /// are `Bytes` for every call; see `ShardMetrics::encode`).
     Metrics { reply: ReplyTo },
     /// Liveness probe for /healthz; answers an empty body.
     Ping { reply: ReplyTo },
@@ -122,21 +122,25 @@ pub struct Delivery {
 /// A notice for users of one shard.
 pub struct Notice {
     pub frame: Bytes,
-    pub users: Vec<String>,
+    pub users: Recipients,
 }
+
+/// A user id shared by every list that names the user (a group's member map and its
+/// per-shard lists hold one allocation per member, not one per list).
+pub type UserId = Arc<str>;
 
 /// Recipients of one delivery: a range of a member list shared by reference (a group's
 /// per-shard list is built once per membership change, not once per message).
 #[derive(Debug, Clone)]
 pub struct Recipients {
-    list: Arc<[String]>,
+    list: Arc<[UserId]>,
     start: usize,
     end: usize,
 }
 
 impl Recipients {
     /// All of `list`.
-    pub fn all(list: Arc<[String]>) -> Recipients {
+    pub fn all(list: Arc<[UserId]>) -> Recipients {
         let end = list.len();
         Recipients {
             list,
@@ -146,7 +150,7 @@ impl Recipients {
     }
 
     /// `list[start..end]` (clamped to the list).
-    pub fn range(list: Arc<[String]>, start: usize, end: usize) -> Recipients {
+    pub fn range(list: Arc<[UserId]>, start: usize, end: usize) -> Recipients {
         let end = end.min(list.len());
         Recipients {
             start: start.min(end),
@@ -156,15 +160,15 @@ impl Recipients {
     }
 }
 
-impl From<Vec<String>> for Recipients {
-    fn from(v: Vec<String>) -> Recipients {
+impl From<Vec<UserId>> for Recipients {
+    fn from(v: Vec<UserId>) -> Recipients {
         Recipients::all(v.into())
     }
 }
 
 impl Deref for Recipients {
-    type Target = [String];
-    fn deref(&self) -> &[String] {
+    type Target = [UserId];
+    fn deref(&self) -> &[UserId] {
         &self.list[self.start..self.end]
     }
 }

@@ -123,6 +123,15 @@ impl Endpoint {
         self.backlog.get()
     }
 
+    /// Messages in this shard's outgoing rings that their consumers have not taken yet.
+    pub fn queued_in_rings(&self) -> usize {
+        self.to
+            .iter()
+            .flatten()
+            .map(|p| RING_CAPACITY.saturating_sub(p.borrow().slots()))
+            .sum()
+    }
+
     /// Sends to another shard, in order, without blocking. `target != self.id`.
     pub fn send(self: &Rc<Self>, target: usize, msg: ShardMsg) {
         let queued = !self.outbox.borrow()[target].is_empty();

@@ -1,10 +1,13 @@
 //! One hashed timer wheel per shard for heartbeat deadlines: no timer task per
 //! connection. Resolution is one second.
 //!
-//! A connection sits in one slot (a `Weak`, 8 bytes). When its slot comes round the
-//! shard looks at the connection's last activity: silent for the timeout means it is
-//! closed; otherwise it moves to the slot of its new deadline. A busy connection costs
-//! one move per timeout period, however many frames it sends.
+//! A connection sits in one slot (a `Weak`, 8 bytes); `Conn::filed_at` names it. When
+//! its slot comes round the shard looks at the connection's deadlines (heartbeat,
+//! unfinished frame, close linger): one that passed closes it; otherwise it moves to
+//! the slot of its next deadline. A busy connection costs one move per timeout period,
+//! however many frames it sends. A deadline earlier than the filed one (a frame
+//! starts, a close begins) files the connection again; the older entry is then stale
+//! and skipped when its slot comes round (its second is no longer `filed_at`).
 
 use std::rc::Weak;
 
@@ -36,11 +39,13 @@ impl Wheel {
         self.timeout
     }
 
-    /// Files `conn` under the second `at` (clamped to the wheel's span).
-    pub fn insert(&mut self, conn: Weak<Conn>, at: u32) {
+    /// Files `conn` under the second `at` (clamped to the wheel's span); returns the
+    /// second it was filed under.
+    pub fn insert(&mut self, conn: Weak<Conn>, at: u32) -> u32 {
         let at = at.clamp(self.now + 1, self.now + self.slots.len() as u32 - 1);
         let idx = at as usize % self.slots.len();
         self.slots[idx].push(conn);
+        at
     }
 
     /// Advances one second and returns the connections filed under it.

@@ -26,6 +26,7 @@ use local_sync::oneshot;
 use prost::Message;
 
 use super::{keys, StoreError};
+use crate::metrics::{AtomicHistogram, HistogramSnapshot};
 use crate::proto::pb::MsgItem;
 use crate::proto::store_pb::{ConvRow, DedupeRecord, GroupMeta, MemberRecord};
 use crate::shard::doorbell::Bell;
@@ -57,6 +58,12 @@ struct Put {
     ks: Ks,
     key: Vec<u8>,
     value: Option<Vec<u8>>,
+}
+
+impl Put {
+    fn size(&self) -> usize {
+        self.key.len() + self.value.as_ref().map_or(0, Vec::len)
+    }
 }
 
 /// Work for the sync thread.
@@ -99,6 +106,8 @@ struct SyncShared {
     rounds: AtomicU64,
     slow_rounds: AtomicU64,
     round_micros: AtomicU64,
+    /// Duration of each round, for /metrics.
+    round_histogram: AtomicHistogram,
     /// Highest batch id reported (durable or failed); lets the loop skip empty wakes.
     reported: AtomicU64,
 }
@@ -118,6 +127,11 @@ pub struct ShardStore {
     shared: Arc<SyncShared>,
     /// Set by a failure until `reset_after_failure`.
     failed: Cell<bool>,
+    /// Batches handed to the sync thread and not yet reported, with their bytes, and
+    /// the sum: the shard's readers pause while it is high (the job channel is bounded
+    /// by that backpressure, not by a capacity that would block the loop).
+    unsynced: RefCell<VecDeque<(u64, usize)>>,
+    unsynced_bytes: Cell<usize>,
 }
 
 impl ShardStore {
@@ -150,6 +164,7 @@ impl ShardStore {
             bell,
             rounds: AtomicU64::new(0),
             slow_rounds: AtomicU64::new(0),
+            round_histogram: AtomicHistogram::default(),
             round_micros: AtomicU64::new(0),
             reported: AtomicU64::new(0),
         });
@@ -172,6 +187,8 @@ impl ShardStore {
             done,
             shared,
             failed: Cell::new(false),
+            unsynced: RefCell::new(VecDeque::new()),
+            unsynced_bytes: Cell::new(0),
         });
         monoio::spawn(completion_loop(store.clone()));
         Ok(store)
@@ -224,6 +241,16 @@ impl ShardStore {
         )
     }
 
+    /// The durations of the sync rounds so far.
+    pub fn round_histogram(&self) -> HistogramSnapshot {
+        self.shared.round_histogram.snapshot()
+    }
+
+    /// Callers waiting for staged writes to become durable.
+    pub fn waiting_writes(&self) -> usize {
+        self.waiters.borrow().len()
+    }
+
     /// Called by the shard's bell listener on the shard's thread: lets the completion
     /// task look at what the sync thread reported.
     pub fn wake_local(&self) {
@@ -244,6 +271,11 @@ impl ShardStore {
         }
     }
 
+    /// Bytes handed to the sync thread and not yet durable (or failed).
+    pub fn unsynced_bytes(&self) -> usize {
+        self.unsynced_bytes.get()
+    }
+
     /// Whether a failure is waiting for `reset_after_failure`.
     pub fn has_failed(&self) -> bool {
         self.failed.get()
@@ -256,6 +288,9 @@ impl ShardStore {
         }
         let id = self.staging_id.get();
         self.staging_id.set(id + 1);
+        let bytes: usize = puts.iter().map(Put::size).sum();
+        self.unsynced.borrow_mut().push_back((id, bytes));
+        self.unsynced_bytes.set(self.unsynced_bytes.get() + bytes);
         if self.jobs.send(Job::Batch { id, puts }).is_err() {
             self.fail_upto(id, "sync thread is gone".to_string());
         }
@@ -267,6 +302,17 @@ impl ShardStore {
     }
 
     fn resolve_upto(&self, upto: u64, result: Result<(), StoreError>) {
+        {
+            let mut unsynced = self.unsynced.borrow_mut();
+            while let Some(&(id, bytes)) = unsynced.front() {
+                if id > upto {
+                    break;
+                }
+                unsynced.pop_front();
+                self.unsynced_bytes
+                    .set(self.unsynced_bytes.get().saturating_sub(bytes));
+            }
+        }
         // Taken out first: a callback may stage more writes (or reset the store).
         let ready: Vec<Waiter> = {
             let mut waiters = self.waiters.borrow_mut();
@@ -300,7 +346,9 @@ impl ShardStore {
     }
 
     /// Messages with `lo <= seq <= hi`, at most `limit`, ascending. `newest` takes
-    /// the highest `limit` seqs of the range instead of the lowest.
+    /// the highest seqs of the range instead of the lowest. Reading stops once the
+    /// stored bytes taken reach `max_bytes` (the next message would pass it), but at
+    /// least one message is always taken, so a caller paging by seq always advances.
     pub fn messages(
         &self,
         conv: &str,
@@ -308,27 +356,38 @@ impl ShardStore {
         hi: i64,
         limit: usize,
         newest: bool,
+        max_bytes: usize,
     ) -> Result<Vec<MsgItem>, StoreError> {
         if lo > hi || limit == 0 {
             return Ok(Vec::new());
         }
         let range = self.ks[Ks::Msgs as usize].range(keys::msg(conv, lo)..=keys::msg(conv, hi));
         let mut out = Vec::with_capacity(limit.min(256));
-        let mut take = |g: fjall::Guard| -> Result<(), StoreError> {
+        let mut bytes = 0usize;
+        // Returns false when the message does not fit the budget (and is not taken).
+        let mut take = |g: fjall::Guard| -> Result<bool, StoreError> {
             let v = g.value().map_err(read_err)?;
+            if !out.is_empty() && bytes + v.len() > max_bytes {
+                return Ok(false);
+            }
+            bytes += v.len();
             out.push(
                 MsgItem::decode(&*v).map_err(|e| StoreError::Corrupt(format!("message: {e}")))?,
             );
-            Ok(())
+            Ok(true)
         };
         if newest {
             for g in range.rev().take(limit) {
-                take(g)?;
+                if !take(g)? {
+                    break;
+                }
             }
             out.reverse();
         } else {
             for g in range.take(limit) {
-                take(g)?;
+                if !take(g)? {
+                    break;
+                }
             }
         }
         Ok(out)
@@ -603,9 +662,13 @@ fn sync_thread(
                     let _ = done.send(Done::Durable { upto: ok_upto });
                 }
                 Err(e) => {
-                    failed = true;
-                    let upto = fail.as_ref().map_or(ok_upto, |f| f.0.max(ok_upto));
-                    fail = Some((upto, format!("fsync: {e}")));
+                    // After a failed fsync the kernel may have dropped the dirty pages:
+                    // a later fsync could "succeed" without the data ("fsyncgate").
+                    // Retrying on the same files is not safe; stop, and let the
+                    // supervisor restart us: recovery replays the journal.
+                    tracing::error!(error = %e, "fsync of the store failed; aborting so that recovery starts from the journal");
+                    eprintln!("imshard: fsync of the store failed ({e}); aborting");
+                    std::process::abort();
                 }
             }
         }
@@ -619,6 +682,7 @@ fn sync_thread(
         shared
             .round_micros
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        shared.round_histogram.observe(took.as_micros() as u64);
         if took >= std::time::Duration::from_millis(10) {
             shared.slow_rounds.fetch_add(1, Ordering::Relaxed);
         }
@@ -680,6 +744,20 @@ mod tests {
             }
             assert_eq!(*order.borrow(), (1..=300).collect::<Vec<i64>>());
             assert_eq!(store.max_seq("p2p-a-b").expect("read"), 300);
+            // A byte budget stops the read early, from either end; one message always.
+            let (low, high) = (msg(1).encoded_len(), msg(300).encoded_len());
+            let read = |lo, newest, max_bytes| -> Vec<i64> {
+                store
+                    .messages("p2p-a-b", lo, 300, 200, newest, max_bytes)
+                    .expect("read")
+                    .iter()
+                    .map(|m| m.seq)
+                    .collect()
+            };
+            assert_eq!(read(1, false, 3 * low), vec![1, 2, 3]);
+            assert_eq!(read(1, true, 4 * high - 1), vec![298, 299, 300]);
+            assert_eq!(read(5, false, 0), vec![5]);
+            assert_eq!(read(1, false, usize::MAX).len(), 200);
         });
     }
 }

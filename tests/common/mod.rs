@@ -24,7 +24,7 @@ pub struct Server {
     args: Vec<String>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
     l.local_addr().expect("local addr").port()
 }
@@ -75,9 +75,16 @@ impl Server {
             .spawn()
             .expect("start imshard");
         self.child = Some(child);
+        // With --admin-listen, /healthz is served there only.
+        let health = self
+            .args
+            .iter()
+            .position(|a| a == "--admin-listen")
+            .and_then(|i| self.args.get(i + 1))
+            .map_or(self.addr, |a| a.parse().expect("admin address"));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok((200, _)) = self.http("GET", "/healthz", None, "") {
+            if let Ok((200, _)) = http_raw(health, "GET", "/healthz", None, "", &[]) {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -93,6 +100,30 @@ impl Server {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal (SIGTERM, SIGINT) to the server process.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("server running").id();
+        // SAFETY: plain kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(pid as i32, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig})");
+    }
+
+    /// Waits (at most `limit`) for the server to exit; its exit status, if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
