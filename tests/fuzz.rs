@@ -949,29 +949,29 @@ fn jwt_seeds() -> Vec<Vec<u8>> {
 
 #[test]
 fn fuzz_ws_stream() {
-    run("ws_stream", 40_000, &ws_seeds(), ws_stream_target);
+    run("ws_stream", 30_000, &ws_seeds(), ws_stream_target);
 }
 
 #[test]
 fn fuzz_ws_frames() {
-    run("ws_frames", 600_000, &ws_seeds(), ws_frames_target);
+    run("ws_frames", 400_000, &ws_seeds(), ws_frames_target);
 }
 
 #[test]
 fn fuzz_http_head() {
-    run("http_head", 1_000_000, &http_seeds(), http_target);
+    run("http_head", 700_000, &http_seeds(), http_target);
 }
 
 #[test]
 fn fuzz_api_json() {
-    run("api_json", 700_000, &api_seeds(), api_target);
+    run("api_json", 500_000, &api_seeds(), api_target);
 }
 
 #[test]
 fn fuzz_client_frame() {
     run(
         "client_frame",
-        500_000,
+        350_000,
         &client_frame_seeds(),
         client_frame_target,
     );
@@ -979,8 +979,8 @@ fn fuzz_client_frame() {
 
 #[test]
 fn fuzz_jwt() {
-    run("jwt_raw", 400_000, &jwt_seeds(), jwt_raw_target);
-    run("jwt_claims", 80_000, &[], jwt_claims_target);
+    run("jwt_raw", 300_000, &jwt_seeds(), jwt_raw_target);
+    run("jwt_claims", 60_000, &[], jwt_claims_target);
 }
 
 /// Inputs the fuzzer once failed on, kept so they never come back.
