@@ -21,7 +21,7 @@
 //! | frame_memory_bytes | --frame-memory-bytes | IMSHARD_FRAME_MEMORY_BYTES | 134217728 | per shard: bytes of unfinished incoming messages held at once; a connection that would pass it is closed (1013) |
 //! | max_requests_in_flight | --max-requests-in-flight | IMSHARD_MAX_REQUESTS_IN_FLIGHT | 64 | per connection: requests being served at once; past it the connection is not read until one finishes |
 //! | max_groups_owned | --max-groups-owned | IMSHARD_MAX_GROUPS_OWNED | 1000 | groups one user may create (40301 past it; 0 = no limit) |
-//! | members_added_per_hour | --members-added-per-hour | IMSHARD_MEMBERS_ADDED_PER_HOUR | 200000 | member ids one user may name in creates and adds per hour (42901 past it; 0 = no limit) |
+//! | members_added_per_hour | --members-added-per-hour | IMSHARD_MEMBERS_ADDED_PER_HOUR | 100000 | member ids one user may name in creates and adds per hour (42901 past it; 0 = no limit) |
 //! | shutdown_grace | --shutdown-grace | IMSHARD_SHUTDOWN_GRACE | 5s | on SIGTERM/SIGINT: how long to answer in-flight requests and spread the close frames |
 //! | log | --log | IMSHARD_LOG | info,fjall=warn,lsm_tree=warn | tracing filter (e.g. `info,imshard=debug`) |
 //!
@@ -220,7 +220,7 @@ impl Default for Config {
             frame_memory_bytes: 128 << 20,
             max_requests_in_flight: 64,
             max_groups_owned: 1000,
-            members_added_per_hour: 200_000,
+            members_added_per_hour: 100_000,
             shutdown_grace: Duration::from_secs(5),
             log: "info,fjall=warn,lsm_tree=warn".to_string(),
         }

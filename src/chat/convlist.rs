@@ -89,7 +89,9 @@ fn item(conv_id: String, row: &ConvRow, s: Option<ConvSummary>) -> ConversationI
 /// Every visible conversation of the user, newest first.
 async fn visible_items(shard: &Rc<Shard>, user: &str) -> Result<Vec<ConversationItem>, ApiError> {
     let rows: Vec<(String, ConvRow)> = user::with_rows(shard, user, |rows| {
-        rows.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        rows.iter()
+            .map(|(k, v)| (k.to_string(), (**v).clone()))
+            .collect()
     })?;
     let mut sums = summaries(shard, rows.iter().map(|(c, _)| c.clone()).collect()).await?;
     let mut items: Vec<ConversationItem> = rows
@@ -167,7 +169,7 @@ async fn update_row(
         rows.get_mut(conv_id).map(|row| {
             f(row);
             row.updated_at = row.updated_at.max(now_ms());
-            row.clone()
+            (**row).clone()
         })
     })?
     .ok_or(ApiError::NotFound("no such conversation"))?;

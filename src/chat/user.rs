@@ -22,7 +22,7 @@ pub struct UserState {
     /// Conversation rows by conv_id, loaded from the store on first use. Boxed on
     /// purpose: 8 bytes instead of 48 for the many online users never loaded.
     #[allow(clippy::box_collection)]
-    rows: Option<Box<HashMap<String, ConvRow>>>,
+    rows: Option<Box<Rows>>,
     /// Request tokens left (token bucket, refilled at `rate_limit` per second; may go
     /// below zero after a costly request, see [`take_tokens`]).
     tokens: f32,
@@ -30,6 +30,22 @@ pub struct UserState {
     refilled_at: i64,
     /// Member ids named this hour (boxed: most users never create or change groups).
     quota: Option<Box<MemberQuota>>,
+}
+
+/// A user's conversation rows by conv_id. Keys and rows are boxed so that an entry is
+/// 24 bytes: most users (every member of a big group) hold a table of a few entries,
+/// and the table's empty buckets then cost little.
+pub type Rows = HashMap<Box<str>, Box<ConvRow>>;
+
+/// The user's entry, created on first use without allocating when it exists.
+fn user_entry<'a>(users: &'a mut HashMap<String, UserState>, user: &str) -> &'a mut UserState {
+    if !users.contains_key(user) {
+        users.insert(user.to_string(), UserState::default());
+    }
+    match users.get_mut(user) {
+        Some(u) => u,
+        None => unreachable!("inserted above"),
+    }
 }
 
 /// Member ids a user named in creates and adds during one clock hour.
@@ -84,10 +100,7 @@ pub fn take_tokens(shard: &Shard, user: &str, cost: u32) -> Result<(), ApiError>
     let cost = cost as f32;
     let now = now_ms();
     let mut users = shard.users.borrow_mut();
-    let u = match users.get_mut(user) {
-        Some(u) => u,
-        None => users.entry(user.to_string()).or_default(),
-    };
+    let u = user_entry(&mut users, user);
     let elapsed = if u.refilled_at == 0 {
         f32::MAX
     } else {
@@ -112,7 +125,7 @@ pub fn take_member_quota(shard: &Shard, user: &str, n: usize) -> Result<(), ApiE
     }
     let hour = now_ms() / 3_600_000;
     let mut users = shard.users.borrow_mut();
-    let u = users.entry(user.to_string()).or_default();
+    let u = user_entry(&mut users, user);
     let q = u.quota.get_or_insert_with(Box::default);
     if q.hour != hour {
         q.hour = hour;
@@ -150,12 +163,17 @@ pub fn check_groups_owned(shard: &Shard, user: &str) -> Result<(), ApiError> {
 pub fn with_rows<R>(
     shard: &Shard,
     user: &str,
-    f: impl FnOnce(&mut HashMap<String, ConvRow>) -> R,
+    f: impl FnOnce(&mut Rows) -> R,
 ) -> Result<R, ApiError> {
     let mut users = shard.users.borrow_mut();
-    let u = users.entry(user.to_string()).or_default();
+    let u = user_entry(&mut users, user);
     if u.rows.is_none() {
-        let loaded: HashMap<String, ConvRow> = shard.store.rows(user)?.into_iter().collect();
+        let loaded: Rows = shard
+            .store
+            .rows(user)?
+            .into_iter()
+            .map(|(conv, row)| (conv.into_boxed_str(), Box::new(row)))
+            .collect();
         u.rows = Some(Box::new(loaded));
     }
     match u.rows.as_deref_mut() {
@@ -166,7 +184,7 @@ pub fn with_rows<R>(
 
 /// The caller's row of a conversation, if it has one.
 pub fn row_of(shard: &Shard, user: &str, conv_id: &str) -> Result<Option<ConvRow>, ApiError> {
-    with_rows(shard, user, |rows| rows.get(conv_id).cloned())
+    with_rows(shard, user, |rows| rows.get(conv_id).map(|r| (**r).clone()))
 }
 
 /// Updates the recipients' rows (creating them on the first message) and writes the
@@ -181,9 +199,9 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
         let user: &str = user;
         let changed = with_rows(shard, user, |rows| {
             let mut changed = false;
-            let row = rows.entry(d.conv_id.clone()).or_insert_with(|| {
+            if !rows.contains_key(d.conv_id.as_str()) {
                 changed = true;
-                ConvRow {
+                let row = ConvRow {
                     conv_type: conv.conv_type() as i32,
                     target: match &conv {
                         ConvRef::P2p { .. } => conv.p2p_peer(user).unwrap_or_default().to_string(),
@@ -191,8 +209,10 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
                     },
                     created_at: d.send_time,
                     ..ConvRow::default()
-                }
-            });
+                };
+                rows.insert(d.conv_id.as_str().into(), Box::new(row));
+            }
+            let row = rows.get_mut(d.conv_id.as_str())?;
             if row.deleted && d.seq > row.clear_seq {
                 row.deleted = false;
                 changed = true;

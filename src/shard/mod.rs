@@ -504,3 +504,59 @@ async fn watch_pressure(shard: Rc<Shard>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 10,000 readers paused while the shard is behind cost one poll each to pause and
+    /// one to resume: no timer per reader, no polling while they wait.
+    #[test]
+    fn paused_readers_wait_in_a_list_and_all_resume() {
+        const READERS: usize = 10_000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("io_uring runtime");
+        rt.block_on(async move {
+            let parts = ring::mesh(1).expect("mesh").pop().expect("parts");
+            let store = ShardStore::open(dir.path(), 0, parts.bell()).expect("store");
+            let cfg = Arc::new(Config {
+                data_dir: dir.path().to_path_buf(),
+                shards: 1,
+                ..Config::default()
+            });
+            let shard = Shard::new(
+                0,
+                cfg,
+                b"secret-secret-secret",
+                store,
+                parts.into_endpoint(),
+                Arc::default(),
+            );
+            shard.fanout_queued.set(FANOUT_QUEUED_HIGH + 1);
+            let polls = Rc::new(Cell::new(0usize));
+            let resumed = Rc::new(Cell::new(0usize));
+            for _ in 0..READERS {
+                let (shard, polls, resumed) = (shard.clone(), polls.clone(), resumed.clone());
+                monoio::spawn(async move {
+                    let mut wait = std::pin::pin!(shard.input_allowed());
+                    std::future::poll_fn(|cx| {
+                        polls.set(polls.get() + 1);
+                        wait.as_mut().poll(cx)
+                    })
+                    .await;
+                    resumed.set(resumed.get() + 1);
+                });
+            }
+            monoio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(resumed.get(), 0, "nobody reads while the shard is behind");
+            assert_eq!(polls.get(), READERS, "waiting readers are not polled");
+            shard.fanout_queued.set(0);
+            monoio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(resumed.get(), READERS, "every reader resumes");
+            assert_eq!(polls.get(), 2 * READERS, "one more poll each to resume");
+        });
+    }
+}
