@@ -31,6 +31,16 @@ impl std::fmt::Display for FilterError {
 
 impl std::error::Error for FilterError {}
 
+/// No blocked words: every content passes.
+impl Default for Filter {
+    fn default() -> Filter {
+        Filter {
+            matcher: None,
+            mode: FilterMode::Reject,
+        }
+    }
+}
+
 impl Filter {
     /// Compiles `words` (empty ones are ignored). Overlapping words match
     /// leftmost-longest: of `ab` and `abc`, `abcd` masks `abc`.

@@ -530,6 +530,7 @@ mod tests {
             let shard = Shard::new(
                 0,
                 cfg,
+                Arc::default(),
                 b"secret-secret-secret",
                 store,
                 parts.into_endpoint(),
