@@ -12,13 +12,14 @@
 //! `IMSHARD_FUZZ_SECONDS=s` runs each target for s seconds instead, and
 //! `IMSHARD_FUZZ_SEED=x` explores other inputs than the fixed default.
 //!
-//! The last test is black-box: random and mutated frames and requests sent to the real
-//! binary, which must still answer `/healthz` and serve another client afterwards.
+//! `fuzz_execute` runs decoded (or built) ClientFrames through `chat::execute` on a real
+//! one-shard runtime with its store, no sockets. The last test is black-box: random and
+//! mutated frames and requests sent to the real binary, which must still answer
+//! `/healthz` and serve another client afterwards.
 
 mod common;
 
 use std::io::Write as _;
-use std::panic::{self, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 use arbitrary::Unstructured;
@@ -157,40 +158,90 @@ fn mutate(rng: &mut StdRng, input: &[u8], other: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Runs `target` on every seed, then on random and mutated inputs until the budget is
-/// spent. Returns the number of cases run.
-fn run(name: &str, default_cases: u64, seeds: &[Vec<u8>], target: impl Fn(&[u8])) -> u64 {
-    let budget = Budget::for_target(default_cases);
-    let (seed, mut rng) = rng_for(name);
-    let mut done = 0u64;
-    while budget.more(done) {
-        let input = if (done as usize) < seeds.len() {
-            seeds[done as usize].clone()
+/// The inputs of one target: every seed, then random and mutated inputs until the
+/// budget is spent.
+struct Cases<'a> {
+    name: &'static str,
+    seed: u64,
+    rng: StdRng,
+    seeds: &'a [Vec<u8>],
+    budget: Budget,
+    done: u64,
+}
+
+impl<'a> Cases<'a> {
+    fn new(name: &'static str, default_cases: u64, seeds: &'a [Vec<u8>]) -> Cases<'a> {
+        let (seed, rng) = rng_for(name);
+        Cases {
+            name,
+            seed,
+            rng,
+            seeds,
+            budget: Budget::for_target(default_cases),
+            done: 0,
+        }
+    }
+
+    /// The next input, with a guard that reports it if the target panics on it.
+    fn next_case(&mut self) -> Option<Case> {
+        if !self.budget.more(self.done) {
+            eprintln!("fuzz target {}: {} cases", self.name, self.done);
+            return None;
+        }
+        let (seeds, rng) = (self.seeds, &mut self.rng);
+        let input = if (self.done as usize) < seeds.len() {
+            seeds[self.done as usize].clone()
         } else if seeds.is_empty() || rng.random_ratio(1, 4) {
-            random_bytes(&mut rng, 4096)
+            random_bytes(rng, 4096)
         } else {
             let a = &seeds[rng.random_range(0..seeds.len())];
             let b = &seeds[rng.random_range(0..seeds.len())];
-            mutate(&mut rng, a, b)
+            mutate(rng, a, b)
         };
-        if let Err(e) = panic::catch_unwind(AssertUnwindSafe(|| target(&input))) {
-            let hex: String = input.iter().map(|b| format!("{b:02x}")).collect();
-            let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-failures");
-            let _ = std::fs::create_dir_all(&dir);
-            let path = dir.join(format!("{name}-{seed:x}-{done}.bin"));
-            let _ = std::fs::write(&path, &input);
-            eprintln!(
-                "fuzz target {name}: case {done} (IMSHARD_FUZZ_SEED={seed:#x}) failed; \
-                 input ({} bytes, saved to {}): {hex}",
-                input.len(),
-                path.display()
-            );
-            panic::resume_unwind(e);
-        }
-        done += 1;
+        self.done += 1;
+        Some(Case {
+            name: self.name,
+            seed: self.seed,
+            index: self.done - 1,
+            input,
+        })
     }
-    eprintln!("fuzz target {name}: {done} cases");
-    done
+}
+
+/// One input; dropped during a panic, it prints the input in hex and saves it.
+struct Case {
+    name: &'static str,
+    seed: u64,
+    index: u64,
+    input: Vec<u8>,
+}
+
+impl Drop for Case {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let (name, seed, index) = (self.name, self.seed, self.index);
+        let hex: String = self.input.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-failures");
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join(format!("{name}-{seed:x}-{index}.bin"));
+        let _ = std::fs::write(&path, &self.input);
+        eprintln!(
+            "fuzz target {name}: case {index} (IMSHARD_FUZZ_SEED={seed:#x}) failed; \
+             input ({} bytes, saved to {}): {hex}",
+            self.input.len(),
+            path.display()
+        );
+    }
+}
+
+/// Runs `target` on every case of [`Cases`].
+fn run(name: &'static str, default_cases: u64, seeds: &[Vec<u8>], target: impl Fn(&[u8])) {
+    let mut cases = Cases::new(name, default_cases, seeds);
+    while let Some(case) = cases.next_case() {
+        target(&case.input);
+    }
 }
 
 // ---------------------------------------------------------------- WebSocket frames
@@ -848,6 +899,279 @@ fn client_frame_seeds() -> Vec<Vec<u8>> {
             .encode_to_vec()
         })
         .collect()
+}
+
+/// Seeds for the in-process `execute` target: a conversation and a group to act on.
+fn execute_seeds() -> Vec<Vec<u8>> {
+    let conv = "p2p-fz_a-fz_b".to_string();
+    let bodies = vec![
+        Body::Send(pb::SendMessageRequest {
+            conv_type: 1,
+            target: "fz_b".into(),
+            client_msg_id: "c1".into(),
+            content: "bad news".into(),
+            ..Default::default()
+        }),
+        Body::CreateGroup(pb::CreateGroupRequest {
+            group_id: "g1".into(),
+            name: "n".into(),
+            members: vec!["fz_b".into(), "fz_c".into()],
+        }),
+        Body::Send(pb::SendMessageRequest {
+            conv_type: 2,
+            target: "g1".into(),
+            client_msg_id: "c2".into(),
+            content: "{}".into(),
+            at_users: vec!["fz_b".into()],
+            ..Default::default()
+        }),
+        Body::Pull(pb::PullMessagesRequest {
+            conv_id: conv.clone(),
+            anchor_seq: 0,
+            limit: 10,
+            direction: 2,
+        }),
+        Body::GetByIds(pb::GetMessagesByIdsRequest {
+            conv_id: "grp-g1".into(),
+            msg_ids: vec!["01ARZ3NDEKTSV4RRFFQ69G5FAV".into()],
+        }),
+        Body::Recall(pb::RecallMessageRequest {
+            conv_id: conv.clone(),
+            msg_id: "01ARZ3NDEKTSV4RRFFQ69G5FAV".into(),
+        }),
+        Body::GetConversations(pb::GetConversationsRequest {
+            updated_since: 0,
+            page_size: 5,
+            cursor: 0,
+        }),
+        Body::MarkRead(pb::MarkReadRequest {
+            conv_id: conv.clone(),
+            read_seq: 1,
+        }),
+        Body::UpdateSettings(pb::UpdateConvSettingsRequest {
+            conv_id: "grp-g1".into(),
+            mute: Some(true),
+            pin: Some(false),
+        }),
+        Body::GetUnread(pb::GetUnreadRequest { per_conv_limit: 3 }),
+        Body::UpdateMembers(pb::UpdateGroupMembersRequest {
+            group_id: "g1".into(),
+            add: vec!["fz_d".into()],
+            remove: vec!["fz_c".into()],
+            add_admins: vec!["fz_d".into()],
+        }),
+        Body::DeleteConversation(pb::DeleteConversationRequest { conv_id: conv }),
+    ];
+    bodies
+        .into_iter()
+        .map(|b| {
+            ClientFrame {
+                req_id: 1,
+                body: Some(b),
+            }
+            .encode_to_vec()
+        })
+        .collect()
+}
+
+const FZ_USERS: [&str; 7] = ["fz_a", "fz_b", "fz_c", "fz_d", "fz_a", "", "fz-x"];
+const FZ_CONVS: [&str; 8] = [
+    "p2p-fz_a-fz_b",
+    "p2p-fz_a-fz_c",
+    "p2p-fz_b-fz_a",
+    "grp-g1",
+    "grp-g2",
+    "grp-",
+    "p2p-fz_a-fz_a",
+    "x",
+];
+
+fn arb_pick(u: &mut Unstructured, dict: &[&str]) -> arbitrary::Result<String> {
+    if u.ratio(1u8, 10)? {
+        Ok(u.arbitrary().unwrap_or_default())
+    } else {
+        Ok(u.choose(dict)?.to_string())
+    }
+}
+
+fn arb_list(u: &mut Unstructured, dict: &[&str]) -> arbitrary::Result<Vec<String>> {
+    (0..u.int_in_range(0..=4)?)
+        .map(|_| arb_pick(u, dict))
+        .collect()
+}
+
+/// A ClientFrame body aimed at the users, conversations and messages that exist, so
+/// most requests get past decoding and the id checks into the operations themselves.
+fn arb_body(u: &mut Unstructured, msg_ids: &[String]) -> arbitrary::Result<Body> {
+    let ids: Vec<&str> = msg_ids
+        .iter()
+        .map(String::as_str)
+        .chain(["01ARZ3NDEKTSV4RRFFQ69G5FAV", "", "not-a-ulid"])
+        .collect();
+    let num = |u: &mut Unstructured| -> arbitrary::Result<i64> {
+        Ok(match u.int_in_range(0..=3)? {
+            0 => u.arbitrary()?,
+            1 => -1,
+            _ => u.int_in_range(0..=20)?,
+        })
+    };
+    Ok(match u.int_in_range(0..=12)? {
+        0 => Body::Heartbeat(pb::Heartbeat {
+            client_ts: u.arbitrary()?,
+        }),
+        1..=3 => Body::Send(pb::SendMessageRequest {
+            conv_type: u.int_in_range(0..=3)?,
+            target: arb_pick(u, &["fz_b", "fz_c", "fz_a", "g1", "g2", ""])?,
+            client_msg_id: arb_pick(u, &["c1", "c2", "", "c3"])?,
+            msg_type: *u.choose(&[0, 1, 99, 100, -1])?,
+            content: arb_pick(u, &["{}", "bad", "坏词 BAD bad", ""])?,
+            reply_to_msg_id: arb_pick(u, &ids)?,
+            at_users: arb_list(u, &FZ_USERS)?,
+        }),
+        4 => Body::Pull(pb::PullMessagesRequest {
+            conv_id: arb_pick(u, &FZ_CONVS)?,
+            anchor_seq: num(u)?,
+            limit: num(u)? as i32,
+            direction: u.int_in_range(0..=3)?,
+        }),
+        5 => Body::GetByIds(pb::GetMessagesByIdsRequest {
+            conv_id: arb_pick(u, &FZ_CONVS)?,
+            msg_ids: arb_list(u, &ids)?,
+        }),
+        6 => Body::Recall(pb::RecallMessageRequest {
+            conv_id: arb_pick(u, &FZ_CONVS)?,
+            msg_id: arb_pick(u, &ids)?,
+        }),
+        7 => Body::GetConversations(pb::GetConversationsRequest {
+            updated_since: num(u)?,
+            page_size: num(u)? as i32,
+            cursor: num(u)?,
+        }),
+        8 => Body::MarkRead(pb::MarkReadRequest {
+            conv_id: arb_pick(u, &FZ_CONVS)?,
+            read_seq: num(u)?,
+        }),
+        9 => Body::UpdateSettings(pb::UpdateConvSettingsRequest {
+            conv_id: arb_pick(u, &FZ_CONVS)?,
+            mute: u.arbitrary()?,
+            pin: u.arbitrary()?,
+        }),
+        10 => Body::GetUnread(pb::GetUnreadRequest {
+            per_conv_limit: num(u)? as i32,
+        }),
+        11 => Body::CreateGroup(pb::CreateGroupRequest {
+            group_id: arb_pick(u, &["g1", "g2", "", "g-x"])?,
+            name: arb_pick(u, &["n", ""])?,
+            members: arb_list(u, &FZ_USERS)?,
+        }),
+        _ => Body::UpdateMembers(pb::UpdateGroupMembersRequest {
+            group_id: arb_pick(u, &["g1", "g2", ""])?,
+            add: arb_list(u, &FZ_USERS)?,
+            remove: arb_list(u, &FZ_USERS)?,
+            add_admins: arb_list(u, &FZ_USERS)?,
+        }),
+    })
+}
+
+/// Decoded frames run through `chat::execute` on a real one-shard runtime with its
+/// store (no sockets): every answer is a response or a documented error, never an
+/// internal one, and comes within 10 s.
+#[test]
+fn fuzz_execute() {
+    use imshard::chat::{self, Caller};
+    use imshard::shard::{ring, Shard};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("io_uring runtime");
+    let seeds = execute_seeds();
+    rt.block_on(async {
+        let parts = ring::mesh(1).expect("mesh").pop().expect("parts");
+        let bell = parts.bell();
+        let store = imshard::store::ShardStore::open(dir.path(), 0, bell.clone()).expect("store");
+        let cfg = Arc::new(imshard::config::Config {
+            data_dir: dir.path().to_path_buf(),
+            shards: 1,
+            blocked_words: vec!["bad".into()],
+            filter_mode: FilterMode::Mask,
+            rate_limit: 0,
+            ..imshard::config::Config::default()
+        });
+        let filter = Filter::new(&cfg.blocked_words, cfg.filter_mode).expect("filter");
+        let shard = Shard::new(
+            0,
+            cfg,
+            Arc::new(filter),
+            b"secret-secret-secret",
+            store,
+            parts.into_endpoint(),
+            Arc::default(),
+        );
+        {
+            // As in server::shard_main: durable writes are heard of through the bell.
+            let shard = shard.clone();
+            monoio::spawn(async move {
+                let _ = bell
+                    .listen(|| {
+                        shard.ring.wake_local();
+                        shard.store.wake_local();
+                    })
+                    .await;
+            });
+        }
+        let callers: Vec<Caller> = ["fz_a", "fz_b", "fz_d"]
+            .iter()
+            .map(|u| Caller {
+                user: u.to_string(),
+                device: "d1".into(),
+                admin: false,
+            })
+            .collect();
+        let mut answers: std::collections::BTreeMap<i32, u64> = Default::default();
+        let mut msg_ids: Vec<String> = Vec::new();
+        let mut cases = Cases::new("execute", 60_000, &seeds);
+        while let Some(case) = cases.next_case() {
+            // An input that decodes is run as it is; any other builds a request.
+            let body = match decode_client_frame(&case.input) {
+                Ok(ClientFrame {
+                    body: Some(body), ..
+                }) => body,
+                _ => match arb_body(&mut Unstructured::new(&case.input), &msg_ids) {
+                    Ok(body) => body,
+                    Err(_) => continue,
+                },
+            };
+            let is_send = matches!(body, Body::Send(_));
+            check_operation(&body);
+            let caller = &callers[case.input.len() % callers.len()];
+            let answer =
+                monoio::time::timeout(Duration::from_secs(10), chat::execute(&shard, caller, body))
+                    .await;
+            let code = match answer {
+                Ok(Ok(bytes)) => {
+                    if is_send {
+                        let r = pb::SendMessageResponse::decode(&*bytes).expect("send answer");
+                        msg_ids.push(r.msg_id);
+                    }
+                    0
+                }
+                Ok(Err(e)) => {
+                    let code = e.code();
+                    assert!(
+                        [40001, 40301, 40401, 41301, 42201, 42202, 42901].contains(&code),
+                        "{e:?}"
+                    );
+                    code
+                }
+                Err(_) => panic!("execute did not answer within 10 s"),
+            };
+            *answers.entry(code).or_default() += 1;
+        }
+        eprintln!("fuzz target execute: answers by code {answers:?}");
+    });
 }
 
 // ---------------------------------------------------------------- JWT
