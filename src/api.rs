@@ -263,7 +263,7 @@ fn path_param(route: &str, prefix: &str) -> Result<String, ApiError> {
     if raw.is_empty() || raw.contains('/') {
         return Err(ApiError::NotFound("no such API route"));
     }
-    Ok(http::query_param(&format!("v={raw}"), "v").unwrap_or_default())
+    Ok(http::percent_decode(raw))
 }
 
 /// Decodes an encoded XxxResponse into the JSON `data` of the reply.

@@ -86,8 +86,8 @@ fn rng_for(name: &str) -> (u64, StdRng) {
 }
 
 /// Bytes that make parsers take unusual branches (length escapes, sign bits, ...).
-const INTERESTING: [u8; 12] = [
-    0, 1, 0x7e, 0x7f, 0x80, 0x81, 0xff, b'%', b'\r', b'\n', b'-', b'"',
+const INTERESTING: [u8; 14] = [
+    0, 1, 0x7e, 0x7f, 0x80, 0x81, 0xff, b'%', b'\r', b'\n', b'-', b'"', b'&', b'/',
 ];
 
 fn random_bytes(rng: &mut StdRng, max: usize) -> Vec<u8> {
@@ -730,6 +730,14 @@ fn check_api_request(method: &str, route: &str, query: &str, body: &[u8]) {
             // The answer decoder takes any bytes without panicking too.
             let _ = to_json(body);
             check_operation(&op);
+            // A path parameter is the whole segment, percent-decoded.
+            if let Some(segment) = route.strip_prefix("conversations/") {
+                if let Body::DeleteConversation(pb::DeleteConversationRequest { conv_id })
+                | Body::UpdateSettings(pb::UpdateConvSettingsRequest { conv_id, .. }) = &op
+                {
+                    assert_eq!(conv_id, &model_percent_decode(segment), "{route:?}");
+                }
+            }
         }
         Err(e) => assert!([40001, 40401].contains(&e.code()), "{route}: {e:?}"),
     }
@@ -738,6 +746,10 @@ fn check_api_request(method: &str, route: &str, query: &str, body: &[u8]) {
 fn api_target(data: &[u8]) {
     let mut u = Unstructured::new(data);
     let (method, route) = *u.choose(&ROUTES).unwrap_or(&ROUTES[0]);
+    let mut route = route.to_string();
+    if u.ratio(1u8, 4).unwrap_or(false) {
+        route.push_str(&u.arbitrary::<String>().unwrap_or_default());
+    }
     let query: String = u.arbitrary().unwrap_or_default();
     let body = if u.ratio(2u8, 3).unwrap_or(true) {
         arb_json(&mut u, 3)
@@ -747,7 +759,7 @@ fn api_target(data: &[u8]) {
     } else {
         u.take_rest().to_vec()
     };
-    check_api_request(method, route, &query, &body);
+    check_api_request(method, &route, &query, &body);
     match api::kick_body(&body) {
         Ok(ev) => {
             assert!(ids::is_valid_id(&ev.user_uuid));
@@ -1314,6 +1326,10 @@ fn regressions() {
     http_target(
         b"GET /api/v1/auth/conversations?updated_since=1&page_size=+1&cursor=%+1 HTTP/1.0\r\n\r\n",
     );
+    // A path parameter was decoded as a query, so `&` ended it: DELETE
+    // conversations/p2p-a-b&x deleted p2p-a-b.
+    http_target(b"DELETE /api/v1/auth/conversations/p2p-a-b&x=1 HTTP/1.1\r\n\r\n");
+    check_api_request("PATCH", "conversations/grp-g1&E", "", b"{}");
 }
 
 /// Reads whatever the server sends until it goes quiet or closes; every binary frame

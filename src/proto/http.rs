@@ -145,7 +145,8 @@ pub fn query_param(query: &str, key: &str) -> Option<String> {
     })
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XY` escapes and `+` (a space); anything else is kept as it is.
+pub fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
