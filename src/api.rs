@@ -1,4 +1,4 @@
-//! The HTTP side of the port: `/healthz`, `/metrics` and the JSON API of PROTOCOL.md.
+//! The HTTP side of the port: `/healthz`, `/metrics` and the JSON API of docs/PROTOCOL.md.
 //! API calls run the same operations as the WebSocket ([`crate::chat::execute`]) on the
 //! caller's user shard, so both transports give identical results.
 

@@ -1,4 +1,4 @@
-//! JWT (HS256) authentication of PROTOCOL.md: claims, verification, minting, and the
+//! JWT (HS256) authentication of docs/PROTOCOL.md: claims, verification, minting, and the
 //! server secret (given, or generated once into `<data-dir>/jwt.secret`).
 
 use std::fs;

@@ -1,9 +1,9 @@
-//! Every code a client can see, in one place: API error codes (PROTOCOL.md "Error
+//! Every code a client can see, in one place: API error codes (docs/PROTOCOL.md "Error
 //! codes"), WebSocket close codes and kick reasons, with what each means for a client.
 
 use std::fmt;
 
-/// An operation failed; [`ApiError::code`] is the PROTOCOL.md code the client sees.
+/// An operation failed; [`ApiError::code`] is the docs/PROTOCOL.md code the client sees.
 ///
 /// The HTTP status is the first three digits of the code. `retryable` tells a client
 /// whether sending the same request again (same client_msg_id) can succeed.
@@ -44,7 +44,7 @@ impl ApiError {
         ApiError::InvalidArgument(what.into())
     }
 
-    /// The PROTOCOL.md error code.
+    /// The docs/PROTOCOL.md error code.
     pub fn code(&self) -> i32 {
         match self {
             ApiError::InvalidArgument(_) => 40001,

@@ -1,38 +1,226 @@
 //! Configuration: flags, `IMSHARD_*` environment variables and a TOML file (`--config`),
 //! which agree key for key. Precedence: flag, then env var, then file, then default.
 //!
-//! | key (TOML) | flag | env | default | meaning |
-//! |---|---|---|---|---|
-//! | listen | --listen | IMSHARD_LISTEN | 0.0.0.0:8080 | address every shard listens on (SO_REUSEPORT) |
-//! | admin_listen | --admin-listen | IMSHARD_ADMIN_LISTEN | (none) | if set: `/metrics`, `/healthz` and `/api/v1/admin/*` are served only here (404 on `listen`), and nothing else is |
-//! | shards | --shards | IMSHARD_SHARDS | number of cores | shard threads, each pinned to a core |
-//! | data_dir | --data-dir | IMSHARD_DATA_DIR | ./data | embedded store, shard count, generated JWT secret |
-//! | heartbeat_timeout | --heartbeat-timeout | IMSHARD_HEARTBEAT_TIMEOUT | 90s | silent connections are closed after this |
-//! | jwt_secret | --jwt-secret | IMSHARD_JWT_SECRET | generated into data_dir/jwt.secret | HS256 secret |
-//! | max_frame_bytes | --max-frame-bytes | IMSHARD_MAX_FRAME_BYTES | 1048576 | largest WebSocket message; larger closes with 1009 |
-//! | max_content_bytes | --max-content-bytes | IMSHARD_MAX_CONTENT_BYTES | 65536 | largest message content (41301) |
-//! | recall_window | --recall-window | IMSHARD_RECALL_WINDOW | 120s | how long after send a message may be recalled |
-//! | rate_limit | --rate-limit | IMSHARD_RATE_LIMIT | 200 | sends per second per user (0 = off), burst 2x (42901) |
-//! | blocked_words | --blocked-words | IMSHARD_BLOCKED_WORDS | (none) | comma-separated words the content filter looks for |
-//! | filter_mode | --filter-mode | IMSHARD_FILTER_MODE | reject | `reject` (42202) or `mask` (replace with `*`) |
-//! | outbound_queue_bytes | --outbound-queue-bytes | IMSHARD_OUTBOUND_QUEUE_BYTES | 4194304 | a connection whose unsent bytes pass this is cut (slow reader) |
-//! | max_connections | --max-connections | IMSHARD_MAX_CONNECTIONS | 1000000 | upgrades past this many open connections get HTTP 503; start-up warns when the open-files limit cannot hold it |
-//! | frame_timeout | --frame-timeout | IMSHARD_FRAME_TIMEOUT | 10s | a started WebSocket message must complete within this (else close 1008) |
-//! | frame_memory_bytes | --frame-memory-bytes | IMSHARD_FRAME_MEMORY_BYTES | 134217728 | per shard: bytes of unfinished incoming messages held at once; a connection that would pass it is closed (1013) |
-//! | max_requests_in_flight | --max-requests-in-flight | IMSHARD_MAX_REQUESTS_IN_FLIGHT | 64 | per connection: requests being served at once; past it the connection is not read until one finishes |
-//! | max_groups_owned | --max-groups-owned | IMSHARD_MAX_GROUPS_OWNED | 1000 | groups one user may create (40301 past it; 0 = no limit) |
-//! | members_added_per_hour | --members-added-per-hour | IMSHARD_MEMBERS_ADDED_PER_HOUR | 100000 | member ids one user may name in creates and adds per hour (42901 past it; 0 = no limit) |
-//! | shutdown_grace | --shutdown-grace | IMSHARD_SHUTDOWN_GRACE | 5s | on SIGTERM/SIGINT: how long to answer in-flight requests and spread the close frames |
-//! | log | --log | IMSHARD_LOG | info,fjall=warn,lsm_tree=warn | tracing filter (e.g. `info,imshard=debug`) |
+//! Every key is declared once, in the [`config_keys!`] invocation below: its type,
+//! default, parser, value name, unit and meaning. From that one declaration come the
+//! `serve` flags and their `--help` text, the env var, the TOML key, the field of
+//! [`Config`], and [`KEYS`], the table that [`markdown_table`] renders into README's
+//! "Configuration" section (a test keeps the README equal to it). Flags, env vars and
+//! the file all go through the same parser, so a value means the same in each.
 //!
-//! Durations are written `90s`, `2m`, `1h`, `1d`, `250ms` or a number of seconds.
+//! Durations are written `90s`, `2m`, `1h`, `1d`, `250ms` or a number of seconds;
+//! byte sizes as a number of bytes or with `KiB`, `MiB` or `GiB`.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use serde::Deserialize;
+
+/// One configuration key: its names and documentation (see [`KEYS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    /// The TOML key and [`Config`] field.
+    pub name: &'static str,
+    /// The environment variable, `IMSHARD_` and the name in capitals.
+    pub env: &'static str,
+    /// What the server uses when no source sets the key.
+    pub default: &'static str,
+    /// The value's unit or form.
+    pub unit: &'static str,
+    /// What the key does.
+    pub meaning: &'static str,
+}
+
+/// Declares every configuration key once and generates from that list: [`KEYS`],
+/// [`CommonArgs`] / [`ServeArgs`] (the flags, read as text), [`Config`] (typed fields
+/// with their meaning as doc) and its merge of flag/env, file and default.
+///
+/// Per key: `name: Type = default_expr, parser, "VALUE_NAME", "IMSHARD_ENV",
+/// "default as shown", "unit", "meaning";` and optional extra `#[arg(..)]` attributes.
+/// `common` keys are shared with `imshard token` (so it finds the same secret).
+macro_rules! config_keys {
+    (
+        common { $(
+            $(#[$cattr:meta])*
+            $cname:ident: $cty:ty = $cdefault:expr, $cparse:expr,
+            $cvalue:literal, $cenv:literal, $cdtext:literal, $cunit:literal, $cmeaning:literal;
+        )* }
+        serve { $(
+            $(#[$sattr:meta])*
+            $sname:ident: $sty:ty = $sdefault:expr, $sparse:expr,
+            $svalue:literal, $senv:literal, $sdtext:literal, $sunit:literal, $smeaning:literal;
+        )* }
+    ) => {
+        /// Every configuration key, in the order `--help` and README list them.
+        pub const KEYS: &[Key] = &[
+            $( Key { name: stringify!($cname), env: $cenv, default: $cdtext, unit: $cunit, meaning: $cmeaning }, )*
+            $( Key { name: stringify!($sname), env: $senv, default: $sdtext, unit: $sunit, meaning: $smeaning }, )*
+        ];
+
+        /// Settings shared by `serve` and `token` (so both find the same secret).
+        #[derive(Debug, Args, Default, Clone)]
+        pub struct CommonArgs {
+            /// TOML file with any of the configuration keys.
+            #[arg(long, env = "IMSHARD_CONFIG", value_name = "FILE", long_help = config_file_help())]
+            pub config: Option<PathBuf>,
+            $(
+                #[arg(long, env = $cenv, value_name = $cvalue,
+                    help = concat!($cmeaning, " [default: ", $cdtext, "; ", $cunit, "]"))]
+                $(#[$cattr])*
+                pub $cname: Option<String>,
+            )*
+        }
+
+        /// The flags of `imshard serve`, as text: each is parsed, like the env var and
+        /// the file's value, by its key's parser in [`Config::from_serve_args`].
+        #[derive(Debug, Args, Default, Clone)]
+        pub struct ServeArgs {
+            #[command(flatten)]
+            pub common: CommonArgs,
+            $(
+                #[arg(long, env = $senv, value_name = $svalue,
+                    help = concat!($smeaning, " [default: ", $sdtext, "; ", $sunit, "]"))]
+                $(#[$sattr])*
+                pub $sname: Option<String>,
+            )*
+        }
+
+        /// The settings the server runs with, after merging.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $( #[doc = $cmeaning] pub $cname: $cty, )*
+            $( #[doc = $smeaning] pub $sname: $sty, )*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Config {
+                    $( $cname: $cdefault, )*
+                    $( $sname: $sdefault, )*
+                }
+            }
+        }
+
+        impl Config {
+            /// Merges flags/env (already combined by clap) over the file over the
+            /// defaults, then checks the result.
+            pub fn from_serve_args(a: &ServeArgs) -> Result<Config, ConfigError> {
+                let file = FileValues::read(a.common.config.as_deref())?;
+                let c = Config {
+                    $( $cname: setting(stringify!($cname), a.common.$cname.as_deref(), &file,
+                        $cparse, || $cdefault)?, )*
+                    $( $sname: setting(stringify!($sname), a.$sname.as_deref(), &file,
+                        $sparse, || $sdefault)?, )*
+                };
+                c.validate()?;
+                Ok(c)
+            }
+
+        }
+
+        /// The settings `imshard token` shares with `serve` (data dir and secret).
+        #[derive(Debug, Clone)]
+        pub struct CommonConfig {
+            $( #[doc = $cmeaning] pub $cname: $cty, )*
+        }
+
+        impl CommonConfig {
+            /// Reads the common keys the same way as `serve` does.
+            pub fn from_args(a: &CommonArgs) -> Result<CommonConfig, ConfigError> {
+                let file = FileValues::read(a.config.as_deref())?;
+                Ok(CommonConfig {
+                    $( $cname: setting(stringify!($cname), a.$cname.as_deref(), &file,
+                        $cparse, || $cdefault)?, )*
+                })
+            }
+        }
+
+        /// Each default written out in [`KEYS`] parses to the value [`Config`] uses
+        /// (defaults shown in parentheses are descriptions, not values).
+        #[cfg(test)]
+        fn check_default_texts() {
+            $( if !$cdtext.starts_with('(') {
+                assert_eq!($cparse($cdtext).ok(), Some($cdefault), "default of {}", stringify!($cname));
+            } )*
+            $( if !$sdtext.starts_with('(') {
+                assert_eq!($sparse($sdtext).ok(), Some($sdefault), "default of {}", stringify!($sname));
+            } )*
+        }
+    };
+}
+
+config_keys! {
+    common {
+        data_dir: PathBuf = PathBuf::from("./data"), parse_path,
+            "DIR", "IMSHARD_DATA_DIR", "./data", "path",
+            "embedded store, shard count and generated JWT secret; one imshard per data dir";
+        #[arg(hide_env_values = true)]
+        jwt_secret: Option<String> = None, parse_secret,
+            "SECRET", "IMSHARD_JWT_SECRET", "(generated into data_dir/jwt.secret)", "text, 16+ bytes",
+            "HS256 secret tokens are signed with";
+    }
+    serve {
+        listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8080)), parse_addr,
+            "ADDR", "IMSHARD_LISTEN", "0.0.0.0:8080", "HOST:PORT or PORT",
+            "address every shard listens on (SO_REUSEPORT); refused at start if another process holds it";
+        admin_listen: Option<SocketAddr> = None, parse_optional_addr,
+            "ADDR", "IMSHARD_ADMIN_LISTEN", "(none)", "HOST:PORT or PORT",
+            "if set: `/metrics`, `/healthz` and `/api/v1/admin/*` are served only here (404 on `listen`), and nothing else is";
+        shards: usize = cores(), parse_num::<usize>,
+            "N", "IMSHARD_SHARDS", "(number of cores)", "count, 1-1024",
+            "shard threads, each pinned to a core; a data dir keeps the count it was created with";
+        heartbeat_timeout: Duration = Duration::from_secs(90), parse_duration,
+            "DURATION", "IMSHARD_HEARTBEAT_TIMEOUT", "90s", "duration",
+            "silent connections are closed (1001) after this";
+        max_frame_bytes: usize = 1 << 20, parse_bytes,
+            "BYTES", "IMSHARD_MAX_FRAME_BYTES", "1MiB", "bytes",
+            "largest WebSocket message; larger closes with 1009";
+        max_content_bytes: usize = 64 * 1024, parse_bytes,
+            "BYTES", "IMSHARD_MAX_CONTENT_BYTES", "64KiB", "bytes",
+            "largest message content (41301); at least 4 KiB below max_frame_bytes";
+        recall_window: Duration = Duration::from_secs(120), parse_duration,
+            "DURATION", "IMSHARD_RECALL_WINDOW", "120s", "duration",
+            "how long after send a message may be recalled (42201 after)";
+        rate_limit: u32 = 200, parse_num::<u32>,
+            "N", "IMSHARD_RATE_LIMIT", "200", "requests/s per user",
+            "request budget per user (a send costs 1, heavier operations more), burst 2x; 42901 past it; 0 = off";
+        blocked_words: Vec<String> = Vec::new(), parse_words,
+            "WORDS", "IMSHARD_BLOCKED_WORDS", "(none)", "comma-separated words",
+            "words the content filter looks for (ASCII case-insensitive)";
+        filter_mode: FilterMode = FilterMode::Reject, parse_filter_mode,
+            "MODE", "IMSHARD_FILTER_MODE", "reject", "reject or mask",
+            "`reject` refuses a message with a blocked word (42202); `mask` replaces the word with `*`";
+        outbound_queue_bytes: usize = 4 << 20, parse_bytes,
+            "BYTES", "IMSHARD_OUTBOUND_QUEUE_BYTES", "4MiB", "bytes",
+            "a connection whose unsent bytes pass this is cut (KICKOUT slow_reader)";
+        max_connections: usize = default_max_connections(), parse_num::<usize>,
+            "N", "IMSHARD_MAX_CONNECTIONS", "(open-files limit minus 1024)", "connections",
+            "upgrades past this many open connections get HTTP 503; start-up warns when the open-files limit cannot hold it";
+        frame_timeout: Duration = Duration::from_secs(10), parse_duration,
+            "DURATION", "IMSHARD_FRAME_TIMEOUT", "10s", "duration",
+            "a started WebSocket message must complete within this (else close 1008)";
+        frame_memory_bytes: usize = 128 << 20, parse_bytes,
+            "BYTES", "IMSHARD_FRAME_MEMORY_BYTES", "128MiB", "bytes per shard",
+            "bytes of unfinished incoming messages a shard holds at once; a connection that would pass it is closed (1013)";
+        max_requests_in_flight: u16 = 64, parse_num::<u16>,
+            "N", "IMSHARD_MAX_REQUESTS_IN_FLIGHT", "64", "requests per connection",
+            "requests of one connection served at once; past it the connection is not read until one finishes";
+        max_groups_owned: u32 = 1000, parse_num::<u32>,
+            "N", "IMSHARD_MAX_GROUPS_OWNED", "1000", "groups per user",
+            "groups one user may create (40301 past it; 0 = no limit)";
+        members_added_per_hour: u32 = 100_000, parse_num::<u32>,
+            "N", "IMSHARD_MEMBERS_ADDED_PER_HOUR", "100000", "member ids per user per hour",
+            "member ids one user may name in creates and adds per hour (42901 past it; 0 = no limit)";
+        shutdown_grace: Duration = Duration::from_secs(5), parse_duration,
+            "DURATION", "IMSHARD_SHUTDOWN_GRACE", "5s", "duration, at most 10m",
+            "on SIGTERM/SIGINT: how long to answer in-flight requests and spread the close frames";
+        log: String = "info,fjall=warn,lsm_tree=warn".to_string(), parse_text,
+            "FILTER", "IMSHARD_LOG", "info,fjall=warn,lsm_tree=warn", "tracing filter",
+            "what is logged (to stdout), e.g. `info,imshard=debug`";
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,88 +238,40 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
+    #[command(
+        long_about = "Run the server.\n\nEvery setting can be given as a flag, an IMSHARD_* \
+                      environment variable or a key in the --config TOML file; a flag wins \
+                      over the env var, which wins over the file, which wins over the default."
+    )]
     Serve(ServeArgs),
-    /// Print a token signed with the server's secret.
+    /// Print a token signed with the server's secret (the same --data-dir or
+    /// --jwt-secret as the server).
     Token(TokenArgs),
-}
-
-/// Settings shared by `serve` and `token` (so both find the same secret).
-#[derive(Debug, Args, Default, Clone)]
-pub struct CommonArgs {
-    /// TOML file with any of the keys below.
-    #[arg(long, env = "IMSHARD_CONFIG")]
-    pub config: Option<PathBuf>,
-    #[arg(long, env = "IMSHARD_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    #[arg(long, env = "IMSHARD_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
-}
-
-#[derive(Debug, Args, Default, Clone)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub common: CommonArgs,
-    #[arg(long, env = "IMSHARD_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    #[arg(long, env = "IMSHARD_ADMIN_LISTEN")]
-    pub admin_listen: Option<SocketAddr>,
-    #[arg(long, env = "IMSHARD_SHARDS")]
-    pub shards: Option<usize>,
-    #[arg(long, env = "IMSHARD_HEARTBEAT_TIMEOUT", value_parser = parse_duration)]
-    pub heartbeat_timeout: Option<Duration>,
-    #[arg(long, env = "IMSHARD_MAX_FRAME_BYTES")]
-    pub max_frame_bytes: Option<usize>,
-    #[arg(long, env = "IMSHARD_MAX_CONTENT_BYTES")]
-    pub max_content_bytes: Option<usize>,
-    #[arg(long, env = "IMSHARD_RECALL_WINDOW", value_parser = parse_duration)]
-    pub recall_window: Option<Duration>,
-    #[arg(long, env = "IMSHARD_RATE_LIMIT")]
-    pub rate_limit: Option<u32>,
-    #[arg(long, env = "IMSHARD_BLOCKED_WORDS", value_delimiter = ',')]
-    pub blocked_words: Option<Vec<String>>,
-    #[arg(long, env = "IMSHARD_FILTER_MODE", value_parser = parse_filter_mode)]
-    pub filter_mode: Option<FilterMode>,
-    #[arg(long, env = "IMSHARD_OUTBOUND_QUEUE_BYTES")]
-    pub outbound_queue_bytes: Option<usize>,
-    #[arg(long, env = "IMSHARD_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
-    #[arg(long, env = "IMSHARD_FRAME_TIMEOUT", value_parser = parse_duration)]
-    pub frame_timeout: Option<Duration>,
-    #[arg(long, env = "IMSHARD_FRAME_MEMORY_BYTES")]
-    pub frame_memory_bytes: Option<usize>,
-    #[arg(long, env = "IMSHARD_MAX_REQUESTS_IN_FLIGHT")]
-    pub max_requests_in_flight: Option<u16>,
-    #[arg(long, env = "IMSHARD_MAX_GROUPS_OWNED")]
-    pub max_groups_owned: Option<u32>,
-    #[arg(long, env = "IMSHARD_MEMBERS_ADDED_PER_HOUR")]
-    pub members_added_per_hour: Option<u32>,
-    #[arg(long, env = "IMSHARD_SHUTDOWN_GRACE", value_parser = parse_duration)]
-    pub shutdown_grace: Option<Duration>,
-    #[arg(long, env = "IMSHARD_LOG")]
-    pub log: Option<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct TokenArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    /// The user uuid (`sub`): 1-64 chars of [A-Za-z0-9_.@].
     #[arg(long)]
     pub user: String,
+    /// The device id (`did`): 1-64 chars of [A-Za-z0-9_.@].
     #[arg(long)]
     pub device: String,
-    /// mobile, desktop, web or pad.
+    /// The device type (`dty`): mobile, desktop, web or pad.
     #[arg(long, default_value = "web")]
     pub device_type: String,
-    /// Sets the `adm` claim.
+    /// Sets the `adm` claim (admin API).
     #[arg(long)]
     pub admin: bool,
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    /// How long the token is valid (250ms, 90s, 2m, 24h, 7d or seconds; more than 0).
+    #[arg(long, default_value = "24h", value_parser = parse_ttl)]
     pub ttl: Duration,
 }
 
 /// What the content filter does with a blocked word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilterMode {
     /// Refuse the message with 42202.
     Reject,
@@ -139,99 +279,61 @@ pub enum FilterMode {
     Mask,
 }
 
-/// The TOML file: every key optional, unknown keys refused.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    admin_listen: Option<SocketAddr>,
-    shards: Option<usize>,
-    data_dir: Option<PathBuf>,
-    #[serde(default, deserialize_with = "de_duration")]
-    heartbeat_timeout: Option<Duration>,
-    jwt_secret: Option<String>,
-    max_frame_bytes: Option<usize>,
-    max_content_bytes: Option<usize>,
-    #[serde(default, deserialize_with = "de_duration")]
-    recall_window: Option<Duration>,
-    rate_limit: Option<u32>,
-    blocked_words: Option<Vec<String>>,
-    filter_mode: Option<FilterMode>,
-    outbound_queue_bytes: Option<usize>,
-    max_connections: Option<usize>,
-    #[serde(default, deserialize_with = "de_duration")]
-    frame_timeout: Option<Duration>,
-    frame_memory_bytes: Option<usize>,
-    max_requests_in_flight: Option<u16>,
-    max_groups_owned: Option<u32>,
-    members_added_per_hour: Option<u32>,
-    #[serde(default, deserialize_with = "de_duration")]
-    shutdown_grace: Option<Duration>,
-    log: Option<String>,
-}
-
-/// The settings the server runs with, after merging.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub listen: SocketAddr,
-    /// The operators' address: metrics, health and admin API move here when set.
-    pub admin_listen: Option<SocketAddr>,
-    pub shards: usize,
-    pub data_dir: PathBuf,
-    pub heartbeat_timeout: Duration,
-    pub jwt_secret: Option<String>,
-    pub max_frame_bytes: usize,
-    pub max_content_bytes: usize,
-    pub recall_window: Duration,
-    pub rate_limit: u32,
-    pub blocked_words: Vec<String>,
-    pub filter_mode: FilterMode,
-    pub outbound_queue_bytes: usize,
-    pub max_connections: usize,
-    pub frame_timeout: Duration,
-    pub frame_memory_bytes: usize,
-    pub max_requests_in_flight: u16,
-    pub max_groups_owned: u32,
-    pub members_added_per_hour: u32,
-    pub shutdown_grace: Duration,
-    pub log: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            admin_listen: None,
-            shards: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
-            data_dir: PathBuf::from("./data"),
-            heartbeat_timeout: Duration::from_secs(90),
-            jwt_secret: None,
-            max_frame_bytes: 1 << 20,
-            max_content_bytes: 64 * 1024,
-            recall_window: Duration::from_secs(120),
-            rate_limit: 200,
-            blocked_words: Vec::new(),
-            filter_mode: FilterMode::Reject,
-            outbound_queue_bytes: 4 << 20,
-            max_connections: 1_000_000,
-            frame_timeout: Duration::from_secs(10),
-            frame_memory_bytes: 128 << 20,
-            max_requests_in_flight: 64,
-            max_groups_owned: 1000,
-            members_added_per_hour: 100_000,
-            shutdown_grace: Duration::from_secs(5),
-            log: "info,fjall=warn,lsm_tree=warn".to_string(),
-        }
+impl Key {
+    /// The command-line flag, e.g. `--max-frame-bytes`.
+    pub fn flag(&self) -> String {
+        format!("--{}", self.name.replace('_', "-"))
     }
+}
+
+fn key(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.name == name)
+}
+
+/// The long help of `--config`: the keys a file may hold.
+fn config_file_help() -> String {
+    let names: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+    format!(
+        "TOML file with any of these keys (the flag names with `_`; meanings, defaults and units \
+         as for the flags below): {}.\n\nExample:\n  listen = \"0.0.0.0:8080\"\n  \
+         heartbeat_timeout = \"90s\"\n  blocked_words = [\"spam\", \"scam\"]",
+        names.join(", ")
+    )
+}
+
+/// The Markdown table of every key (README's "Configuration" section is this).
+pub fn markdown_table() -> String {
+    let mut out = String::from(
+        "| key (TOML) | flag | env | default | unit | meaning |\n|---|---|---|---|---|---|\n",
+    );
+    for k in KEYS {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            k.name,
+            k.flag(),
+            k.env,
+            k.default,
+            k.unit,
+            k.meaning
+        ));
+    }
+    out
 }
 
 /// A configuration that cannot be used, with what is wrong.
 #[derive(Debug)]
 pub enum ConfigError {
+    /// The `--config` file cannot be read.
     Read(PathBuf, std::io::Error),
+    /// The `--config` file is not TOML, or has a key that does not exist.
     Parse(PathBuf, String),
+    /// A value does not parse: the key, where it came from, and why.
+    Value {
+        key: &'static str,
+        from: String,
+        error: String,
+    },
+    /// Values that parse but cannot be used (together).
     Invalid(String),
 }
 
@@ -240,6 +342,7 @@ impl std::fmt::Display for ConfigError {
         match self {
             ConfigError::Read(p, e) => write!(f, "cannot read config {}: {e}", p.display()),
             ConfigError::Parse(p, e) => write!(f, "bad config {}: {e}", p.display()),
+            ConfigError::Value { key, from, error } => write!(f, "bad {key} ({from}): {error}"),
             ConfigError::Invalid(e) => write!(f, "bad setting: {e}"),
         }
     }
@@ -247,107 +350,90 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn read_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
-    let Some(path) = path else {
-        return Ok(FileConfig::default());
+/// The `--config` file's values, each as the text the key's parser reads (a number as
+/// its digits, a list of words joined with `,`).
+#[derive(Debug, Default)]
+struct FileValues {
+    path: PathBuf,
+    values: BTreeMap<String, String>,
+}
+
+impl FileValues {
+    fn read(path: Option<&Path>) -> Result<FileValues, ConfigError> {
+        let Some(path) = path else {
+            return Ok(FileValues::default());
+        };
+        let bad = |e: String| ConfigError::Parse(path.to_path_buf(), e);
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let mut values = BTreeMap::new();
+        for (name, value) in table {
+            if key(&name).is_none() {
+                let known: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+                return Err(bad(format!(
+                    "unknown key `{name}`; the keys are: {}",
+                    known.join(", ")
+                )));
+            }
+            let text =
+                match value {
+                    toml::Value::Array(items) => {
+                        let mut words = Vec::with_capacity(items.len());
+                        for item in items {
+                            words.push(scalar_text(item).ok_or_else(|| {
+                                bad(format!("`{name}` must be a list of strings"))
+                            })?);
+                        }
+                        words.join(",")
+                    }
+                    other => scalar_text(other)
+                        .ok_or_else(|| bad(format!("`{name}` must be a string or a number")))?,
+                };
+            values.insert(name, text);
+        }
+        Ok(FileValues {
+            path: path.to_path_buf(),
+            values,
+        })
+    }
+}
+
+fn scalar_text(v: toml::Value) -> Option<String> {
+    match v {
+        toml::Value::String(s) => Some(s),
+        toml::Value::Integer(n) => Some(n.to_string()),
+        toml::Value::Float(n) => Some(n.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// One key's value: the flag or env var (`given`, combined by clap), else the file's,
+/// else the default; flag, env and file text all go through `parse`.
+fn setting<T>(
+    name: &'static str,
+    given: Option<&str>,
+    file: &FileValues,
+    parse: impl Fn(&str) -> Result<T, String>,
+    default: impl FnOnce() -> T,
+) -> Result<T, ConfigError> {
+    let bad = |from: String, error: String| ConfigError::Value {
+        key: name,
+        from,
+        error,
     };
-    let text =
-        std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))
+    if let Some(text) = given {
+        let (flag, env) = key(name).map_or((String::new(), ""), |k| (k.flag(), k.env));
+        return parse(text).map_err(|e| bad(format!("{flag} or {env}"), e));
+    }
+    if let Some(text) = file.values.get(name) {
+        return parse(text).map_err(|e| bad(format!("in {}", file.path.display()), e));
+    }
+    Ok(default())
 }
 
 impl Config {
-    /// Merges flags/env (already combined by clap) over the file over the defaults.
-    pub fn from_serve_args(a: &ServeArgs) -> Result<Config, ConfigError> {
-        let f = read_file(a.common.config.as_deref())?;
-        let d = Config::default();
-        let c = Config {
-            listen: a.listen.or(f.listen).unwrap_or(d.listen),
-            admin_listen: a.admin_listen.or(f.admin_listen),
-            shards: a.shards.or(f.shards).unwrap_or(d.shards),
-            data_dir: a
-                .common
-                .data_dir
-                .clone()
-                .or(f.data_dir)
-                .unwrap_or(d.data_dir),
-            heartbeat_timeout: a
-                .heartbeat_timeout
-                .or(f.heartbeat_timeout)
-                .unwrap_or(d.heartbeat_timeout),
-            jwt_secret: a.common.jwt_secret.clone().or(f.jwt_secret),
-            max_frame_bytes: a
-                .max_frame_bytes
-                .or(f.max_frame_bytes)
-                .unwrap_or(d.max_frame_bytes),
-            max_content_bytes: a
-                .max_content_bytes
-                .or(f.max_content_bytes)
-                .unwrap_or(d.max_content_bytes),
-            recall_window: a
-                .recall_window
-                .or(f.recall_window)
-                .unwrap_or(d.recall_window),
-            rate_limit: a.rate_limit.or(f.rate_limit).unwrap_or(d.rate_limit),
-            blocked_words: a
-                .blocked_words
-                .clone()
-                .or(f.blocked_words)
-                .unwrap_or(d.blocked_words)
-                .into_iter()
-                .map(|w| w.trim().to_string())
-                .filter(|w| !w.is_empty())
-                .collect(),
-            filter_mode: a.filter_mode.or(f.filter_mode).unwrap_or(d.filter_mode),
-            outbound_queue_bytes: a
-                .outbound_queue_bytes
-                .or(f.outbound_queue_bytes)
-                .unwrap_or(d.outbound_queue_bytes),
-            max_connections: a
-                .max_connections
-                .or(f.max_connections)
-                .unwrap_or(d.max_connections),
-            frame_timeout: a
-                .frame_timeout
-                .or(f.frame_timeout)
-                .unwrap_or(d.frame_timeout),
-            frame_memory_bytes: a
-                .frame_memory_bytes
-                .or(f.frame_memory_bytes)
-                .unwrap_or(d.frame_memory_bytes),
-            max_requests_in_flight: a
-                .max_requests_in_flight
-                .or(f.max_requests_in_flight)
-                .unwrap_or(d.max_requests_in_flight),
-            max_groups_owned: a
-                .max_groups_owned
-                .or(f.max_groups_owned)
-                .unwrap_or(d.max_groups_owned),
-            members_added_per_hour: a
-                .members_added_per_hour
-                .or(f.members_added_per_hour)
-                .unwrap_or(d.members_added_per_hour),
-            shutdown_grace: a
-                .shutdown_grace
-                .or(f.shutdown_grace)
-                .unwrap_or(d.shutdown_grace),
-            log: a.log.clone().or(f.log).unwrap_or(d.log),
-        };
-        c.validate()?;
-        Ok(c)
-    }
-
-    /// The data dir and secret for `imshard token`, read the same way as for `serve`.
-    pub fn secret_settings(a: &CommonArgs) -> Result<(PathBuf, Option<String>), ConfigError> {
-        let f = read_file(a.config.as_deref())?;
-        let dir = a
-            .data_dir
-            .clone()
-            .or(f.data_dir)
-            .unwrap_or_else(|| Config::default().data_dir);
-        Ok((dir, a.jwt_secret.clone().or(f.jwt_secret)))
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |s: String| Err(ConfigError::Invalid(s));
         if self.shards == 0 || self.shards > 1024 {
@@ -376,6 +462,9 @@ impl Config {
                 ));
             }
         }
+        if self.max_connections == 0 {
+            return bad("max_connections must be at least 1".into());
+        }
         if self.frame_timeout < Duration::from_secs(1) {
             return bad("frame_timeout must be at least 1s".into());
         }
@@ -395,8 +484,121 @@ impl Config {
     }
 }
 
+/// Open files kept for the stores, listeners, rings and logs beside the connections:
+/// 1,024, or half the limit when that is smaller.
+pub fn open_files_reserve(open_files: u64) -> u64 {
+    (open_files / 2).min(1024)
+}
+
+/// How many connections an open-files limit holds after [`open_files_reserve`]
+/// (at most 1,000,000 when the limit is unlimited).
+pub fn connections_for_open_files(open_files: u64) -> usize {
+    let n = open_files.saturating_sub(open_files_reserve(open_files));
+    usize::try_from(n.min(1_000_000)).unwrap_or(1_000_000)
+}
+
+/// The default `max_connections`: what the open-files limit holds once the soft limit
+/// is raised to the hard one (the server does that at start).
+fn default_max_connections() -> usize {
+    match crate::server::raise_open_files() {
+        Ok(lim) => connections_for_open_files(lim.soft),
+        Err(_) => connections_for_open_files(1024),
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// `HOST:PORT`, `:PORT` or `PORT` (all interfaces). A host name resolves to its first
+/// IPv4 address (else its first address): `localhost:8080` is `127.0.0.1:8080`.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    let form = || {
+        format!("expected HOST:PORT or PORT (e.g. 0.0.0.0:8080, 127.0.0.1:8080, localhost:8080 or 8080), got {s:?}")
+    };
+    let port_only = s.strip_prefix(':').unwrap_or(s);
+    if !port_only.is_empty() && port_only.bytes().all(|b| b.is_ascii_digit()) {
+        let port: u16 = port_only.parse().map_err(|_| form())?;
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(form());
+    };
+    if host.is_empty() || host.contains(['/', ' ']) || port.parse::<u16>().is_err() {
+        return Err(form());
+    }
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host:?} ({e}); {}", form()))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{host:?} resolves to no address"))
+}
+
+fn parse_optional_addr(s: &str) -> Result<Option<SocketAddr>, String> {
+    parse_addr(s).map(Some)
+}
+
+fn parse_num<T: std::str::FromStr>(s: &str) -> Result<T, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("expected a whole number, got {s:?}"))
+}
+
+/// A byte size: a number of bytes, or with `KiB`, `MiB` or `GiB` (`K`, `M`, `G` too).
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("bad size {s:?}: use e.g. 65536, 64KiB, 1MiB"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        _ => return Err(format!("bad size unit in {s:?}: use KiB, MiB or GiB")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn parse_path(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("expected a path".into());
+    }
+    Ok(PathBuf::from(s))
+}
+
+fn parse_secret(s: &str) -> Result<Option<String>, String> {
+    Ok(Some(s.to_string()))
+}
+
+fn parse_text(s: &str) -> Result<String, String> {
+    Ok(s.to_string())
+}
+
+/// Comma-separated words; blanks around them and empty ones are dropped.
+fn parse_words(s: &str) -> Result<Vec<String>, String> {
+    Ok(s.split(',')
+        .map(|w| w.trim().to_string())
+        .filter(|w| !w.is_empty())
+        .collect())
+}
+
 fn parse_filter_mode(s: &str) -> Result<FilterMode, String> {
-    match s {
+    match s.trim() {
         "reject" => Ok(FilterMode::Reject),
         "mask" => Ok(FilterMode::Mask),
         _ => Err(format!("filter mode must be reject or mask, got {s:?}")),
@@ -422,19 +624,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(ms))
 }
 
-fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Secs(u64),
-        Text(String),
+/// A token lifetime: a duration of at least one second (a token that expires as it is
+/// made is useless, and `exp` counts whole seconds).
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("--ttl must be at least 1s, got {s:?}"));
     }
-    match Raw::deserialize(d)? {
-        Raw::Secs(n) => Ok(Some(Duration::from_secs(n))),
-        Raw::Text(t) => parse_duration(&t)
-            .map(Some)
-            .map_err(serde::de::Error::custom),
-    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -450,6 +647,87 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("x").is_err());
         assert!(parse_duration("5y").is_err());
+        assert!(parse_ttl("0").is_err());
+        assert!(parse_ttl("0s").is_err());
+        assert_eq!(parse_ttl("1h"), Ok(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn sizes_and_addresses() {
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("64KiB"), Ok(65536));
+        assert_eq!(parse_bytes("1MiB"), Ok(1 << 20));
+        assert!(parse_bytes("1MB").is_err());
+        let all = |p: u16| SocketAddr::from(([0, 0, 0, 0], p));
+        assert_eq!(parse_addr("8080"), Ok(all(8080)));
+        assert_eq!(parse_addr(":8080"), Ok(all(8080)));
+        assert_eq!(
+            parse_addr("127.0.0.1:9"),
+            Ok("127.0.0.1:9".parse().unwrap())
+        );
+        assert_eq!(parse_addr("[::1]:9"), Ok("[::1]:9".parse().unwrap()));
+        assert_eq!(
+            parse_addr("localhost:8080"),
+            Ok("127.0.0.1:8080".parse().unwrap())
+        );
+        for bad in [
+            "",
+            "http://x:1",
+            "70000",
+            "host:",
+            "1.2.3.4",
+            "no.such.host.invalid:1",
+        ] {
+            let e = parse_addr(bad).unwrap_err();
+            assert!(
+                e.contains("HOST:PORT") || e.contains("resolve"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_table() {
+        check_default_texts();
+        for k in KEYS {
+            assert_eq!(k.env, format!("IMSHARD_{}", k.name.to_uppercase()));
+        }
+    }
+
+    #[test]
+    fn open_files_hold_the_default_connections() {
+        assert_eq!(connections_for_open_files(20_000), 20_000 - 1024);
+        assert_eq!(connections_for_open_files(1024), 512);
+        assert_eq!(connections_for_open_files(u64::MAX), 1_000_000);
+    }
+
+    /// README's "Configuration" table is [`markdown_table`]. With
+    /// `IMSHARD_BLESS_README=1` the test rewrites it instead.
+    #[test]
+    fn readme_config_table_is_generated() {
+        const BEGIN: &str = "<!-- config table: generated from src/config.rs -->\n";
+        const END: &str = "<!-- end of config table -->";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+        let readme = std::fs::read_to_string(path).unwrap();
+        let start = readme
+            .find(BEGIN)
+            .expect("README has the table's start marker")
+            + BEGIN.len();
+        let end = readme[start..]
+            .find(END)
+            .expect("README has the end marker")
+            + start;
+        let want = markdown_table();
+        if std::env::var_os("IMSHARD_BLESS_README").is_some() {
+            let new = format!("{}{want}{}", &readme[..start], &readme[end..]);
+            std::fs::write(path, new).unwrap();
+            return;
+        }
+        assert!(
+            readme[start..end] == want,
+            "README's config table differs from src/config.rs; run \
+             IMSHARD_BLESS_README=1 cargo test --lib readme_config_table or paste:\n{want}"
+        );
     }
 
     #[test]
@@ -458,16 +736,18 @@ mod tests {
         let p = dir.path().join("c.toml");
         std::fs::write(
             &p,
-            "shards = 3\nheartbeat_timeout = \"30s\"\nrate_limit = 5\n",
+            "shards = 3\nheartbeat_timeout = \"30s\"\nrate_limit = 5\nblocked_words = [\"a\", \" b \"]\nmax_frame_bytes = \"2MiB\"\n",
         )
         .unwrap();
         let mut a = ServeArgs::default();
         a.common.config = Some(p.clone());
-        a.rate_limit = Some(7);
+        a.rate_limit = Some("7".into());
         let c = Config::from_serve_args(&a).unwrap();
         assert_eq!(c.shards, 3);
         assert_eq!(c.heartbeat_timeout, Duration::from_secs(30));
         assert_eq!(c.rate_limit, 7);
+        assert_eq!(c.blocked_words, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(c.max_frame_bytes, 2 << 20);
         assert_eq!(c.admin_listen, None);
         std::fs::write(&p, "admin_listen = \"127.0.0.1:9090\"\n").unwrap();
         let c = Config::from_serve_args(&a).unwrap();
@@ -487,5 +767,17 @@ mod tests {
             Config::from_serve_args(&a),
             Err(ConfigError::Invalid(..))
         ));
+        std::fs::write(&p, "shards = \"many\"\n").unwrap();
+        assert!(matches!(
+            Config::from_serve_args(&a),
+            Err(ConfigError::Value { key: "shards", .. })
+        ));
+        a.rate_limit = Some("fast".into());
+        let e = Config::from_serve_args(&ServeArgs {
+            rate_limit: Some("fast".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("--rate-limit"), "{e}");
     }
 }

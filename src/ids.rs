@@ -1,4 +1,4 @@
-//! Identifiers of PROTOCOL.md: user, device and group ids, and conversation ids.
+//! Identifiers of docs/PROTOCOL.md: user, device and group ids, and conversation ids.
 
 use crate::codes::ApiError;
 use crate::limits::MAX_ID_LEN;

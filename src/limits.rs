@@ -1,4 +1,4 @@
-//! Fixed limits of the protocol (PROTOCOL.md). Configurable limits live in `config`.
+//! Fixed limits of the protocol (docs/PROTOCOL.md). Configurable limits live in `config`.
 
 /// Identifiers (user, device, group): 1 to this many characters of `[A-Za-z0-9_.@]`.
 pub const MAX_ID_LEN: usize = 64;

@@ -149,7 +149,7 @@ impl Op {
     }
 }
 
-/// The error codes refusals are counted by (PROTOCOL.md); anything else is `other`.
+/// The error codes refusals are counted by (docs/PROTOCOL.md); anything else is `other`.
 pub const REFUSAL_CODES: [i32; 10] = [
     40001, 40101, 40301, 40401, 41301, 42201, 42202, 42901, 50001, 50301,
 ];

@@ -1,6 +1,8 @@
-//! Start-up and shutdown: checks the data dir, loads the secret, starts one pinned
-//! thread per shard (each with its own io_uring runtime, store, listener, timer wheel
-//! and ring consumer), then waits for SIGINT/SIGTERM.
+//! Start-up and shutdown: checks the data dir and the addresses before anything is
+//! written (a data dir that is a file or that another imshard holds, an address another
+//! process listens on: refused, nothing written), locks the data dir, loads the secret,
+//! starts one pinned thread per shard (each with its own io_uring runtime, store,
+//! listener, timer wheel and ring consumer), then waits for SIGINT/SIGTERM.
 //!
 //! Shutdown is graceful ([`crate::shard::shutdown`]): every shard stops accepting,
 //! answers its requests in flight, sends close 1001 to every connection (spread over
@@ -12,6 +14,9 @@
 //! so does a failed fsync (see the store). The supervisor (systemd, Kubernetes)
 //! restarts it; the store's journal recovers everything that was acknowledged.
 
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -25,6 +30,24 @@ use crate::store::{self, ShardStore};
 /// Why the server could not start.
 #[derive(Debug)]
 pub enum StartError {
+    /// `data_dir` exists and is a file (or something else that is not a directory).
+    DataDirNotADirectory(PathBuf),
+    /// Another imshard process holds `data_dir` (it would corrupt the store).
+    DataDirInUse(PathBuf),
+    /// `data_dir` cannot be read, created or locked.
+    DataDir(PathBuf, std::io::Error),
+    /// Another process (another imshard, say) listens on this address.
+    AddressInUse {
+        key: &'static str,
+        addr: SocketAddr,
+    },
+    /// The address cannot be listened on (not an address of this host, a privileged
+    /// port, ...).
+    Listen {
+        key: &'static str,
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
     Store(store::StoreError),
     Secret(std::io::Error),
     Filter(FilterError),
@@ -39,6 +62,26 @@ pub enum StartError {
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            StartError::DataDirNotADirectory(p) => write!(
+                f,
+                "data dir {} is not a directory; give --data-dir a directory (it is created if missing)",
+                p.display()
+            ),
+            StartError::DataDirInUse(p) => write!(
+                f,
+                "data dir {} is in use by another imshard process; stop it or give another --data-dir",
+                p.display()
+            ),
+            StartError::DataDir(p, e) => write!(f, "data dir {}: {e}", p.display()),
+            StartError::AddressInUse { key, addr } => write!(
+                f,
+                "cannot listen on {addr} ({key}): address in use (another imshard or another \
+                 program listens there); stop it or give another --{}",
+                key.replace('_', "-")
+            ),
+            StartError::Listen { key, addr, error } => {
+                write!(f, "cannot listen on {addr} ({key}): {error}")
+            }
             StartError::Store(e) => write!(f, "{e}"),
             StartError::Secret(e) => write!(f, "JWT secret: {e}"),
             StartError::Filter(e) => write!(f, "{e}"),
@@ -51,16 +94,34 @@ impl std::fmt::Display for StartError {
 impl std::error::Error for StartError {}
 
 /// Runs the server until SIGINT or SIGTERM.
+///
+/// Everything that can be checked without writing is checked first (data dir, its
+/// lock, the addresses), so a start that fails for those writes nothing; a data dir
+/// this start created is removed again if a later step fails.
 pub fn run(cfg: Config) -> Result<(), StartError> {
+    let existed = check_data_dir(&cfg.data_dir)?;
+    check_addresses(&cfg)?;
+    let data_dir = cfg.data_dir.clone();
+    let served = serve(cfg);
+    if served.is_err() && !existed {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    served
+}
+
+fn serve(cfg: Config) -> Result<(), StartError> {
+    let _lock = lock_data_dir(&cfg.data_dir)?;
     store::check_layout(&cfg.data_dir, cfg.shards).map_err(StartError::Store)?;
     let (secret, source) =
         auth::load_or_create_secret(cfg.jwt_secret.as_deref(), &cfg.data_dir, true)
             .map_err(StartError::Secret)?;
     if source == SecretSource::Generated {
+        let dir = cfg.data_dir.display();
+        let exe = std::env::args().next().unwrap_or_else(|| "imshard".into());
         tracing::info!(
             path = %cfg.data_dir.join("jwt.secret").display(),
-            "generated a JWT secret; mint a token with: imshard token --data-dir {} --user alice --device phone",
-            cfg.data_dir.display()
+            "generated a JWT secret; mint a token with: {exe} token --data-dir {dir} --user alice --device phone \
+             (from the source tree: cargo run --release -- token --data-dir {dir} --user alice --device phone)"
         );
     }
     let filter =
@@ -290,20 +351,93 @@ pub fn raise_open_files() -> std::io::Result<FileLimit> {
 }
 
 /// Raises the soft open-files limit to the hard one and warns when that cannot hold
-/// `max_connections` (see tuning/).
+/// `max_connections` (only an explicit one can be larger: the default is what the
+/// limit holds; see tuning/).
 fn check_open_files(max_connections: usize) {
     let Ok(lim) = raise_open_files() else {
         return;
     };
-    let want = max_connections as u64 + 1024;
-    if lim.soft < want {
+    let holds = crate::config::connections_for_open_files(lim.soft);
+    if holds < max_connections {
         tracing::warn!(
             open_files = lim.soft,
             max_connections,
-            "the open-files limit cannot hold --max-connections; raise LimitNOFILE / nofile (run tuning/check)"
+            holds,
+            "the open-files limit cannot hold --max-connections; raise LimitNOFILE / nofile (run tuning/check) or lower --max-connections"
         );
     }
 }
+
+/// Checks the data dir without writing anything: it must be a directory if it exists.
+/// Returns whether it exists.
+fn check_data_dir(dir: &Path) -> Result<bool, StartError> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(true),
+        Ok(_) => Err(StartError::DataDirNotADirectory(dir.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+            Err(StartError::DataDirNotADirectory(dir.to_path_buf()))
+        }
+        Err(e) => Err(StartError::DataDir(dir.to_path_buf(), e)),
+    }
+}
+
+/// Creates the data dir if needed and takes an exclusive `flock` on the directory
+/// itself (no lock file), held while the returned file is open: a second imshard on
+/// the same data dir is refused before it touches the store.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
+    let fail = |e| StartError::DataDir(dir.to_path_buf(), e);
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let file = std::fs::File::open(dir).map_err(fail)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(StartError::DataDirInUse(dir.to_path_buf()));
+        }
+        return Err(fail(e));
+    }
+    Ok(file)
+}
+
+/// Refuses addresses another process listens on. The shards bind with SO_REUSEPORT,
+/// which would let a second imshard share the port with the first (the kernel would
+/// split clients between two servers with different secrets and stores), so each
+/// address is first bound by a plain probe socket without SO_REUSEPORT, closed again
+/// before the shards bind. Port 0 (a port per shard) is not probed.
+///
+/// An address in use is probed again for [`ADDRESS_IN_USE_PATIENCE`]: the listeners of
+/// a server that just died (a restart after `kill -9`) stay bound for some
+/// milliseconds, until the kernel tears down its io_uring instances, which hold them.
+fn check_addresses(cfg: &Config) -> Result<(), StartError> {
+    let mut addrs = vec![("listen", cfg.listen)];
+    addrs.extend(cfg.admin_listen.map(|a| ("admin_listen", a)));
+    for (key, addr) in addrs {
+        if addr.port() == 0 {
+            continue;
+        }
+        let give_up = std::time::Instant::now() + ADDRESS_IN_USE_PATIENCE;
+        loop {
+            // std's bind sets SO_REUSEADDR (a restart is not blocked by TIME_WAIT) but
+            // not SO_REUSEPORT, so it fails while any socket listens on the address.
+            match std::net::TcpListener::bind(addr) {
+                Ok(probe) => break drop(probe),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    if std::time::Instant::now() >= give_up {
+                        return Err(StartError::AddressInUse { key, addr });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(error) => return Err(StartError::Listen { key, addr, error }),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How long an address must stay in use before the start is refused (see
+/// [`check_addresses`]).
+const ADDRESS_IN_USE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A panic in any thread logs and aborts the whole process (see the module docs).
 fn abort_on_panic() {

@@ -1,4 +1,4 @@
-//! The message API of PROTOCOL.md over WebSocket and HTTP, against the real binary.
+//! The message API of docs/PROTOCOL.md over WebSocket and HTTP, against the real binary.
 
 mod common;
 

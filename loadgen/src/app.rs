@@ -240,6 +240,10 @@ pub fn run(scenario: Scenario) -> Result<Report, LoadgenError> {
     };
     let server_pid = common.server_pid;
     let rss_before = server_pid.and_then(sys::rss_bytes);
+    let served_before = match (server_pid, name) {
+        (Some(_), "connect") => sys::connections_served(prepared.params.settings.target),
+        _ => None,
+    };
     let server_flags = match &common.server_flags {
         Some(f) => {
             let args: Vec<String> = f.split_whitespace().map(String::from).collect();
@@ -283,6 +287,7 @@ pub fn run(scenario: Scenario) -> Result<Report, LoadgenError> {
         check,
         rss_before,
         rss_after,
+        served_before,
         server_flags,
         host: sys::host_facts(),
     };

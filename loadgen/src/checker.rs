@@ -3,7 +3,7 @@
 //!
 //! The model: a *conversation* has *streams*, one per receiving connection (one device of
 //! one member). When a send is acknowledged with seq `s`, every stream of that
-//! conversation except the sender's own expects a push of `s` (PROTOCOL.md: a push goes to
+//! conversation except the sender's own expects a push of `s` (docs/PROTOCOL.md: a push goes to
 //! every online device of every member except the device that sent it). Pushes are fed
 //! in as they arrive; [`Checker::finish`] compares both sides once traffic has drained.
 //!

@@ -259,7 +259,7 @@ pub async fn connect(
     {
         let mut st = ctx.stats.borrow_mut();
         record_ns(&mut st.connect_us, done - started);
-        st.connected_at(done);
+        st.connected(started, done);
     }
     let conn = Rc::new(Conn {
         user,

@@ -22,6 +22,11 @@ pub struct Report {
     pub check: CheckReport,
     pub rss_before: Option<u64>,
     pub rss_after: Option<u64>,
+    /// Connections the server had accepted before this run (from its `/metrics`;
+    /// `None` when not known). Above 0, the server was not fresh: its RSS holds what
+    /// earlier connections left (allocator caches), so growth per connection means
+    /// nothing.
+    pub served_before: Option<u64>,
     pub server_flags: Option<String>,
     pub host: HostFacts,
 }
@@ -69,22 +74,47 @@ fn hist_line(name: &str, h: &Histogram<u64>) -> String {
 }
 
 impl Report {
-    /// Connect rate: successful connects over the time from the first to the last.
+    /// Connect rate: successful connects over the connect phase, from the start of
+    /// the first successful connect to the end of the last (never a near-zero
+    /// interval: at least one connect's own duration).
     pub fn connect_rate(&self) -> f64 {
         let s = &self.stats;
-        if s.connects_ok < 2 {
+        if s.connects_ok == 0 {
             return 0.0;
         }
         rate(
-            s.connects_ok - 1,
-            (s.last_connect_ns - s.first_connect_ns) as f64 / 1e9,
+            s.connects_ok,
+            s.last_connect_ns.saturating_sub(s.first_connect_ns) as f64 / 1e9,
         )
     }
 
-    /// Server RSS growth per open connection.
+    /// Server RSS growth per open connection, when it means something: a `connect`
+    /// run against a fresh server whose RSS grew. See [`Report::rss_note`] otherwise.
     pub fn bytes_per_connection(&self) -> Option<f64> {
         let (b, a) = (self.rss_before?, self.rss_after?);
-        (self.stats.connects_ok > 0).then(|| (a as f64 - b as f64) / self.stats.connects_ok as f64)
+        let fresh = self.served_before.is_none_or(|n| n == 0);
+        (self.scenario == "connect" && self.stats.connects_ok > 0 && fresh && a > b)
+            .then(|| (a - b) as f64 / self.stats.connects_ok as f64)
+    }
+
+    /// Why a `connect` run with the server's RSS shows no bytes per connection.
+    pub fn rss_note(&self) -> Option<String> {
+        let (b, a) = (self.rss_before?, self.rss_after?);
+        if self.scenario != "connect" || self.stats.connects_ok == 0 {
+            return None;
+        }
+        match self.served_before {
+            Some(n) if n > 0 => Some(format!(
+                "not measured: the server was not fresh ({n} connections before this run; \
+                 its RSS holds what they left). Restart it for a per-connection figure"
+            )),
+            _ if a <= b => Some(
+                "not measured: the server's RSS did not grow (it was probably not fresh). \
+                 Restart it for a per-connection figure"
+                    .to_string(),
+            ),
+            _ => None,
+        }
     }
 
     pub fn failures(&self) -> u64 {
@@ -166,11 +196,15 @@ impl Report {
                 b as f64 / 1048576.0,
                 a as f64 / 1048576.0,
             );
-            // Only idle connections make growth per connection meaningful.
-            if let (Some(per), "connect") = (self.bytes_per_connection(), self.scenario) {
+            // Only idle connections on a fresh server make growth per connection
+            // meaningful.
+            if let Some(per) = self.bytes_per_connection() {
                 out += &format!(", {per:.0} B per connection");
             }
             out += "\n";
+            if let Some(note) = self.rss_note() {
+                out += &format!("  WARNING      per connection {note}\n");
+            }
         }
         out += &format!(
             "  host         {} | {} cores | {} | {}\n",
@@ -251,6 +285,8 @@ impl Report {
                 "rss_before": self.rss_before,
                 "rss_after": self.rss_after,
                 "bytes_per_connection": self.bytes_per_connection(),
+                "bytes_per_connection_note": self.rss_note(),
+                "connections_before": self.served_before,
                 "flags": self.server_flags,
             },
             "host": {

@@ -53,7 +53,8 @@ pub struct Stats {
     pub kicked: u64,
     /// Frames or envelopes that did not decode.
     pub bad_frames: u64,
-    /// Monotonic ns of the first and last successful connect (connect rate).
+    /// Monotonic ns when the first successful connect began and when the last one
+    /// ended: the connect phase, over which the connect rate is computed.
     pub first_connect_ns: u64,
     pub last_connect_ns: u64,
     /// The first few failure descriptions, for the summary.
@@ -99,11 +100,12 @@ impl Stats {
         }
     }
 
-    pub fn connected_at(&mut self, ns: u64) {
-        if self.first_connect_ns == 0 || ns < self.first_connect_ns {
-            self.first_connect_ns = ns;
+    /// Counts a successful connect that began at `started` and ended at `done`.
+    pub fn connected(&mut self, started: u64, done: u64) {
+        if self.first_connect_ns == 0 || started < self.first_connect_ns {
+            self.first_connect_ns = started;
         }
-        self.last_connect_ns = self.last_connect_ns.max(ns);
+        self.last_connect_ns = self.last_connect_ns.max(done);
         self.connects_ok += 1;
     }
 
@@ -165,8 +167,8 @@ mod tests {
         record_ns(&mut a.ack_us, 1_000_000);
         record_ns(&mut b.ack_us, 3_000_000);
         b.send_errors.insert(42901, 2);
-        b.connected_at(10);
-        a.connected_at(20);
+        b.connected(10, 15);
+        a.connected(12, 20);
         a.merge(b);
         assert_eq!(a.ack_us.len(), 2);
         assert_eq!(a.failures(), 2);

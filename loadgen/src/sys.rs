@@ -156,6 +156,41 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// How many WebSocket connections the server at `addr` has accepted since it started
+/// (the sum of `imshard_connections_total` over its shards, from `/metrics`). `None`
+/// when `/metrics` is not served there (e.g. it moved to `--admin-listen`).
+pub fn connections_served(addr: std::net::SocketAddr) -> Option<u64> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: loadgen\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    let text = String::from_utf8_lossy(&out);
+    if !text.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    parse_connections_total(&text)
+}
+
+/// Sums the `imshard_connections_total{shard="i"} N` series of a `/metrics` text.
+fn parse_connections_total(text: &str) -> Option<u64> {
+    let mut total = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("imshard_connections_total") else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        let value: u64 = rest.rsplit(' ').next()?.trim().parse().ok()?;
+        *total.get_or_insert(0) += value;
+    }
+    total
+}
+
 /// A process's command line, from /proc/PID/cmdline, with secrets redacted.
 pub fn cmdline(pid: u32) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
@@ -251,6 +286,15 @@ fn kernel() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_total_is_summed_over_shards() {
+        let text = "# HELP imshard_connections_total x\n# TYPE imshard_connections_total counter\n\
+                    imshard_connections_total{shard=\"0\"} 3\nimshard_connections_total{shard=\"1\"} 4\n\
+                    imshard_connections{shard=\"0\"} 9\n";
+        assert_eq!(parse_connections_total(text), Some(7));
+        assert_eq!(parse_connections_total("imshard_connections 1\n"), None);
+    }
 
     #[test]
     fn source_addrs_start_at_127_0_0_2() {

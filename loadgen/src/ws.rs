@@ -1,5 +1,5 @@
 //! The client side of RFC 6455, as small as the loadgen needs: the upgrade request with
-//! the token in the query (PROTOCOL.md), a check of the `101` answer and its
+//! the token in the query (docs/PROTOCOL.md), a check of the `101` answer and its
 //! `Sec-WebSocket-Accept`, masked client frames, and a parser for the server's unmasked
 //! frames. Pure functions over bytes; the caller owns buffers and sockets.
 

@@ -285,3 +285,45 @@ fn refused_connections_fail_the_run() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("HTTP 401"), "{stdout}");
 }
+
+/// The connect rate is taken over the connect phase, so it can never exceed what the
+/// slowest single connect allows; a second run against the same (no longer fresh)
+/// server reports no bytes per connection and says why, instead of a number made of
+/// the first run's leftovers.
+#[test]
+fn connect_rate_is_over_the_phase_and_a_used_server_gets_no_rss_figure() {
+    let server = Server::start();
+    let args = [
+        "connect",
+        "--connections",
+        "50",
+        "--rate",
+        "0",
+        "--duration",
+        "1s",
+        "--source-addrs",
+        "1",
+    ];
+    let (first, status) = server.loadgen(&args);
+    assert!(status.success());
+    assert_clean(&first);
+    let ok = n(&first, "connections.ok") as f64;
+    let per_sec = first["connections"]["per_sec"].as_f64().expect("per_sec");
+    let slowest_s = n(&first, "connections.latency.max_us") as f64 / 1e6;
+    assert!(per_sec > 0.0, "{first:#}");
+    // The phase lasts at least as long as its slowest connect.
+    assert!(per_sec * slowest_s <= ok * 1.01, "{first:#}");
+    assert_eq!(first["server"]["connections_before"], 0, "{first:#}");
+
+    let (second, status) = server.loadgen(&args);
+    assert!(status.success());
+    assert!(n(&second, "server.connections_before") >= 50, "{second:#}");
+    assert!(
+        second["server"]["bytes_per_connection"].is_null(),
+        "{second:#}"
+    );
+    let note = second["server"]["bytes_per_connection_note"]
+        .as_str()
+        .expect("a note saying why");
+    assert!(note.contains("not fresh"), "{note}");
+}

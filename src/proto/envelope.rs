@@ -8,7 +8,7 @@ use super::pb::{ClientFrame, KickoutNotice, MessageEnvelope, MsgItem, Response};
 use super::ws;
 use crate::codes::ApiError;
 
-/// Envelope `type` values (PROTOCOL.md).
+/// Envelope `type` values (docs/PROTOCOL.md).
 pub mod kind {
     pub const RESPONSE: &str = "RESPONSE";
     pub const MSG_PUSH: &str = "MSG_PUSH";

@@ -1,5 +1,5 @@
 //! HTTP/1.1 for the upgrade and the JSON API: request heads parsed by httparse, bodies
-//! by Content-Length only, replies in the PROTOCOL.md envelope.
+//! by Content-Length only, replies in the docs/PROTOCOL.md envelope.
 
 use crate::codes::ApiError;
 use crate::limits::{MAX_HTTP_HEAD, MAX_HTTP_HEADERS};
@@ -210,7 +210,7 @@ pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) 
     out
 }
 
-/// The PROTOCOL.md JSON envelope for a success.
+/// The docs/PROTOCOL.md JSON envelope for a success.
 pub fn json_ok(data: serde_json::Value, keep_alive: bool) -> Vec<u8> {
     let body = serde_json::json!({
         "code": 0, "message": "", "data": data, "timestamp": crate::proto::envelope::now_ms()
@@ -223,7 +223,7 @@ pub fn json_ok(data: serde_json::Value, keep_alive: bool) -> Vec<u8> {
     )
 }
 
-/// The PROTOCOL.md JSON envelope for an error; the status is the code's first 3 digits.
+/// The docs/PROTOCOL.md JSON envelope for an error; the status is the code's first 3 digits.
 pub fn json_err(err: &ApiError, keep_alive: bool) -> Vec<u8> {
     let body = serde_json::json!({
         "code": err.code(), "message": err.to_string(), "data": null,

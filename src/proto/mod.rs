@@ -9,7 +9,7 @@ pub mod ws;
 /// Generated code, nested as prost's cross-package paths expect.
 #[allow(clippy::all, missing_docs)]
 pub mod imshard {
-    /// The wire contract of PROTOCOL.md (from `imshard.proto`).
+    /// The wire contract of docs/PROTOCOL.md (from `imshard.proto`).
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/imshard.v1.rs"));
     }
