@@ -155,6 +155,9 @@ pub struct Shard {
     pub users: RefCell<HashMap<String, UserState>>,
     /// Conversations this shard owns that were touched: seq counter, in-flight dedupe.
     pub convs: RefCell<HashMap<String, ConvState>>,
+    /// Bumped whenever conversations are dropped from `convs`: a load that started
+    /// before may have read what is no longer true, and starts over.
+    pub conv_epoch: Cell<u64>,
     /// What all shards share (connection count, shutdown flag).
     pub global: Arc<Global>,
     /// Calls this shard made that wait for a reply, by token, with the wheel second
@@ -203,6 +206,7 @@ impl Shard {
             ring: Rc::new(ring),
             users: RefCell::new(HashMap::new()),
             convs: RefCell::new(HashMap::new()),
+            conv_epoch: Cell::new(0),
             global,
             calls: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
@@ -288,19 +292,37 @@ impl Shard {
             }
             ShardMsg::Send { reply, send } => chat::conv::handle_send(self, reply, *send),
             ShardMsg::Pull { reply, pull } => {
-                let r = chat::conv::handle_pull(self, &pull);
-                self.reply(reply, r);
+                let shard = self.clone();
+                monoio::spawn(async move {
+                    let r = chat::conv::handle_pull(&shard, &pull).await;
+                    shard.reply(reply, r);
+                });
             }
             ShardMsg::ByIds { reply, cmd } => {
-                let r = chat::conv::handle_by_ids(self, &cmd);
-                self.reply(reply, r);
+                let shard = self.clone();
+                monoio::spawn(async move {
+                    let r = chat::conv::handle_by_ids(&shard, *cmd).await;
+                    shard.reply(reply, r);
+                });
             }
-            ShardMsg::Recall { reply, cmd } => chat::conv::handle_recall(self, reply, *cmd),
-            ShardMsg::CreateGroup { reply, cmd } => chat::group::handle_create(self, reply, *cmd),
-            ShardMsg::UpdateMembers { reply, cmd } => chat::group::handle_update(self, reply, *cmd),
+            ShardMsg::Recall { reply, cmd } => {
+                let shard = self.clone();
+                monoio::spawn(async move { chat::conv::handle_recall(&shard, reply, *cmd).await });
+            }
+            ShardMsg::CreateGroup { reply, cmd } => {
+                let shard = self.clone();
+                monoio::spawn(async move { chat::group::handle_create(&shard, reply, *cmd).await });
+            }
+            ShardMsg::UpdateMembers { reply, cmd } => {
+                let shard = self.clone();
+                monoio::spawn(async move { chat::group::handle_update(&shard, reply, *cmd).await });
+            }
             ShardMsg::ConvInfo { reply, convs } => {
-                let r = chat::conv::handle_info(self, &convs);
-                self.reply(reply, r);
+                let shard = self.clone();
+                monoio::spawn(async move {
+                    let r = chat::conv::handle_info(&shard, &convs).await;
+                    shard.reply(reply, r);
+                });
             }
             ShardMsg::Deliver(d) => chat::user::deliver(self, &d),
             ShardMsg::Notify(n) => chat::user::notify(self, &n.frame, &n.users),
@@ -439,6 +461,7 @@ impl Shard {
     pub fn reset_after_store_failure(self: &Rc<Self>) {
         if self.store.has_failed() {
             let convs = std::mem::take(&mut *self.convs.borrow_mut());
+            self.conv_epoch.set(self.conv_epoch.get() + 1);
             self.store.reset_after_failure();
             for (_, conv) in convs {
                 let queued = conv.queued_fanout();
