@@ -1144,7 +1144,7 @@ fn fuzz_execute() {
             .collect();
         let mut answers: std::collections::BTreeMap<i32, u64> = Default::default();
         let mut msg_ids: Vec<String> = Vec::new();
-        let mut cases = Cases::new("execute", 60_000, &seeds);
+        let mut cases = Cases::new("execute", 30_000, &seeds);
         while let Some(case) = cases.next_case() {
             // An input that decodes is run as it is; any other builds a request.
             let body = match decode_client_frame(&case.input) {
