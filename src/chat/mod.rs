@@ -197,7 +197,7 @@ async fn send(
             max,
         });
     }
-    let content = filter::apply(&shard.cfg, req.content)?;
+    let content = shard.filter.apply(req.content)?;
     let (conv_id, members) = match conv_type {
         ConvType::P2p => {
             if req.target == caller.user {

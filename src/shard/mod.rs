@@ -25,6 +25,7 @@ use std::time::Duration;
 use local_sync::oneshot;
 
 use crate::auth::Verifier;
+use crate::chat::filter::Filter;
 use crate::chat::{self, ConvState, UserState};
 use crate::codes::ApiError;
 use crate::config::Config;
@@ -144,6 +145,8 @@ pub struct Shard {
     /// Number of shards.
     pub n: usize,
     pub cfg: Arc<Config>,
+    /// The content filter, compiled once at start-up and shared by every shard.
+    pub filter: Arc<Filter>,
     pub verifier: Verifier,
     /// This shard's store (conversations and user rows it owns).
     pub store: Rc<ShardStore>,
@@ -194,6 +197,7 @@ impl Shard {
     pub fn new(
         id: usize,
         cfg: Arc<Config>,
+        filter: Arc<Filter>,
         secret: &[u8],
         store: Rc<ShardStore>,
         ring: Endpoint,
@@ -203,6 +207,7 @@ impl Shard {
         Rc::new(Shard {
             id,
             n: cfg.shards,
+            filter,
             verifier: Verifier::new(secret),
             store,
             ring: Rc::new(ring),
@@ -335,8 +340,9 @@ impl Shard {
                 reply,
                 user,
                 device,
+                reason,
             } => {
-                let n = chat::admin::kick_local(self, &user, &device);
+                let n = chat::admin::kick_local(self, &user, &device, &reason);
                 self.reply(reply, Ok(bytes::Bytes::copy_from_slice(&n.to_be_bytes())));
             }
             ShardMsg::Broadcast {
@@ -558,6 +564,7 @@ mod tests {
             let shard = Shard::new(
                 0,
                 cfg,
+                Arc::default(),
                 b"secret-secret-secret",
                 store,
                 parts.into_endpoint(),

@@ -67,12 +67,13 @@ pub enum ShardMsg {
     /// Write a frame to the online devices of these users (owned by this shard), rows
     /// untouched: MSG_RECALL and other notices.
     Notify(Box<Notice>),
-    /// Kick one device (or "ALL") of a user this shard owns; answers the number closed
-    /// as 8 bytes, big-endian.
+    /// Kick one device (or "ALL") of a user this shard owns with a checked KICKOUT
+    /// reason; answers the number closed as 8 bytes, big-endian.
     Kick {
         reply: ReplyTo,
         user: String,
         device: String,
+        reason: String,
     },
     /// Write a frame to these users' devices (None = every connection of this shard);
     /// answers the number of connections written to, 8 bytes big-endian.
