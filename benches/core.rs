@@ -33,7 +33,7 @@ use imshard::proto::envelope::{decode_client_frame, push_frame};
 use imshard::proto::pb::{client_frame::Body, ClientFrame, ConvType, MsgItem, SendMessageRequest};
 use imshard::proto::store_pb::DedupeRecord;
 use imshard::proto::{json, ws};
-use imshard::shard::doorbell::Bell;
+use imshard::rt::bell::Bell;
 use imshard::shard::msg::{Delivery, Recipients, ReplyTo, ShardMsg};
 use imshard::shard::{ring, yield_now};
 use imshard::store::embedded::WriteSet;

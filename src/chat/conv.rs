@@ -27,7 +27,7 @@ use crate::proto::pb::{
 use crate::proto::store_pb::{ConvSummaries, ConvSummary, DedupeRecord};
 use crate::shard::msg::{Delivery, Notice, Recipients, Reply, ReplyTo, ShardMsg, UserId};
 use crate::shard::Shard;
-use crate::store::embedded::WriteSet;
+use crate::store::WriteSet;
 
 /// Fan-out goes to at most this many recipients per step; the shard serves others
 /// between steps, so a 100,000-member group never stalls its loop.
@@ -588,7 +588,7 @@ async fn drain_fanout(shard: Rc<Shard>, conv_id: String) {
             for start in (0..list.len()).step_by(FANOUT_CHUNK) {
                 let users = Recipients::range(list.clone(), start, start + FANOUT_CHUNK);
                 deliver(&shard, &job, target, users);
-                crate::shard::yield_now().await;
+                crate::rt::yield_now().await;
                 // A full ring slows the fan-out instead of growing the outbox.
                 shard.ring_room().await;
             }
