@@ -157,6 +157,8 @@ pub struct RedisStats {
     pub writes: u64,
     /// Commands queued by calls.
     pub commands: u64,
+    /// Socket reads that returned reply bytes.
+    pub reads: u64,
 }
 
 /// A handle to one Redis connection of this shard. Cheap to clone; not `Send` (it
@@ -605,7 +607,7 @@ async fn read_loop(
         buf = b;
         match res {
             Ok(0) => return "the server closed the connection".to_string(),
-            Ok(_) => {}
+            Ok(_) => shared.count(|s| s.reads += 1),
             Err(e) => return format!("read: {e}"),
         }
         if let Err(reason) = parse_all(&mut parser, &buf, |v| shared.deliver(epoch, v)) {
