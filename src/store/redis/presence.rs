@@ -1,6 +1,9 @@
 //! Presence in Redis: one ZSET per user, `user:online:{uuid}`, member = device id,
 //! score = the ms (Unix time) at which the device stops counting as online unless its
 //! heartbeat refreshes it. A device is online while its score is later than now.
+//! (Issue 10 asks for the expiry as the score, so a reader needs no heartbeat timeout;
+//! docs/PROTOCOL.md, "Cluster events", still calls the score the last heartbeat: it
+//! must say "expiry" when the shard starts writing these keys.)
 //!
 //! Updates are collected in a [`PresenceBatch`] (latest change per device wins) and
 //! sent as one pipeline; [`PresenceWriter`] does that for a shard: changes staged from
