@@ -513,3 +513,31 @@ fn a_bad_url_is_refused_at_start() {
         assert!(!e.is_retryable());
     });
 }
+
+#[test]
+fn dropping_the_last_handle_closes_the_connection() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    run(async {
+        let watcher = connect(&server).await;
+        let clients = async || match watcher.cmd(redis::cmd("CLIENT").arg("LIST")).await {
+            Ok(Value::BulkString(list)) => list
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count(),
+            other => panic!("CLIENT LIST answered {other:?}"),
+        };
+        let conn = connect(&server).await;
+        let clone = conn.clone();
+        assert_eq!(clients().await, 2);
+        drop(conn);
+        assert_eq!(
+            clone.cmd(&redis::cmd("PING")).await.unwrap(),
+            Value::SimpleString("PONG".into())
+        );
+        drop(clone);
+        let closed = eventually(Duration::from_secs(2), async || clients().await == 1).await;
+        assert!(closed, "the dropped connection is still open");
+    });
+}

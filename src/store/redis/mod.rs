@@ -44,6 +44,10 @@
 //!   the same write are unaffected, and the connection stays up.
 //! - **Cancellation**: dropping a call's future does not withdraw its commands once
 //!   queued; their replies are read and dropped.
+//! - **Shared connection state**: calls share the connection, so a call must leave it
+//!   as it found it: `MULTI` only with its `EXEC` in the same call (or use an atomic
+//!   [`::redis::Pipeline`]), no `WATCH`, `SELECT`, `AUTH`, `SUBSCRIBE` or
+//!   `CLIENT REPLY` (the driver sends `AUTH`/`SELECT` itself on every connection).
 //!
 //! Not done here: TLS and unix sockets (refused as [`RedisError::BadUrl`]), RESP3,
 //! pub/sub (a subscribed connection cannot carry calls; it will be a connection of its
