@@ -30,7 +30,11 @@ impl RedisServer {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!("redis-server is not installed (CI=true): .ci/run installs it");
             }
-            eprintln!("SKIPPED: redis-server is not installed (apt-get install -y redis-server)");
+            // Straight to stderr: libtest would swallow eprintln! of a passing test.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: redis-server is not installed (apt-get install -y redis-server)"
+            );
             return None;
         }
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
