@@ -221,6 +221,42 @@ fn concurrent_callers_of_one_turn_share_one_write_and_keep_their_order() {
 }
 
 #[test]
+fn callers_in_lockstep_send_one_write_per_round() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    run(async {
+        let conn = connect(&server).await;
+        let (tasks, rounds) = (50, 20);
+        let before = conn.stats().writes;
+        let handles: Vec<_> = (0..tasks)
+            .map(|i| {
+                let conn = conn.clone();
+                monoio::spawn(async move {
+                    for _ in 0..rounds {
+                        let r = conn.cmd(redis::cmd("INCR").arg(format!("r{i}"))).await;
+                        assert!(matches!(r, Ok(Value::Int(_))), "{r:?}");
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.await;
+        }
+        let writes = conn.stats().writes - before;
+        eprintln!("{rounds} rounds of {tasks} callers: {writes} writes");
+        // Each round's replies wake every task in (about) one turn, and their next
+        // calls share a write; a reply stream split across reads can split a round.
+        assert!(
+            writes <= 2 * rounds,
+            "{writes} writes for {rounds} rounds of {tasks} callers"
+        );
+        let n = conn.cmd(&get("r7")).await.unwrap();
+        assert_eq!(n, Value::BulkString(rounds.to_string().into()));
+    });
+}
+
+#[test]
 fn an_atomic_pipeline_returns_the_exec_reply() {
     let Some(server) = RedisServer::start() else {
         return;

@@ -590,7 +590,28 @@ async fn write_loop(
             batch = Vec::new();
         }
         spare = batch;
+        // The write's completion may have come in the same loop turn as replies that
+        // woke callers; let them queue their next commands before the next write.
+        behind_queued_tasks().await;
     }
+}
+
+/// Resolves after every task already in the run queue has run once. monoio runs a
+/// task that wakes itself during its own poll again at once, so the wake comes from a
+/// tiny task spawned behind the queued ones (as `shard::yield_now` does; the store
+/// does not depend on the shard runtime).
+fn behind_queued_tasks() -> impl std::future::Future<Output = ()> {
+    let mut queued = false;
+    std::future::poll_fn(move |cx| {
+        if queued {
+            Poll::Ready(())
+        } else {
+            queued = true;
+            let waker = cx.waker().clone();
+            monoio::spawn(async move { waker.wake() });
+            Poll::Pending
+        }
+    })
 }
 
 /// Reads and dispatches replies until connection `epoch` ends; returns why it ended.

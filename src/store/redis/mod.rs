@@ -23,7 +23,8 @@
 //!   connection's output buffer and wakes the writer task. The writer runs after every
 //!   task already queued in the turn, so the calls of one turn go out in one `write`
 //!   (counted in [`RedisStats::writes`]). While a write is in flight, new calls gather
-//!   for the next one.
+//!   for the next one, which waits until the tasks queued when the write completed
+//!   have run.
 //! - **Timeout**: a call with no complete answer after [`RedisConfig::timeout`] fails
 //!   with [`RedisError::Timeout`] and the connection is dropped (its reply stream can
 //!   no longer be trusted to line up), failing every other call in flight with it.
