@@ -1,11 +1,16 @@
 //! Compiles the protobuf definitions with prost, using protox so no system `protoc`
-//! is needed.
+//! is needed, and writes their descriptors (`imshard.fds`) for the JSON subprotocol
+//! (`src/proto/json.rs`), so both encodings come from the same schema.
+use prost::Message as _;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = ["src/proto/imshard.proto", "src/proto/store.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["src/proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("imshard.fds"), fds.encode_to_vec())?;
     let mut config = prost_build::Config::new();
     config.bytes([
         ".imshard.v1.MessageEnvelope.data",

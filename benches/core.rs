@@ -3,7 +3,10 @@
 //! - `ws`: WebSocket frame encode (server -> client) and decode of a masked client frame
 //!   (parse + unmask + assemble), through `proto::ws`.
 //! - `proto`: protobuf encode/decode of a `MsgItem` and of a `ClientFrame` carrying a
-//!   `SendMessageRequest`, and the whole `push_frame` (MsgItem -> envelope -> WS frame).
+//!   `SendMessageRequest`, and the whole `push_frame` (MsgItem -> envelope -> WS frame);
+//!   `json_*`: the same for a connection of the `imshard.v1.json` subprotocol (the
+//!   push frame converted to a JSON text frame, then the same push for the next JSON
+//!   recipient on the shard, a JSON ClientFrame decoded).
 //! - `ring`: `ShardMsg` throughput between two threads over the real `shard::ring` mesh.
 //! - `seq_dedupe`: the in-memory work of a send on the conversation's shard.
 //! - `fanout`: grouping a 1,000-member group's members by owner shard.
@@ -29,7 +32,7 @@ use imshard::chat::conv::split_by_shard;
 use imshard::proto::envelope::{decode_client_frame, push_frame};
 use imshard::proto::pb::{client_frame::Body, ClientFrame, ConvType, MsgItem, SendMessageRequest};
 use imshard::proto::store_pb::DedupeRecord;
-use imshard::proto::ws;
+use imshard::proto::{json, ws};
 use imshard::shard::doorbell::Bell;
 use imshard::shard::msg::{Delivery, Recipients, ReplyTo, ShardMsg};
 use imshard::shard::{ring, yield_now};
@@ -150,6 +153,20 @@ fn bench_proto(c: &mut Criterion) {
         b.iter(|| decode_client_frame(black_box(frame_bytes.as_slice())).expect("valid frame"))
     });
     g.bench_function("push_frame", |b| b.iter(|| push_frame(black_box(&item))));
+    let pushed = push_frame(&item);
+    g.bench_function("json_push_convert", |b| {
+        b.iter(|| json::convert(black_box(&pushed), None).expect("converts"))
+    });
+    g.bench_function("json_push_text_frame_next_recipient", |b| {
+        b.iter(|| json::text_frame(black_box(&pushed), None).expect("converts"))
+    });
+    let frame_json = serde_json::json!({"req_id": 1, "send": {
+        "conv_type": "CONV_TYPE_P2P", "target": "bob_00117",
+        "client_msg_id": "c1b7f3a2-5d2e-4b8e-9f1a-0c3d4e5f6a7b", "content": content_100()}})
+    .to_string();
+    g.bench_function("json_client_frame_send_decode", |b| {
+        b.iter(|| json::decode_client_frame(black_box(frame_json.as_bytes())).expect("valid"))
+    });
     g.finish();
 }
 

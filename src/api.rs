@@ -1,4 +1,5 @@
-//! The HTTP side of the port: `/healthz`, `/metrics` and the JSON API of docs/PROTOCOL.md.
+//! The HTTP side of the port: `/healthz`, `/metrics`, the JSON API of docs/PROTOCOL.md
+//! and (with `demo` on) the chat page ([`crate::web`]).
 //! API calls run the same operations as the WebSocket ([`crate::chat::execute`]) on the
 //! caller's user shard, so both transports give identical results.
 
@@ -19,6 +20,7 @@ pub async fn handle(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Vec<u8> {
     match (head.method.as_str(), head.path.as_str()) {
         ("GET", "/healthz") => healthz(shard, ka).await,
         ("GET", "/metrics") => metrics(shard, ka).await,
+        ("GET", r) if r.starts_with("/demo") && shard.cfg.demo => crate::web::serve(r, ka),
         (_, p) if p.starts_with("/api/v1/") => match api(shard, head, body).await {
             Ok(data) => http::json_ok(data, ka),
             Err(e) => http::json_err(&e, ka),
@@ -48,7 +50,7 @@ async fn healthz(shard: &Rc<Shard>, ka: bool) -> Vec<u8> {
 
 /// Every metric: name, Prometheus type, help. One value per shard each, in this order
 /// (see [`metric_values`]).
-pub const METRICS: [(&str, &str, &str); 10] = [
+pub const METRICS: [(&str, &str, &str); 14] = [
     ("imshard_connections", "gauge", "open WebSocket connections"),
     (
         "imshard_connections_total",
@@ -95,10 +97,30 @@ pub const METRICS: [(&str, &str, &str); 10] = [
         "counter",
         "time spent in store rounds",
     ),
+    (
+        "imshard_cache_bytes",
+        "gauge",
+        "bytes charged for cached rows and conversation states (budget: cache_bytes / shards)",
+    ),
+    (
+        "imshard_cached_users",
+        "gauge",
+        "users held in memory (online, or with cached rows)",
+    ),
+    (
+        "imshard_cached_conversations",
+        "gauge",
+        "conversation states held in memory",
+    ),
+    (
+        "imshard_cache_evictions_total",
+        "counter",
+        "cached rows and conversation states evicted",
+    ),
 ];
 
 /// This shard's values for [`METRICS`] (the last one in microseconds).
-pub fn metric_values(shard: &Shard) -> [u64; 10] {
+pub fn metric_values(shard: &Shard) -> [u64; 14] {
     let c = &shard.counters;
     let (rounds, slow, micros) = shard.store.sync_stats();
     [
@@ -112,6 +134,10 @@ pub fn metric_values(shard: &Shard) -> [u64; 10] {
         rounds,
         slow,
         micros,
+        shard.cache_bytes.get() as u64,
+        shard.users.borrow().len() as u64,
+        shard.convs.borrow().len() as u64,
+        c.cache_evictions.get(),
     ]
 }
 
@@ -155,17 +181,31 @@ async fn api(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Result<Value, ApiEr
     let Some(route) = path.strip_prefix("/api/v1/auth/") else {
         return Err(ApiError::NotFound("no such API route"));
     };
-    let (op, to_json): (Body, ToJson) = match (method, route) {
+    let (op, to_json) = auth_request(method, route, &head.query, body)?;
+    let bytes = chat::execute(shard, &caller, op).await?;
+    to_json(&bytes)
+}
+
+/// The pure part of an `/api/v1/auth/` call: (method, route after the prefix, query,
+/// body) to the operation and the decoder of its answer. Bad JSON, numbers or path
+/// segments are 40001, an unknown route 40401; nothing here panics on any input.
+pub fn auth_request(
+    method: &str,
+    route: &str,
+    query: &str,
+    body: &[u8],
+) -> Result<(Body, ToJson), ApiError> {
+    let op: (Body, ToJson) = match (method, route) {
         ("POST", "msg/send") => (
             Body::Send(json_body(body)?),
             to_json::<pb::SendMessageResponse>,
         ),
         ("GET", "msg/pull") => (
             Body::Pull(pb::PullMessagesRequest {
-                conv_id: head.query_param("conv_id").unwrap_or_default(),
-                anchor_seq: query_num(head, "anchor_seq")?,
-                limit: query_num(head, "limit")?,
-                direction: query_num(head, "direction")?,
+                conv_id: http::query_param(query, "conv_id").unwrap_or_default(),
+                anchor_seq: query_num(query, "anchor_seq")?,
+                limit: query_num(query, "limit")?,
+                direction: query_num(query, "direction")?,
             }),
             to_json::<pb::PullMessagesResponse>,
         ),
@@ -179,9 +219,9 @@ async fn api(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Result<Value, ApiEr
         ),
         ("GET", "conversations") => (
             Body::GetConversations(pb::GetConversationsRequest {
-                updated_since: query_num(head, "updated_since")?,
-                page_size: query_num(head, "page_size")?,
-                cursor: query_num(head, "cursor")?,
+                updated_since: query_num(query, "updated_since")?,
+                page_size: query_num(query, "page_size")?,
+                cursor: query_num(query, "cursor")?,
             }),
             to_json::<pb::GetConversationsResponse>,
         ),
@@ -208,7 +248,7 @@ async fn api(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Result<Value, ApiEr
         }
         ("GET", "unread") => (
             Body::GetUnread(pb::GetUnreadRequest {
-                per_conv_limit: query_num(head, "per_conv_limit")?,
+                per_conv_limit: query_num(query, "per_conv_limit")?,
             }),
             to_json::<pb::GetUnreadResponse>,
         ),
@@ -232,8 +272,7 @@ async fn api(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Result<Value, ApiEr
         }
         _ => return Err(ApiError::NotFound("no such API route")),
     };
-    let bytes = chat::execute(shard, &caller, op).await?;
-    to_json(&bytes)
+    Ok(op)
 }
 
 /// The PATCH body of a conversation: only the fields present change.
@@ -250,11 +289,11 @@ fn path_param(route: &str, prefix: &str) -> Result<String, ApiError> {
     if raw.is_empty() || raw.contains('/') {
         return Err(ApiError::NotFound("no such API route"));
     }
-    Ok(http::query_param(&format!("v={raw}"), "v").unwrap_or_default())
+    Ok(http::percent_decode(raw))
 }
 
 /// Decodes an encoded XxxResponse into the JSON `data` of the reply.
-type ToJson = fn(&[u8]) -> Result<Value, ApiError>;
+pub type ToJson = fn(&[u8]) -> Result<Value, ApiError>;
 
 fn to_json<T: prost::Message + Default + serde::Serialize>(
     bytes: &[u8],
@@ -268,8 +307,8 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
     serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("bad JSON body: {e}")))
 }
 
-fn query_num<T: std::str::FromStr + Default>(head: &Head, key: &str) -> Result<T, ApiError> {
-    match head.query_param(key) {
+fn query_num<T: std::str::FromStr + Default>(query: &str, key: &str) -> Result<T, ApiError> {
+    match http::query_param(query, key) {
         None => Ok(T::default()),
         Some(v) if v.is_empty() => Ok(T::default()),
         Some(v) => v
@@ -288,17 +327,14 @@ async fn admin_api(
 ) -> Result<Value, ApiError> {
     match (method, route) {
         ("POST", "kick") => {
-            let ev: pb::KickEvent = json_body(body)?;
-            crate::ids::check_id("user_uuid", &ev.user_uuid)?;
-            if ev.device_id != "ALL" {
-                crate::ids::check_id("device_id", &ev.device_id)?;
-            }
+            let ev = kick_body(body)?;
             let target = shard.user_shard(&ev.user_uuid);
             let n = shard
                 .call(target, |reply| ShardMsg::Kick {
                     reply,
                     user: ev.user_uuid,
                     device: ev.device_id,
+                    reason: ev.reason,
                 })
                 .await?;
             Ok(serde_json::json!({ "kicked": count(&n) }))
@@ -365,6 +401,18 @@ async fn admin_api(
     }
 }
 
+/// A KickEvent in JSON, checked: ids valid (`device_id` may be `ALL`), and `reason`
+/// replaced by the KICKOUT reason to send ([`chat::admin::kick_reason`]).
+pub fn kick_body(body: &[u8]) -> Result<pb::KickEvent, ApiError> {
+    let mut ev: pb::KickEvent = json_body(body)?;
+    crate::ids::check_id("user_uuid", &ev.user_uuid)?;
+    if ev.device_id != "ALL" {
+        crate::ids::check_id("device_id", &ev.device_id)?;
+    }
+    ev.reason = chat::admin::kick_reason(&ev.reason)?;
+    Ok(ev)
+}
+
 fn count(b: &[u8]) -> u64 {
     b.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
@@ -381,7 +429,7 @@ fn group_by_user_shard(shard: &Shard, users: Vec<String>) -> Vec<(usize, Vec<Str
 }
 
 /// A BroadcastEvent in JSON: `message.data` is base64.
-fn broadcast_body(body: &[u8]) -> Result<(Vec<String>, pb::MessageEnvelope), ApiError> {
+pub fn broadcast_body(body: &[u8]) -> Result<(Vec<String>, pb::MessageEnvelope), ApiError> {
     use base64::Engine as _;
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]

@@ -15,6 +15,10 @@ use crate::ids::is_valid_id;
 /// Device types a token may name; anything else is refused.
 pub const DEVICE_TYPES: [&str; 4] = ["mobile", "desktop", "web", "pad"];
 
+/// Clock skew allowed between the token issuer and this server, in seconds: `exp` may
+/// be this far in the past, `nbf` and `iat` this far in the future.
+pub const CLOCK_SKEW_LEEWAY_SECS: u64 = 30;
+
 /// The claims imshard reads and writes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Claims {
@@ -27,6 +31,12 @@ pub struct Claims {
     pub dty: String,
     /// Expiry, unix seconds.
     pub exp: u64,
+    /// Not valid before, unix seconds (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Issued at, unix seconds (optional; a token issued in the future is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
     /// Admin calls need `true`.
     #[serde(default)]
     pub adm: bool,
@@ -44,6 +54,8 @@ pub enum AuthError {
     Malformed,
     BadSignature,
     Expired,
+    /// `nbf` or `iat` is later than now (beyond the leeway).
+    NotYetValid,
     BadIds,
 }
 
@@ -54,6 +66,7 @@ impl From<AuthError> for ApiError {
             AuthError::Malformed => ApiError::Unauthenticated("malformed token"),
             AuthError::BadSignature => ApiError::Unauthenticated("bad token signature"),
             AuthError::Expired => ApiError::Unauthenticated("token expired"),
+            AuthError::NotYetValid => ApiError::Unauthenticated("token not yet valid"),
             AuthError::BadIds => ApiError::invalid(
                 "token sub/did must be 1-64 chars of [A-Za-z0-9_.@], dty one of mobile|desktop|web|pad",
             ),
@@ -71,7 +84,8 @@ pub struct Verifier {
 impl Verifier {
     pub fn new(secret: &[u8]) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 0;
+        validation.leeway = CLOCK_SKEW_LEEWAY_SECS;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Verifier {
             key: DecodingKey::from_secret(secret),
@@ -85,9 +99,17 @@ impl Verifier {
             decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
                 ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 _ => AuthError::Malformed,
             })?;
         let c = data.claims;
+        // jsonwebtoken does not look at `iat`.
+        let now = jsonwebtoken::get_current_timestamp();
+        if c.iat
+            .is_some_and(|iat| iat > now.saturating_add(CLOCK_SKEW_LEEWAY_SECS))
+        {
+            return Err(AuthError::NotYetValid);
+        }
         if !is_valid_id(&c.sub) || !is_valid_id(&c.did) || !DEVICE_TYPES.contains(&c.dty.as_str()) {
             return Err(AuthError::BadIds);
         }
@@ -104,11 +126,14 @@ pub fn mint(
     admin: bool,
     ttl_secs: u64,
 ) -> Result<String, jsonwebtoken::errors::Error> {
+    let now = jsonwebtoken::get_current_timestamp();
     let claims = Claims {
         sub: user.to_string(),
         did: device.to_string(),
         dty: device_type.to_string(),
-        exp: jsonwebtoken::get_current_timestamp() + ttl_secs,
+        exp: now + ttl_secs,
+        nbf: None,
+        iat: Some(now),
         adm: admin,
     };
     encode(
@@ -200,22 +225,70 @@ mod tests {
         );
     }
 
-    #[test]
-    fn expired() {
+    fn token(exp: i64, nbf: Option<i64>, iat: Option<i64>) -> String {
+        let now = jsonwebtoken::get_current_timestamp() as i64;
         let claims = Claims {
             sub: "a".into(),
             did: "d".into(),
             dty: "web".into(),
-            exp: jsonwebtoken::get_current_timestamp() - 10,
+            exp: (now + exp) as u64,
+            nbf: nbf.map(|n| (now + n) as u64),
+            iat: iat.map(|n| (now + n) as u64),
             adm: false,
         };
-        let t = encode(
+        encode(
             &Header::new(Algorithm::HS256),
             &claims,
             &EncodingKey::from_secret(b"k"),
         )
-        .unwrap();
-        assert_eq!(Verifier::new(b"k").verify(&t), Err(AuthError::Expired));
+        .unwrap()
+    }
+
+    #[test]
+    fn expired() {
+        let leeway = CLOCK_SKEW_LEEWAY_SECS as i64;
+        let v = Verifier::new(b"k");
+        assert_eq!(
+            v.verify(&token(-leeway - 10, None, None)),
+            Err(AuthError::Expired)
+        );
+        assert!(
+            v.verify(&token(-leeway + 10, None, None)).is_ok(),
+            "within the leeway"
+        );
+    }
+
+    #[test]
+    fn not_before_and_issued_at() {
+        let leeway = CLOCK_SKEW_LEEWAY_SECS as i64;
+        let v = Verifier::new(b"k");
+        assert_eq!(
+            v.verify(&token(7200, Some(3600), None)),
+            Err(AuthError::NotYetValid)
+        );
+        assert_eq!(
+            v.verify(&token(7200, None, Some(3600))),
+            Err(AuthError::NotYetValid)
+        );
+        assert_eq!(
+            v.verify(&token(7200, None, Some(leeway + 5))),
+            Err(AuthError::NotYetValid)
+        );
+        assert_eq!(
+            ApiError::from(AuthError::NotYetValid),
+            ApiError::Unauthenticated("token not yet valid")
+        );
+        for ok in [
+            token(3600, Some(-10), Some(-10)),
+            token(3600, Some(leeway - 5), Some(leeway - 5)),
+            token(3600, None, None),
+        ] {
+            assert!(v.verify(&ok).is_ok());
+        }
+        // A minted token carries iat = now and no nbf.
+        let minted = mint(b"k", "a", "d", "web", false, 60).unwrap();
+        let c = v.verify(&minted).unwrap();
+        assert!(c.iat.is_some() && c.nbf.is_none());
     }
 
     #[test]

@@ -105,7 +105,8 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     /// Protocol error: unmasked client frame, bad opcode, reserved bits. Fix the client.
     pub const PROTOCOL_ERROR: u16 = 1002;
-    /// Unsupported data: a text frame. The protocol is binary protobuf only.
+    /// Unsupported data: a frame of the other encoding than the one negotiated (a text
+    /// frame on a binary protobuf connection, a binary frame on an `imshard.v1.json` one).
     pub const UNSUPPORTED_DATA: u16 = 1003;
     /// Invalid payload: a binary frame that is not a ClientFrame and has no readable req_id.
     pub const INVALID_PAYLOAD: u16 = 1007;

@@ -213,9 +213,15 @@ config_keys! {
         members_added_per_hour: u32 = 100_000, parse_num::<u32>,
             "N", "IMSHARD_MEMBERS_ADDED_PER_HOUR", "100000", "member ids per user per hour",
             "member ids one user may name in creates and adds per hour (42901 past it; 0 = no limit)";
+        cache_bytes: usize = 256 << 20, parse_bytes,
+            "BYTES", "IMSHARD_CACHE_BYTES", "256MiB", "bytes for the whole process",
+            "memory for cached conversation rows, conversation states and group member lists (split over the shards); the least recently used idle entries are evicted past it";
         shutdown_grace: Duration = Duration::from_secs(5), parse_duration,
             "DURATION", "IMSHARD_SHUTDOWN_GRACE", "5s", "duration, at most 10m",
             "on SIGTERM/SIGINT: how long to answer in-flight requests and spread the close frames";
+        demo: bool = true, parse_bool,
+            "BOOL", "IMSHARD_DEMO", "true", "true or false",
+            "serve the browser chat page at `/demo` (on by default while the embedded store is the only store)";
         log: String = "info,fjall=warn,lsm_tree=warn".to_string(), parse_text,
             "FILTER", "IMSHARD_LOG", "info,fjall=warn,lsm_tree=warn", "tracing filter",
             "what is logged (to stdout), e.g. `info,imshard=debug`";
@@ -257,7 +263,7 @@ pub struct TokenArgs {
     #[arg(long)]
     pub user: String,
     /// The device id (`did`): 1-64 chars of [A-Za-z0-9_.@].
-    #[arg(long)]
+    #[arg(long, default_value = "web")]
     pub device: String,
     /// The device type (`dty`): mobile, desktop, web or pad.
     #[arg(long, default_value = "web")]
@@ -268,6 +274,40 @@ pub struct TokenArgs {
     /// How long the token is valid (250ms, 90s, 2m, 24h, 7d or seconds; more than 0).
     #[arg(long, default_value = "24h", value_parser = parse_ttl)]
     pub ttl: Duration,
+    /// Print a link to the chat page at `/demo` that signs in with the token. The
+    /// optional value is the server's base URL (default: `http://127.0.0.1:PORT`, the
+    /// port of `listen` from IMSHARD_LISTEN or the --config file).
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "BASE_URL")]
+    pub demo_url: Option<String>,
+}
+
+impl TokenArgs {
+    /// The page link `imshard token --demo-url` prints: the base URL (or the local
+    /// address of `listen`, read like `serve` reads it) + `/demo#token=...`. The token
+    /// is in the fragment, which the browser never sends to the server.
+    pub fn demo_link(&self, base: &str, token: &str) -> Result<String, ConfigError> {
+        let base = if base.is_empty() {
+            let file = FileValues::read(self.common.config.as_deref())?;
+            let env = std::env::var("IMSHARD_LISTEN").ok();
+            // `listen` is not a common key: read it as `serve` would, default included.
+            let port = match setting(
+                "listen",
+                env.as_deref(),
+                &file,
+                |s| parse_addr(s).map(Some),
+                || None,
+            )? {
+                Some(addr) => addr.port(),
+                None => key("listen")
+                    .and_then(|k| parse_addr(k.default).ok())
+                    .map_or(8080, |a| a.port()),
+            };
+            format!("http://127.0.0.1:{port}")
+        } else {
+            base.trim_end_matches('/').to_string()
+        };
+        Ok(format!("{base}/demo#token={token}"))
+    }
 }
 
 /// What the content filter does with a blocked word.
@@ -583,6 +623,14 @@ fn parse_path(s: &str) -> Result<PathBuf, String> {
 
 fn parse_secret(s: &str) -> Result<Option<String>, String> {
     Ok(Some(s.to_string()))
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim() {
+        "true" | "on" | "1" => Ok(true),
+        "false" | "off" | "0" => Ok(false),
+        _ => Err(format!("expected true or false, got {s:?}")),
+    }
 }
 
 fn parse_text(s: &str) -> Result<String, String> {

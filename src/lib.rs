@@ -18,6 +18,7 @@
 //!   refusal and cut counters each shard records, and the scrape's rendering.
 //! - [`proto`]: wire formats: protobuf types, WebSocket frames, HTTP, envelopes.
 //! - [`store`]: the storage interface and its embedded (fjall) backend.
+//! - [`web`]: the browser chat page at `/demo` (static files in the binary).
 //! - [`auth`]: JWT verification and minting; [`config`]: flags, env, TOML.
 //! - [`codes`]: error codes, close codes, kick reasons; [`limits`]: protocol limits;
 //!   [`ids`]: identifiers and conversation ids.
@@ -34,3 +35,4 @@ pub mod proto;
 pub mod server;
 pub mod shard;
 pub mod store;
+pub mod web;

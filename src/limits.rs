@@ -40,6 +40,8 @@ pub const MAX_HTTP_HEAD: usize = 16 * 1024;
 pub const MAX_HTTP_HEADERS: usize = 32;
 /// Control frames carry at most 125 bytes (RFC 6455).
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
+/// An admin kick's reason (sent in KICKOUT and the close frame): at most this many bytes.
+pub const MAX_KICK_REASON_BYTES: usize = 64;
 /// A group has at most this many members.
 pub const MAX_GROUP_MEMBERS: usize = 100_000;
 /// A group name: at most this many characters.

@@ -80,10 +80,19 @@ fn token(args: &TokenArgs) -> ExitCode {
         args.admin,
         args.ttl.as_secs(),
     ) {
-        Ok(t) => {
-            println!("{t}");
-            ExitCode::SUCCESS
-        }
+        Ok(t) => match &args.demo_url {
+            None => {
+                println!("{t}");
+                ExitCode::SUCCESS
+            }
+            Some(base) => match args.demo_link(base, &t) {
+                Ok(link) => {
+                    println!("{link}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            },
+        },
         Err(e) => {
             eprintln!("imshard token: {e}");
             ExitCode::FAILURE

@@ -21,6 +21,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use crate::auth::{self, SecretSource};
+use crate::chat::filter::{Filter, FilterError};
 use crate::config::Config;
 use crate::shard::accept::Port;
 use crate::shard::{accept, conn, ring, shutdown, Global, Shard};
@@ -49,6 +50,7 @@ pub enum StartError {
     },
     Store(store::StoreError),
     Secret(std::io::Error),
+    Filter(FilterError),
     /// The eventfds shards wake each other with could not be created.
     Mesh(std::io::Error),
     Shard {
@@ -82,6 +84,7 @@ impl std::fmt::Display for StartError {
             }
             StartError::Store(e) => write!(f, "{e}"),
             StartError::Secret(e) => write!(f, "JWT secret: {e}"),
+            StartError::Filter(e) => write!(f, "{e}"),
             StartError::Mesh(e) => write!(f, "cannot create the shards' eventfds: {e}"),
             StartError::Shard { shard, error } => write!(f, "shard {shard}: {error}"),
         }
@@ -121,6 +124,8 @@ fn serve(cfg: Config) -> Result<(), StartError> {
              (from the source tree: cargo run --release -- token --data-dir {dir} --user alice --device phone)"
         );
     }
+    let filter =
+        Arc::new(Filter::new(&cfg.blocked_words, cfg.filter_mode).map_err(StartError::Filter)?);
     check_open_files(cfg.max_connections);
     abort_on_panic();
     block_signals();
@@ -138,6 +143,7 @@ fn serve(cfg: Config) -> Result<(), StartError> {
         let drained = drained_tx.clone();
         let cfg = cfg.clone();
         let secret = secret.clone();
+        let filter = filter.clone();
         let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
         let ready = ready_tx.clone();
         std::thread::Builder::new()
@@ -161,6 +167,7 @@ fn serve(cfg: Config) -> Result<(), StartError> {
                 let started = Started {
                     id,
                     cfg,
+                    filter,
                     secret,
                     global,
                     ready,
@@ -218,6 +225,7 @@ fn serve(cfg: Config) -> Result<(), StartError> {
 struct Started {
     id: usize,
     cfg: Arc<Config>,
+    filter: Arc<Filter>,
     secret: Arc<[u8]>,
     global: Arc<Global>,
     ready: mpsc::Sender<Result<usize, StartError>>,
@@ -229,6 +237,7 @@ async fn shard_main(started: Started, parts: ring::EndpointParts) {
     let Started {
         id,
         cfg,
+        filter,
         secret,
         global,
         ready,
@@ -242,7 +251,15 @@ async fn shard_main(started: Started, parts: ring::EndpointParts) {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
-    let shard = Shard::new(id, cfg, &secret, store, parts.into_endpoint(), global);
+    let shard = Shard::new(
+        id,
+        cfg,
+        filter,
+        &secret,
+        store,
+        parts.into_endpoint(),
+        global,
+    );
     let listener = match accept::bind(shard.cfg.listen) {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {}: {e}", shard.cfg.listen)),

@@ -7,15 +7,31 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::codes::{close, kick, ApiError};
+use crate::limits::MAX_KICK_REASON_BYTES;
 use crate::shard::Shard;
 
-/// Kicks one device (or every device, `ALL`) of a user this shard owns: KICKOUT, then
-/// close. Returns how many connections were kicked.
-pub fn kick_local(shard: &Rc<Shard>, user: &str, device: &str) -> u64 {
+/// The KICKOUT reason of an admin kick: the given one, or `admin` when empty. At most
+/// [`MAX_KICK_REASON_BYTES`] bytes and no control characters (it also goes into the
+/// close frame), else 40001.
+pub fn kick_reason(given: &str) -> Result<String, ApiError> {
+    if given.is_empty() {
+        return Ok(kick::ADMIN.to_string());
+    }
+    if given.len() > MAX_KICK_REASON_BYTES || given.chars().any(char::is_control) {
+        return Err(ApiError::invalid(format!(
+            "reason must be at most {MAX_KICK_REASON_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(given.to_string())
+}
+
+/// Kicks one device (or every device, `ALL`) of a user this shard owns: KICKOUT with
+/// `reason`, then close. Returns how many connections were kicked.
+pub fn kick_local(shard: &Rc<Shard>, user: &str, device: &str, reason: &str) -> u64 {
     let mut n = 0;
     for c in super::user::devices(shard, user) {
         if c.is_open() && (device == "ALL" || *c.device == *device) {
-            c.close(shard, close::KICKED, Some(kick::ADMIN));
+            c.close(shard, close::KICKED, Some(reason));
             n += 1;
         }
     }
@@ -60,4 +76,30 @@ pub fn presence_local(shard: &Rc<Shard>, users: &[String]) -> Result<Bytes, ApiE
     serde_json::to_vec(&out)
         .map(Bytes::from)
         .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kick_reasons() {
+        assert_eq!(kick_reason(""), Ok("admin".to_string()));
+        assert_eq!(kick_reason("banned"), Ok("banned".to_string()));
+        assert_eq!(kick_reason("违规 spam"), Ok("违规 spam".to_string()));
+        let max = "x".repeat(MAX_KICK_REASON_BYTES);
+        assert_eq!(kick_reason(&max), Ok(max.clone()));
+        for bad in [
+            format!("{max}x"),
+            "a\nb".into(),
+            "\0".into(),
+            "\u{7f}".into(),
+        ] {
+            assert_eq!(
+                kick_reason(&bad).map_err(|e| e.code()),
+                Err(40001),
+                "{bad:?}"
+            );
+        }
+    }
 }

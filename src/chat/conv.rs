@@ -7,14 +7,15 @@
 //! - A send whose (sender, client_msg_id) is in flight waits for the first and gets the
 //!   same answer; one that is durable is answered from the store's dedupe record.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 
 use bytes::Bytes;
 use prost::Message as _;
 
-use super::{ByIdsCmd, PullCmd, RecallCmd, SendCmd};
+use super::{cache, ByIdsCmd, PullCmd, RecallCmd, SendCmd};
 use crate::codes::ApiError;
 use crate::ids::ConvRef;
 use crate::limits::DEDUPE_WINDOW_MS;
@@ -24,7 +25,7 @@ use crate::proto::pb::{
     RecallNotice, SendMessageResponse,
 };
 use crate::proto::store_pb::{ConvSummaries, ConvSummary, DedupeRecord};
-use crate::shard::msg::{Delivery, Notice, Recipients, ReplyTo, ShardMsg, UserId};
+use crate::shard::msg::{Delivery, Notice, Recipients, Reply, ReplyTo, ShardMsg, UserId};
 use crate::shard::Shard;
 use crate::store::embedded::WriteSet;
 
@@ -32,19 +33,88 @@ use crate::store::embedded::WriteSet;
 /// between steps, so a 100,000-member group never stalls its loop.
 pub const FANOUT_CHUNK: usize = 1024;
 
-/// A conversation this shard owns, as far as it was touched since start.
+/// A conversation this shard owns, as far as it was touched since start. It is in
+/// the shard's map from the first operation on; its seq counter and members are known
+/// once `ready` (loaded from the store on the reader thread).
 pub struct ConvState {
+    /// Whether the fields below were loaded; until then operations wait in `loading`.
+    ready: bool,
+    /// Whether a task is loading them.
+    load_started: bool,
+    /// Tasks waiting for the load.
+    loading: Vec<Waker>,
     /// The seq the next message gets.
     pub(crate) next_seq: i64,
     /// The highest seq that is durable.
     pub(crate) durable_seq: i64,
     /// Sends in flight by (sender, client_msg_id), with callers waiting for the same.
     in_flight: HashMap<(String, String), Vec<ReplyTo>>,
+    /// Sends waiting for their seq, in arrival order; one task (`drive_sends`) serves
+    /// them, so seqs follow arrival order even though dedupe reads wait for the store.
+    sends: VecDeque<(ReplyTo, SendCmd)>,
+    sending: bool,
     /// Members and roles, for group conversations that exist.
     pub(crate) group: Option<Box<super::group::GroupState>>,
     /// Deliveries waiting for their turn, in seq order; one task drains them.
-    fanout: std::collections::VecDeque<FanoutJob>,
+    fanout: VecDeque<FanoutJob>,
     fanout_running: bool,
+    /// Bytes charged to the shard's cache for this state, and whether it was used
+    /// since the eviction hand last passed.
+    pub(crate) charged: usize,
+    pub(crate) used: bool,
+}
+
+impl ConvState {
+    fn unloaded() -> ConvState {
+        ConvState {
+            ready: false,
+            load_started: false,
+            loading: Vec::new(),
+            next_seq: 0,
+            durable_seq: 0,
+            in_flight: HashMap::new(),
+            sends: VecDeque::new(),
+            sending: false,
+            group: None,
+            fanout: VecDeque::new(),
+            fanout_running: false,
+            charged: 0,
+            used: true,
+        }
+    }
+
+    /// Bytes charged to the cache for this state.
+    pub fn charged(&self) -> usize {
+        self.charged
+    }
+
+    /// Nothing is queued, in flight or waiting, and every assigned seq is durable: a
+    /// reload from the store would give the same state.
+    fn idle(&self) -> bool {
+        self.ready
+            && self.sends.is_empty()
+            && !self.sending
+            && self.in_flight.is_empty()
+            && self.fanout.is_empty()
+            && !self.fanout_running
+            && self.loading.is_empty()
+            && self.next_seq - 1 == self.durable_seq
+    }
+
+    /// Fan-out jobs queued behind this conversation.
+    pub fn queued_fanout(&self) -> usize {
+        self.fanout.len()
+    }
+
+    /// Callers waiting for sends (answered with an error on a store reset); wakes the
+    /// tasks waiting for the load (they load again).
+    pub fn into_waiters(self) -> impl Iterator<Item = ReplyTo> {
+        for w in self.loading {
+            w.wake();
+        }
+        let queued: Vec<ReplyTo> = self.sends.into_iter().map(|(r, _)| r).collect();
+        self.in_flight.into_values().flatten().chain(queued)
+    }
 }
 
 /// Recipients by owner shard (index = shard id), each list shared by reference.
@@ -73,44 +143,137 @@ pub(crate) struct FanoutJob {
     pub left: Vec<String>,
 }
 
-impl ConvState {
-    /// Fan-out jobs queued behind this conversation.
-    pub fn queued_fanout(&self) -> usize {
-        self.fanout.len()
-    }
-
-    /// Callers waiting for in-flight sends (answered with an error on a store reset).
-    pub fn into_waiters(self) -> impl Iterator<Item = ReplyTo> {
-        self.in_flight.into_values().flatten()
+/// Makes sure the conversation's state is loaded: its seq counter continues after the
+/// highest stored seq, and a group's members come with it. The reads run on the reader
+/// thread; tasks asking meanwhile wait for the same load.
+pub(crate) async fn load_conv(shard: &Rc<Shard>, conv_id: &str) -> Result<(), ApiError> {
+    loop {
+        let must_load = {
+            let mut convs = shard.convs.borrow_mut();
+            let c = match convs.get_mut(conv_id) {
+                Some(c) => c,
+                None => convs
+                    .entry(conv_id.to_string())
+                    .or_insert_with(ConvState::unloaded),
+            };
+            if c.ready {
+                return Ok(());
+            }
+            // The first asker loads; the others wait for it.
+            !std::mem::replace(&mut c.load_started, true)
+        };
+        if !must_load {
+            // Wait for the load another task is doing, then look again.
+            std::future::poll_fn(|cx| {
+                let mut convs = shard.convs.borrow_mut();
+                match convs.get_mut(conv_id) {
+                    Some(c) if !c.ready => {
+                        c.loading.push(cx.waker().clone());
+                        Poll::Pending
+                    }
+                    _ => Poll::Ready(()),
+                }
+            })
+            .await;
+            continue;
+        }
+        let epoch = shard.conv_epoch.get();
+        let loaded = async {
+            let max = shard.store.max_seq(conv_id).await?;
+            let group = if conv_id.starts_with(crate::ids::GROUP_CONV_PREFIX) {
+                super::group::load(shard, conv_id).await?
+            } else {
+                None
+            };
+            Ok::<_, ApiError>((max, group))
+        }
+        .await;
+        let mut convs = shard.convs.borrow_mut();
+        if shard.conv_epoch.get() != epoch {
+            // The shard dropped its conversations meanwhile (a store failure): what was
+            // read may be older than what another load sees now. Load again.
+            if let Some(c) = convs.get_mut(conv_id) {
+                c.load_started = false;
+            }
+            drop(convs);
+            continue;
+        }
+        let Some(c) = convs.get_mut(conv_id) else {
+            continue;
+        };
+        for w in c.loading.drain(..) {
+            w.wake();
+        }
+        match loaded {
+            Ok((max, group)) => {
+                let members = group.as_ref().map_or(0, |g| g.member_count());
+                c.ready = true;
+                c.next_seq = max + 1;
+                c.durable_seq = max;
+                c.group = group;
+                c.charged = cache::CONV_BYTES + members * cache::MEMBER_BYTES;
+                let charged = c.charged;
+                drop(convs);
+                cache::admit(shard, cache::CacheKey::Conv(conv_id.into()), charged);
+                return Ok(());
+            }
+            Err(e) => {
+                // Nothing is known: forget the entry; queued sends get the error.
+                if let Some(c) = convs.remove(conv_id) {
+                    for (reply, _) in c.sends {
+                        shard.reply(reply, Err(e.clone()));
+                    }
+                }
+                return Err(e);
+            }
+        }
     }
 }
 
-/// Loads (or returns) the state of a conversation: its seq counter continues after the
-/// highest stored seq.
+/// Runs `f` on a loaded conversation's state ([`load_conv`] first).
 pub(crate) fn with_conv<R>(
     shard: &Shard,
     conv_id: &str,
     f: impl FnOnce(&mut ConvState) -> R,
 ) -> Result<R, ApiError> {
-    let mut convs = shard.convs.borrow_mut();
-    if let Some(c) = convs.get_mut(conv_id) {
-        return Ok(f(c));
+    match shard.convs.borrow_mut().get_mut(conv_id) {
+        Some(c) if c.ready => {
+            c.used = true;
+            Ok(f(c))
+        }
+        _ => Err(ApiError::StoreUnavailable(
+            "the conversation was dropped after a store failure; retry".into(),
+        )),
     }
-    let max = shard.store.max_seq(conv_id)?;
-    let group = if conv_id.starts_with(crate::ids::GROUP_CONV_PREFIX) {
-        super::group::load(shard, conv_id)?
-    } else {
-        None
+}
+
+/// Loads the conversation, then runs `f` on its state.
+pub(crate) async fn on_conv<R>(
+    shard: &Rc<Shard>,
+    conv_id: &str,
+    f: impl FnOnce(&mut ConvState) -> R,
+) -> Result<R, ApiError> {
+    load_conv(shard, conv_id).await?;
+    with_conv(shard, conv_id, f)
+}
+
+/// The eviction hand at a conversation (see [`cache`]).
+pub(crate) fn visit_for_eviction(shard: &Shard, conv_id: &str) -> cache::Visit {
+    let mut convs = shard.convs.borrow_mut();
+    let Some(c) = convs.get_mut(conv_id) else {
+        return cache::Visit::Gone;
     };
-    let c = convs.entry(conv_id.to_string()).or_insert(ConvState {
-        next_seq: max + 1,
-        durable_seq: max,
-        in_flight: HashMap::new(),
-        group,
-        fanout: std::collections::VecDeque::new(),
-        fanout_running: false,
-    });
-    Ok(f(c))
+    if !c.ready {
+        // Dropped and asked for again since: its own load queues it again.
+        return cache::Visit::Gone;
+    }
+    if std::mem::replace(&mut c.used, false) || !c.idle() {
+        return cache::Visit::Keep;
+    }
+    let charged = c.charged;
+    convs.remove(conv_id);
+    cache::release(shard, charged);
+    cache::Visit::Evicted
 }
 
 fn encode_sent(msg_id: &str, conv_id: &str, seq: i64, send_time: i64) -> Bytes {
@@ -124,38 +287,124 @@ fn encode_sent(msg_id: &str, conv_id: &str, seq: i64, send_time: i64) -> Bytes {
     .into()
 }
 
-/// Stores a message and answers after it is durable; then pushes it.
+/// Queues a send behind the conversation's earlier ones; the conversation's send task
+/// stores it (dedupe, seq, durable write), answers after it is durable, then pushes it.
 pub fn handle_send(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
     shard.reset_after_store_failure();
-    let dedupe_key = (cmd.sender.clone(), cmd.client_msg_id.clone());
-    let has_key = !cmd.client_msg_id.is_empty();
-    // A resend of a durable message: answer from the store.
-    if has_key {
-        let in_flight = with_conv(shard, &cmd.conv_id, |c| {
-            if let Some(waiters) = c.in_flight.get_mut(&dedupe_key) {
-                waiters.push(reply);
-                true
-            } else {
-                false
+    let start = {
+        let mut convs = shard.convs.borrow_mut();
+        let c = match convs.get_mut(cmd.conv_id.as_str()) {
+            Some(c) => c,
+            None => convs
+                .entry(cmd.conv_id.clone())
+                .or_insert_with(ConvState::unloaded),
+        };
+        let conv_id = cmd.conv_id.clone();
+        c.sends.push_back((reply, cmd));
+        (!std::mem::replace(&mut c.sending, true)).then_some(conv_id)
+    };
+    if let Some(conv_id) = start {
+        monoio::spawn(drive_sends(shard.clone(), conv_id));
+    }
+}
+
+/// Serves a conversation's queued sends in arrival order: loads the conversation,
+/// reads the dedupe records of every queued send with a client_msg_id in one go,
+/// then answers resends and assigns seqs, staging each new message.
+async fn drive_sends(shard: Rc<Shard>, conv_id: String) {
+    loop {
+        if let Err(e) = load_conv(&shard, &conv_id).await {
+            tracing::debug!(conv = %conv_id, error = %e, "sends failed: conversation not loaded");
+            // load_conv answered the queued sends and dropped the entry.
+            return;
+        }
+        let batch: Vec<(ReplyTo, SendCmd)> = {
+            let mut convs = shard.convs.borrow_mut();
+            let Some(c) = convs.get_mut(&conv_id) else {
+                return;
+            };
+            if c.sends.is_empty() {
+                c.sending = false;
+                return;
+            }
+            c.sends.drain(..).collect()
+        };
+        // Sends whose key is in flight wait for the first; the others are marked.
+        let mut lookups: Vec<(String, String)> = Vec::new();
+        let mut fresh: Vec<(ReplyTo, SendCmd)> = Vec::with_capacity(batch.len());
+        let marked = with_conv(&shard, &conv_id, |c| {
+            for (reply, cmd) in batch {
+                if cmd.client_msg_id.is_empty() {
+                    fresh.push((reply, cmd));
+                    continue;
+                }
+                let key = (cmd.sender.clone(), cmd.client_msg_id.clone());
+                if let Some(waiters) = c.in_flight.get_mut(&key) {
+                    waiters.push(reply);
+                } else {
+                    c.in_flight.insert(key.clone(), Vec::new());
+                    lookups.push(key);
+                    fresh.push((reply, cmd));
+                }
             }
         });
-        match in_flight {
-            Err(e) => return shard.reply(reply, Err(e)),
-            Ok(true) => return,
-            Ok(false) => {}
+        if marked.is_err() {
+            // Dropped by a store reset meanwhile: its waiters were answered.
+            continue;
         }
-        match shard
-            .store
-            .dedupe(&cmd.conv_id, &cmd.sender, &cmd.client_msg_id)
-        {
-            Err(e) => return shard.reply(reply, Err(e.into())),
-            Ok(Some(rec)) if now_ms() - rec.send_time < DEDUPE_WINDOW_MS => {
-                let body = encode_sent(&rec.msg_id, &cmd.conv_id, rec.seq, rec.send_time);
-                return shard.reply(reply, Ok(body));
+        let records = if lookups.is_empty() {
+            Ok(Vec::new())
+        } else {
+            shard.store.dedupe_many(&conv_id, lookups).await
+        };
+        let records = match records {
+            Ok(r) => r,
+            Err(e) => {
+                let err = ApiError::from(e);
+                for (reply, cmd) in fresh {
+                    answer_key(&shard, &conv_id, &cmd, reply, Err(err.clone()));
+                }
+                continue;
             }
-            Ok(_) => {}
+        };
+        let mut records = records.into_iter();
+        for (reply, cmd) in fresh {
+            if !cmd.client_msg_id.is_empty() {
+                let rec = records.next().flatten();
+                if let Some(rec) = rec.filter(|r| now_ms() - r.send_time < DEDUPE_WINDOW_MS) {
+                    let body = encode_sent(&rec.msg_id, &conv_id, rec.seq, rec.send_time);
+                    answer_key(&shard, &conv_id, &cmd, reply, Ok(body));
+                    continue;
+                }
+            }
+            store_new(&shard, reply, cmd);
         }
     }
+}
+
+/// Answers a send with a client_msg_id, and every send waiting for the same key.
+fn answer_key(shard: &Rc<Shard>, conv_id: &str, cmd: &SendCmd, reply: ReplyTo, r: Reply) {
+    let key = (cmd.sender.clone(), cmd.client_msg_id.clone());
+    let waiters = shard
+        .convs
+        .borrow_mut()
+        .get_mut(conv_id)
+        .and_then(|c| c.in_flight.remove(&key))
+        .unwrap_or_default();
+    if let Err(ApiError::StoreUnavailable(_)) = &r {
+        shard.reset_after_store_failure();
+    }
+    for w in waiters {
+        shard.reply(w, r.clone());
+    }
+    shard.reply(reply, r);
+}
+
+/// Assigns the next seq to a new message and stages it; answers and pushes once it
+/// is durable.
+fn store_new(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
+    let has_key = !cmd.client_msg_id.is_empty();
+    let dedupe_key = (cmd.sender.clone(), cmd.client_msg_id.clone());
     let assigned = with_conv(shard, &cmd.conv_id, |c| {
         let members = match (&c.group, cmd.conv_type) {
             (_, ConvType::P2p) => Rc::new(split_by_shard(
@@ -168,13 +417,11 @@ pub fn handle_send(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
         };
         let seq = c.next_seq;
         c.next_seq += 1;
-        if has_key {
-            c.in_flight.insert(dedupe_key.clone(), Vec::new());
-        }
         Ok((seq, members))
     });
     let (seq, members) = match assigned.and_then(|r| r) {
         Ok(v) => v,
+        Err(e) if has_key => return answer_key(shard, &cmd.conv_id, &cmd, reply, Err(e)),
         Err(e) => return shard.reply(reply, Err(e)),
     };
     let send_time = now_ms();
@@ -353,8 +600,9 @@ async fn drain_fanout(shard: Rc<Shard>, conv_id: String) {
 /// below anchor_seq (0 = from the newest); ascending either way; never at or below the
 /// caller's clear_seq, never past what is durable. Stops early (with `has_more`) once
 /// the messages reach `pull.max_bytes`, so paging by seq gets the rest.
-pub fn handle_pull(shard: &Rc<Shard>, pull: &PullCmd) -> Result<Bytes, ApiError> {
+pub async fn handle_pull(shard: &Rc<Shard>, pull: &PullCmd) -> Result<Bytes, ApiError> {
     let conv = ConvRef::parse(&pull.conv_id)?;
+    load_conv(shard, &pull.conv_id).await?;
     check_member(shard, &pull.conv_id, &conv, &pull.user)?;
     let max_seq = with_conv(shard, &pull.conv_id, |c| c.durable_seq)?;
     let floor = pull.clear_seq + 1;
@@ -367,19 +615,23 @@ pub fn handle_pull(shard: &Rc<Shard>, pull: &PullCmd) -> Result<Bytes, ApiError>
         let lo = floor.max(1);
         let msgs = shard
             .store
-            .messages(&pull.conv_id, lo, hi, pull.limit, true, pull.max_bytes)?;
+            .messages(&pull.conv_id, lo, hi, pull.limit, true, pull.max_bytes)
+            .await?;
         let more = msgs.first().is_some_and(|m| m.seq > lo);
         (msgs, more)
     } else {
         let lo = (pull.anchor_seq + 1).max(floor);
-        let msgs = shard.store.messages(
-            &pull.conv_id,
-            lo,
-            max_seq,
-            pull.limit,
-            false,
-            pull.max_bytes,
-        )?;
+        let msgs = shard
+            .store
+            .messages(
+                &pull.conv_id,
+                lo,
+                max_seq,
+                pull.limit,
+                false,
+                pull.max_bytes,
+            )
+            .await?;
         let more = msgs.last().is_some_and(|m| m.seq < max_seq);
         (msgs, more)
     };
@@ -393,7 +645,7 @@ pub fn handle_pull(shard: &Rc<Shard>, pull: &PullCmd) -> Result<Bytes, ApiError>
 }
 
 /// The caller must be a party of the conversation (p2p: named in the conv_id; group:
-/// a current member).
+/// a current member). The conversation is loaded ([`load_conv`]).
 fn check_member(
     shard: &Shard,
     conv_id: &str,
@@ -434,27 +686,21 @@ fn members_of(shard: &Shard, conv_id: &str, conv: &ConvRef<'_>) -> ByShard {
 /// or below the caller's clear_seq. Stops at the first message that would take the
 /// reply past `cmd.max_bytes` (the first found is always returned): the ids after it
 /// are left out, and the client asks for them again.
-pub fn handle_by_ids(shard: &Rc<Shard>, cmd: &ByIdsCmd) -> Result<Bytes, ApiError> {
+pub async fn handle_by_ids(shard: &Rc<Shard>, cmd: ByIdsCmd) -> Result<Bytes, ApiError> {
     let conv = ConvRef::parse(&cmd.conv_id)?;
+    load_conv(shard, &cmd.conv_id).await?;
     check_member(shard, &cmd.conv_id, &conv, &cmd.user)?;
     let durable = with_conv(shard, &cmd.conv_id, |c| c.durable_seq)?;
-    let mut messages = Vec::with_capacity(cmd.msg_ids.len());
-    let mut bytes = 0usize;
-    for id in &cmd.msg_ids {
-        let Some(seq) = shard.store.seq_of_msg_id(&cmd.conv_id, id)? else {
-            continue;
-        };
-        if seq <= cmd.clear_seq || seq > durable {
-            continue;
-        }
-        if let Some(m) = shard.store.message(&cmd.conv_id, seq)? {
-            bytes += m.encoded_len();
-            if !messages.is_empty() && bytes > cmd.max_bytes {
-                break;
-            }
-            messages.push(m);
-        }
-    }
+    let messages = shard
+        .store
+        .messages_by_ids(
+            &cmd.conv_id,
+            cmd.msg_ids,
+            cmd.clear_seq + 1,
+            durable,
+            cmd.max_bytes,
+        )
+        .await?;
     Ok(GetMessagesByIdsResponse { messages }.encode_to_vec().into())
 }
 
@@ -462,19 +708,26 @@ pub fn handle_by_ids(shard: &Rc<Shard>, cmd: &ByIdsCmd) -> Result<Bytes, ApiErro
 /// window. The stored message keeps its seq; status becomes 1 and content a recall
 /// notice. Answered after the change is durable; then MSG_RECALL goes to every member.
 /// Recalling a recalled message answers OK and changes nothing.
-pub fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
-    let prepared = (|| -> Result<Option<MsgItem>, ApiError> {
+pub async fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
+    let prepared = async {
         let conv = ConvRef::parse(&cmd.conv_id)?;
+        load_conv(shard, &cmd.conv_id).await?;
         check_member(shard, &cmd.conv_id, &conv, &cmd.operator)?;
-        let durable = with_conv(shard, &cmd.conv_id, |c| c.durable_seq)?;
+        // Read together, before any await: the state may be evicted while reads wait.
+        let (durable, group_admin) = with_conv(shard, &cmd.conv_id, |c| {
+            let admin = c.group.as_ref().is_some_and(|g| g.is_admin(&cmd.operator));
+            (c.durable_seq, admin)
+        })?;
         let seq = shard
             .store
-            .seq_of_msg_id(&cmd.conv_id, &cmd.msg_id)?
+            .seq_of_msg_id(&cmd.conv_id, &cmd.msg_id)
+            .await?
             .filter(|s| *s <= durable)
             .ok_or(ApiError::NotFound("no such message"))?;
         let mut msg = shard
             .store
-            .message(&cmd.conv_id, seq)?
+            .message(&cmd.conv_id, seq)
+            .await?
             .ok_or(ApiError::NotFound("no such message"))?;
         if msg.status == 1 {
             return Ok(None);
@@ -482,13 +735,7 @@ pub fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
         if msg.msg_type > crate::limits::MAX_USER_MSG_TYPE {
             return Err(ApiError::Forbidden("system messages cannot be recalled"));
         }
-        let group_admin = || {
-            with_conv(shard, &cmd.conv_id, |c| {
-                c.group.as_ref().is_some_and(|g| g.is_admin(&cmd.operator))
-            })
-            .unwrap_or(false)
-        };
-        if msg.from_uuid != cmd.operator && !group_admin() {
+        if msg.from_uuid != cmd.operator && !group_admin {
             return Err(ApiError::Forbidden(
                 "only the sender (or a group owner or admin) may recall this message",
             ));
@@ -502,8 +749,9 @@ pub fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
             "recalled": true, "operator": cmd.operator, "recall_time": now
         })
         .to_string();
-        Ok(Some(msg))
-    })();
+        Ok::<_, ApiError>(Some(msg))
+    }
+    .await;
     let ok: Bytes = RecallMessageResponse {}.encode_to_vec().into();
     let msg = match prepared {
         Err(e) => return shard.reply(reply, Err(e)),
@@ -512,34 +760,31 @@ pub fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
     };
     let mut write = WriteSet::new();
     write.message_update(&msg);
-    let durable = shard.store.stage(write);
-    let shard = shard.clone();
-    monoio::spawn(async move {
-        match durable.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return shard.reply(reply, Err(e.into())),
-            Err(_) => {
-                return shard.reply(
-                    reply,
-                    Err(ApiError::StoreUnavailable("store closed".into())),
-                )
-            }
+    // Who hears of it, taken now: the state may be evicted while the write waits.
+    let members = match ConvRef::parse(&msg.conv_id) {
+        Ok(conv) => members_of(shard, &msg.conv_id, &conv),
+        Err(_) => Rc::default(),
+    };
+    match shard.store.stage(write).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return shard.reply(reply, Err(e.into())),
+        Err(_) => {
+            return shard.reply(
+                reply,
+                Err(ApiError::StoreUnavailable("store closed".into())),
+            )
         }
-        shard.reply(reply, Ok(ok));
-        let notice = RecallNotice {
-            conv_id: msg.conv_id.clone(),
-            msg_id: msg.msg_id.clone(),
-            operator: cmd.operator.clone(),
-            recall_time: now_ms(),
-            seq: msg.seq,
-        };
-        let frame = notice_frame(kind::MSG_RECALL, &notice);
-        let members = match ConvRef::parse(&msg.conv_id) {
-            Ok(conv) => members_of(&shard, &msg.conv_id, &conv),
-            Err(_) => Rc::default(),
-        };
-        notify_members(&shard, frame, &members);
-    });
+    }
+    shard.reply(reply, Ok(ok));
+    let notice = RecallNotice {
+        conv_id: msg.conv_id.clone(),
+        msg_id: msg.msg_id.clone(),
+        operator: cmd.operator.clone(),
+        recall_time: now_ms(),
+        seq: msg.seq,
+    };
+    let frame = notice_frame(kind::MSG_RECALL, &notice);
+    notify_members(shard, frame, &members);
 }
 
 /// Sends a notice frame to every member's shard (one message per shard, the member
@@ -559,12 +804,12 @@ pub fn notify_members(shard: &Rc<Shard>, frame: Bytes, members: &ByShard) {
 }
 
 /// Durable max seq and last message of each conversation.
-pub fn handle_info(shard: &Rc<Shard>, convs: &[String]) -> Result<Bytes, ApiError> {
+pub async fn handle_info(shard: &Rc<Shard>, convs: &[String]) -> Result<Bytes, ApiError> {
     let mut items = Vec::with_capacity(convs.len());
     for conv_id in convs {
-        let max_seq = with_conv(shard, conv_id, |c| c.durable_seq)?;
+        let max_seq = on_conv(shard, conv_id, |c| c.durable_seq).await?;
         let last_msg = if max_seq > 0 {
-            shard.store.message(conv_id, max_seq)?
+            shard.store.message(conv_id, max_seq).await?
         } else {
             None
         };

@@ -92,7 +92,8 @@ async fn visible_items(shard: &Rc<Shard>, user: &str) -> Result<Vec<Conversation
         rows.iter()
             .map(|(k, v)| (k.to_string(), (**v).clone()))
             .collect()
-    })?;
+    })
+    .await?;
     let mut sums = summaries(shard, rows.iter().map(|(c, _)| c.clone()).collect()).await?;
     let mut items: Vec<ConversationItem> = rows
         .into_iter()
@@ -171,11 +172,14 @@ async fn update_row(
             row.updated_at = row.updated_at.max(now_ms());
             (**row).clone()
         })
-    })?
+    })
+    .await?
     .ok_or(ApiError::NotFound("no such conversation"))?;
     let mut write = WriteSet::new();
     write.row(user, conv_id, &row);
-    match shard.store.stage(write).await {
+    let durable = shard.store.stage(write);
+    user::note_row_write(shard, user);
+    match durable.await {
         Ok(Ok(())) => Ok(row),
         Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(ApiError::StoreUnavailable("store closed".into())),
@@ -184,8 +188,8 @@ async fn update_row(
 
 /// The caller must have a row for the conversation. Without one, a p2p party (already
 /// checked) just has no messages yet (40401); for a group it was never a member (40301).
-fn has_row(shard: &Rc<Shard>, user: &str, conv_id: &str) -> Result<(), ApiError> {
-    match user::row_of(shard, user, conv_id)? {
+async fn has_row(shard: &Rc<Shard>, user: &str, conv_id: &str) -> Result<(), ApiError> {
+    match user::row_of(shard, user, conv_id).await? {
         Some(_) => Ok(()),
         None if conv_id.starts_with(crate::ids::GROUP_CONV_PREFIX) => {
             Err(ApiError::Forbidden("not a member of this conversation"))
@@ -203,14 +207,18 @@ pub async fn mark_read(
     if req.read_seq < 1 {
         return Err(ApiError::invalid("read_seq must be >= 1"));
     }
-    has_row(shard, &caller.user, &req.conv_id)?;
-    let left_seq = user::row_of(shard, &caller.user, &req.conv_id)?.map_or(0, |r| r.left_seq);
+    has_row(shard, &caller.user, &req.conv_id).await?;
+    let left_seq = user::row_of(shard, &caller.user, &req.conv_id)
+        .await?
+        .map_or(0, |r| r.left_seq);
     let mut max_seq = summary(shard, &req.conv_id).await?.max_seq;
     if left_seq > 0 {
         max_seq = max_seq.min(left_seq);
     }
     let wanted = req.read_seq.min(max_seq);
-    let before = user::row_of(shard, &caller.user, &req.conv_id)?.map_or(0, |r| r.read_seq);
+    let before = user::row_of(shard, &caller.user, &req.conv_id)
+        .await?
+        .map_or(0, |r| r.read_seq);
     let row = if wanted > before {
         let row = update_row(shard, &caller.user, &req.conv_id, |r| {
             r.read_seq = r.read_seq.max(wanted)
@@ -230,7 +238,8 @@ pub async fn mark_read(
         }
         row
     } else {
-        user::row_of(shard, &caller.user, &req.conv_id)?
+        user::row_of(shard, &caller.user, &req.conv_id)
+            .await?
             .ok_or(ApiError::NotFound("no such conversation"))?
     };
     let unread_count = (max_seq - row.read_seq).clamp(0, i32::MAX as i64) as i32;
@@ -243,7 +252,7 @@ pub async fn delete(
     req: DeleteConversationRequest,
 ) -> Result<Bytes, ApiError> {
     check_party(&req.conv_id, &caller.user)?;
-    has_row(shard, &caller.user, &req.conv_id)?;
+    has_row(shard, &caller.user, &req.conv_id).await?;
     let max_seq = summary(shard, &req.conv_id).await?.max_seq;
     update_row(shard, &caller.user, &req.conv_id, |r| {
         r.clear_seq = r.clear_seq.max(max_seq);
@@ -260,7 +269,7 @@ pub async fn update_settings(
     req: UpdateConvSettingsRequest,
 ) -> Result<Bytes, ApiError> {
     check_party(&req.conv_id, &caller.user)?;
-    has_row(shard, &caller.user, &req.conv_id)?;
+    has_row(shard, &caller.user, &req.conv_id).await?;
     update_row(shard, &caller.user, &req.conv_id, |r| {
         if let Some(m) = req.mute {
             r.mute = m;

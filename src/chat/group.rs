@@ -14,7 +14,8 @@ use std::rc::Rc;
 use bytes::Bytes;
 use prost::Message as _;
 
-use super::conv::{fan_out, split_by_shard, with_conv, ByShard};
+use super::cache;
+use super::conv::{fan_out, on_conv, split_by_shard, ByShard};
 use crate::codes::ApiError;
 use crate::proto::envelope::now_ms;
 use crate::proto::pb::{CreateGroupResponse, MsgItem, UpdateGroupMembersResponse};
@@ -76,13 +77,11 @@ impl GroupState {
 }
 
 /// Loads a group from the store (None when it does not exist).
-pub fn load(shard: &Shard, conv_id: &str) -> Result<Option<Box<GroupState>>, ApiError> {
-    let Some(meta) = shard.store.group(conv_id)? else {
+pub async fn load(shard: &Shard, conv_id: &str) -> Result<Option<Box<GroupState>>, ApiError> {
+    let Some((meta, members)) = shard.store.group_with_members(conv_id).await? else {
         return Ok(None);
     };
-    let roles: HashMap<UserId, i32> = shard
-        .store
-        .members(conv_id)?
+    let roles: HashMap<UserId, i32> = members
         .into_iter()
         .map(|(u, r)| (UserId::from(u), r.role))
         .collect();
@@ -184,9 +183,9 @@ fn commit(shard: &Rc<Shard>, reply: ReplyTo, change: Change, device: String, bod
     });
 }
 
-pub fn handle_create(shard: &Rc<Shard>, reply: ReplyTo, cmd: CreateGroupCmd) {
+pub async fn handle_create(shard: &Rc<Shard>, reply: ReplyTo, cmd: CreateGroupCmd) {
     shard.reset_after_store_failure();
-    let prepared = with_conv(shard, &cmd.conv_id, |c| {
+    let prepared = on_conv(shard, &cmd.conv_id, |c| {
         if c.group.is_some() || c.next_seq > 1 {
             return Err(ApiError::invalid("group_id is already taken"));
         }
@@ -203,11 +202,15 @@ pub fn handle_create(shard: &Rc<Shard>, reply: ReplyTo, cmd: CreateGroupCmd) {
         g.roles.insert(UserId::from(cmd.owner.as_str()), ROLE_OWNER);
         g.rebuild_list(shard.n);
         let by_shard = g.by_shard.clone();
+        let grown = g.member_count() * cache::MEMBER_BYTES;
         c.group = Some(Box::new(g));
+        c.charged += grown;
+        cache::grow(shard, grown);
         let seq = c.next_seq;
         c.next_seq += 1;
         Ok((seq, by_shard))
-    });
+    })
+    .await;
     let (seq, by_shard) = match prepared.and_then(|r| r) {
         Ok(v) => v,
         Err(e) => return shard.reply(reply, Err(e)),
@@ -260,10 +263,10 @@ pub fn handle_create(shard: &Rc<Shard>, reply: ReplyTo, cmd: CreateGroupCmd) {
     commit(shard, reply, change, cmd.device, body);
 }
 
-pub fn handle_update(shard: &Rc<Shard>, reply: ReplyTo, cmd: UpdateMembersCmd) {
+pub async fn handle_update(shard: &Rc<Shard>, reply: ReplyTo, cmd: UpdateMembersCmd) {
     shard.reset_after_store_failure();
     let now = now_ms();
-    let prepared = with_conv(shard, &cmd.conv_id, |c| -> Result<_, ApiError> {
+    let prepared = on_conv(shard, &cmd.conv_id, |c| -> Result<_, ApiError> {
         let Some(g) = c.group.as_mut() else {
             return Err(ApiError::NotFound("no such group"));
         };
@@ -342,6 +345,9 @@ pub fn handle_update(shard: &Rc<Shard>, reply: ReplyTo, cmd: UpdateMembersCmd) {
         }
         g.rebuild_list(shard.n);
         let after = g.sorted_members();
+        let grown = added.len() * cache::MEMBER_BYTES;
+        c.charged += grown;
+        cache::grow(shard, grown);
         if added.is_empty() && removed.is_empty() && admins.is_empty() {
             return Ok((None, after));
         }
@@ -370,7 +376,8 @@ pub fn handle_update(shard: &Rc<Shard>, reply: ReplyTo, cmd: UpdateMembersCmd) {
             removed,
         };
         Ok((Some(change), after))
-    });
+    })
+    .await;
     let (change, after) = match prepared.and_then(|r| r) {
         Ok(v) => v,
         Err(e) => return shard.reply(reply, Err(e)),

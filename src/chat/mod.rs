@@ -4,6 +4,7 @@
 //! user shard ([`user`]).
 
 pub mod admin;
+pub mod cache;
 pub mod conv;
 pub mod convlist;
 pub mod filter;
@@ -196,7 +197,7 @@ async fn send(
             max,
         });
     }
-    let content = filter::apply(&shard.cfg, req.content)?;
+    let content = shard.filter.apply(req.content)?;
     let (conv_id, members) = match conv_type {
         ConvType::P2p => {
             if req.target == caller.user {
@@ -248,7 +249,9 @@ async fn pull(
         0 => limits::PULL_DEFAULT_LIMIT,
         l => l.min(limits::PULL_MAX_LIMIT),
     } as usize;
-    let clear_seq = user::row_of(shard, &caller.user, &req.conv_id)?.map_or(0, |r| r.clear_seq);
+    let clear_seq = user::row_of(shard, &caller.user, &req.conv_id)
+        .await?
+        .map_or(0, |r| r.clear_seq);
     let cmd = PullCmd {
         conv_id: req.conv_id,
         user: caller.user.clone(),
@@ -298,7 +301,9 @@ async fn by_ids(
     {
         return Err(ApiError::invalid("msg_ids must be msg_ids (ULIDs)"));
     }
-    let clear_seq = user::row_of(shard, &caller.user, &req.conv_id)?.map_or(0, |r| r.clear_seq);
+    let clear_seq = user::row_of(shard, &caller.user, &req.conv_id)
+        .await?
+        .map_or(0, |r| r.clear_seq);
     let cmd = ByIdsCmd {
         conv_id: req.conv_id,
         user: caller.user.clone(),
@@ -378,7 +383,7 @@ async fn create_group(
     if !members.contains(&caller.user) {
         members.push(caller.user.clone());
     }
-    user::check_groups_owned(shard, &caller.user)?;
+    user::check_groups_owned(shard, &caller.user).await?;
     let named = members.iter().filter(|m| **m != caller.user).count();
     user::take_member_quota(shard, &caller.user, named)?;
     let cmd = group::CreateGroupCmd {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use super::cache;
 use crate::codes::ApiError;
 use crate::ids::ConvRef;
 use crate::proto::envelope::now_ms;
@@ -20,9 +21,8 @@ pub struct UserState {
     /// Online connections, at most one per device.
     pub conns: Vec<Rc<Conn>>,
     /// Conversation rows by conv_id, loaded from the store on first use. Boxed on
-    /// purpose: 8 bytes instead of 48 for the many online users never loaded.
-    #[allow(clippy::box_collection)]
-    rows: Option<Box<Rows>>,
+    /// purpose: 8 bytes for the many online users never loaded.
+    rows: Option<Box<RowsSlot>>,
     /// Request tokens left (token bucket, refilled at `rate_limit` per second; may go
     /// below zero after a costly request, see [`take_tokens`]).
     tokens: f32,
@@ -36,6 +36,29 @@ pub struct UserState {
 /// 24 bytes: most users (every member of a big group) hold a table of a few entries,
 /// and the table's empty buckets then cost little.
 pub type Rows = HashMap<Box<str>, Box<ConvRow>>;
+
+/// A user's rows, or their load in progress.
+enum RowsSlot {
+    /// Being read on the reader thread: tasks waiting for them, and the deliveries'
+    /// row updates that arrived meanwhile (applied in order once loaded).
+    Loading {
+        waiters: Vec<std::task::Waker>,
+        updates: Vec<RowUpdate>,
+    },
+    Loaded(CachedRows),
+}
+
+/// Loaded rows with what the cache needs to know about them.
+struct CachedRows {
+    rows: Rows,
+    /// Bytes charged to the shard's cache.
+    charged: usize,
+    /// Used since the eviction hand last passed.
+    used: bool,
+    /// The store batch of the last row write: the rows may be evicted once it is
+    /// settled (a reload then reads it back).
+    pending_batch: u64,
+}
 
 /// The user's entry, created on first use without allocating when it exists.
 fn user_entry<'a>(users: &'a mut HashMap<String, UserState>, user: &str) -> &'a mut UserState {
@@ -143,14 +166,15 @@ pub fn take_member_quota(shard: &Shard, user: &str, n: usize) -> Result<(), ApiE
 
 /// Groups the user created (counted from its conversation rows, which mark the
 /// creator), against `max_groups_owned` (40301 past it).
-pub fn check_groups_owned(shard: &Shard, user: &str) -> Result<(), ApiError> {
+pub async fn check_groups_owned(shard: &Rc<Shard>, user: &str) -> Result<(), ApiError> {
     let max = shard.cfg.max_groups_owned as usize;
     if max == 0 {
         return Ok(());
     }
     let owned = with_rows(shard, user, |rows| {
         rows.values().filter(|r| r.owner).count()
-    })?;
+    })
+    .await?;
     if owned >= max {
         return Err(ApiError::Forbidden(
             "max_groups_owned reached: this user may create no more groups",
@@ -159,93 +183,270 @@ pub fn check_groups_owned(shard: &Shard, user: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Makes sure the user's rows are loaded (on the reader thread); tasks asking
+/// meanwhile wait for the same load.
+pub async fn load_rows(shard: &Rc<Shard>, user: &str) -> Result<(), ApiError> {
+    loop {
+        let must_load = {
+            let mut users = shard.users.borrow_mut();
+            let u = user_entry(&mut users, user);
+            match u.rows.as_deref() {
+                Some(RowsSlot::Loaded(_)) => return Ok(()),
+                Some(RowsSlot::Loading { .. }) => false,
+                None => {
+                    u.rows = Some(Box::new(RowsSlot::Loading {
+                        waiters: Vec::new(),
+                        updates: Vec::new(),
+                    }));
+                    true
+                }
+            }
+        };
+        if must_load {
+            return run_rows_load(shard, user).await;
+        }
+        std::future::poll_fn(|cx| {
+            let mut users = shard.users.borrow_mut();
+            match users.get_mut(user).and_then(|u| u.rows.as_deref_mut()) {
+                Some(RowsSlot::Loading { waiters, .. }) => {
+                    waiters.push(cx.waker().clone());
+                    std::task::Poll::Pending
+                }
+                _ => std::task::Poll::Ready(()),
+            }
+        })
+        .await;
+    }
+}
+
+/// Reads the rows of a user marked `Loading`, applies the updates that arrived
+/// meanwhile (in order) and stages the rows they changed.
+async fn run_rows_load(shard: &Rc<Shard>, user: &str) -> Result<(), ApiError> {
+    let loaded = shard.store.rows(user).await;
+    let mut users = shard.users.borrow_mut();
+    let u = user_entry(&mut users, user);
+    let (waiters, updates) = match u.rows.take().map(|b| *b) {
+        Some(RowsSlot::Loading { waiters, updates }) => (waiters, updates),
+        other => {
+            // Not ours any more (cannot happen: only a load replaces `Loading`).
+            u.rows = other.map(Box::new);
+            return Ok(());
+        }
+    };
+    for w in waiters {
+        w.wake();
+    }
+    let rows = match loaded {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(error = %e, user, dropped = updates.len(),
+                "conversation rows not loaded; their updates are lost (messages are stored)");
+            return Err(e.into());
+        }
+    };
+    let mut rows: Rows = rows
+        .into_iter()
+        .map(|(conv, row)| (conv.into_boxed_str(), Box::new(row)))
+        .collect();
+    let mut write = WriteSet::new();
+    for upd in &updates {
+        if let Some(row) = upd.apply(user, &mut rows) {
+            write.row(user, &upd.conv_id, &row);
+        }
+    }
+    let charged = cache::USER_BYTES + rows.len() * cache::ROW_BYTES;
+    let pending_batch = if write.is_empty() {
+        0
+    } else {
+        shard.store.staging_batch()
+    };
+    u.rows = Some(Box::new(RowsSlot::Loaded(CachedRows {
+        rows,
+        charged,
+        used: true,
+        pending_batch,
+    })));
+    drop(users);
+    if !write.is_empty() {
+        shard.store.stage_detached(write);
+    }
+    cache::admit(shard, cache::CacheKey::Rows(user.into()), charged);
+    Ok(())
+}
+
 /// Runs `f` on the user's rows, loading them from the store first if needed.
-pub fn with_rows<R>(
-    shard: &Shard,
+pub async fn with_rows<R>(
+    shard: &Rc<Shard>,
     user: &str,
     f: impl FnOnce(&mut Rows) -> R,
 ) -> Result<R, ApiError> {
+    load_rows(shard, user).await?;
     let mut users = shard.users.borrow_mut();
-    let u = user_entry(&mut users, user);
-    if u.rows.is_none() {
-        let loaded: Rows = shard
-            .store
-            .rows(user)?
-            .into_iter()
-            .map(|(conv, row)| (conv.into_boxed_str(), Box::new(row)))
-            .collect();
-        u.rows = Some(Box::new(loaded));
-    }
-    match u.rows.as_deref_mut() {
-        Some(rows) => Ok(f(rows)),
-        None => Err(ApiError::Internal("rows not loaded".into())),
+    match users.get_mut(user).and_then(|u| u.rows.as_deref_mut()) {
+        Some(RowsSlot::Loaded(c)) => {
+            c.used = true;
+            Ok(f(&mut c.rows))
+        }
+        _ => Err(ApiError::StoreUnavailable(
+            "conversation rows could not be loaded; retry".into(),
+        )),
     }
 }
 
 /// The caller's row of a conversation, if it has one.
-pub fn row_of(shard: &Shard, user: &str, conv_id: &str) -> Result<Option<ConvRow>, ApiError> {
-    with_rows(shard, user, |rows| rows.get(conv_id).map(|r| (**r).clone()))
+pub async fn row_of(
+    shard: &Rc<Shard>,
+    user: &str,
+    conv_id: &str,
+) -> Result<Option<ConvRow>, ApiError> {
+    with_rows(shard, user, |rows| rows.get(conv_id).map(|r| (**r).clone())).await
+}
+
+/// Records that a row write of `user` was staged just now (its rows stay cached until
+/// the write is settled).
+pub fn note_row_write(shard: &Shard, user: &str) {
+    let batch = shard.store.staging_batch();
+    if let Some(RowsSlot::Loaded(c)) = shard
+        .users
+        .borrow_mut()
+        .get_mut(user)
+        .and_then(|u| u.rows.as_deref_mut())
+    {
+        c.pending_batch = batch;
+    }
+}
+
+/// The eviction hand at a user's rows (see [`cache`]).
+pub(crate) fn visit_for_eviction(shard: &Shard, user: &str) -> cache::Visit {
+    let mut users = shard.users.borrow_mut();
+    let Some(u) = users.get_mut(user) else {
+        return cache::Visit::Gone;
+    };
+    let Some(RowsSlot::Loaded(c)) = u.rows.as_deref_mut() else {
+        return cache::Visit::Gone;
+    };
+    if std::mem::replace(&mut c.used, false) || shard.store.settled_upto() < c.pending_batch {
+        return cache::Visit::Keep;
+    }
+    let charged = c.charged;
+    u.rows = None;
+    if u.conns.is_empty() && u.quota.is_none() {
+        users.remove(user);
+    }
+    cache::release(shard, charged);
+    cache::Visit::Evicted
+}
+
+/// What one delivered message changes in one recipient's row.
+struct RowUpdate {
+    conv_id: String,
+    seq: i64,
+    send_time: i64,
+    /// The recipient sent the message (it has read the conversation up to it).
+    sender: bool,
+    /// The message removes the recipient from the group.
+    left: bool,
+}
+
+impl RowUpdate {
+    /// Applies the update (creating the row on the first message); the row when it
+    /// changed.
+    fn apply(&self, user: &str, rows: &mut Rows) -> Option<ConvRow> {
+        let conv = ConvRef::parse(&self.conv_id).ok()?;
+        let mut changed = false;
+        if !rows.contains_key(self.conv_id.as_str()) {
+            changed = true;
+            let row = ConvRow {
+                conv_type: conv.conv_type() as i32,
+                target: match &conv {
+                    ConvRef::P2p { .. } => conv.p2p_peer(user).unwrap_or_default().to_string(),
+                    ConvRef::Group { group } => group.to_string(),
+                },
+                created_at: self.send_time,
+                ..ConvRow::default()
+            };
+            rows.insert(self.conv_id.as_str().into(), Box::new(row));
+        }
+        let row = rows.get_mut(self.conv_id.as_str())?;
+        if row.deleted && self.seq > row.clear_seq {
+            row.deleted = false;
+            changed = true;
+        }
+        // Sending a message means having read the conversation up to it.
+        if self.sender && row.read_seq < self.seq {
+            row.read_seq = self.seq;
+            changed = true;
+        }
+        // A group's first message is its creation, sent by its owner.
+        if self.seq == 1 && self.sender && !row.owner {
+            if let ConvRef::Group { .. } = conv {
+                row.owner = true;
+                changed = true;
+            }
+        }
+        if self.left {
+            row.left_seq = self.seq;
+            changed = true;
+        } else if row.left_seq > 0 && self.seq > row.left_seq {
+            row.left_seq = 0;
+            changed = true;
+        }
+        row.max_seq = row.max_seq.max(self.seq);
+        row.updated_at = row.updated_at.max(self.send_time);
+        changed.then(|| (**row).clone())
+    }
 }
 
 /// Updates the recipients' rows (creating them on the first message) and writes the
-/// pushed frame to every online device but the sending one.
+/// pushed frame to every online device but the sending one. Pushes go out at once;
+/// the row of a user whose rows are not loaded yet is updated when they are (in the
+/// order its messages arrived), so delivery never waits for the store.
 pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
-    let conv = match ConvRef::parse(&d.conv_id) {
-        Ok(c) => c,
-        Err(_) => return,
-    };
     let mut write = WriteSet::new();
     for user in d.users.iter() {
         let user: &str = user;
-        let changed = with_rows(shard, user, |rows| {
-            let mut changed = false;
-            if !rows.contains_key(d.conv_id.as_str()) {
-                changed = true;
-                let row = ConvRow {
-                    conv_type: conv.conv_type() as i32,
-                    target: match &conv {
-                        ConvRef::P2p { .. } => conv.p2p_peer(user).unwrap_or_default().to_string(),
-                        ConvRef::Group { group } => group.to_string(),
-                    },
-                    created_at: d.send_time,
-                    ..ConvRow::default()
-                };
-                rows.insert(d.conv_id.as_str().into(), Box::new(row));
-            }
-            let row = rows.get_mut(d.conv_id.as_str())?;
-            if row.deleted && d.seq > row.clear_seq {
-                row.deleted = false;
-                changed = true;
-            }
-            // Sending a message means having read the conversation up to it.
-            if user == d.except_user && row.read_seq < d.seq {
-                row.read_seq = d.seq;
-                changed = true;
-            }
-            // A group's first message is its creation, sent by its owner.
-            if d.seq == 1 && user == d.except_user && !row.owner {
-                if let ConvRef::Group { .. } = conv {
-                    row.owner = true;
-                    changed = true;
+        let upd = RowUpdate {
+            conv_id: d.conv_id.clone(),
+            seq: d.seq,
+            send_time: d.send_time,
+            sender: user == d.except_user,
+            left: d.left.iter().any(|u| u == user),
+        };
+        let start_load = {
+            let mut users = shard.users.borrow_mut();
+            let u = user_entry(&mut users, user);
+            match u.rows.as_deref_mut() {
+                Some(RowsSlot::Loaded(c)) => {
+                    let before = c.rows.len();
+                    if let Some(row) = upd.apply(user, &mut c.rows) {
+                        write.row(user, &d.conv_id, &row);
+                        c.pending_batch = shard.store.staging_batch();
+                    }
+                    if c.rows.len() > before {
+                        c.charged += cache::ROW_BYTES;
+                        cache::grow(shard, cache::ROW_BYTES);
+                    }
+                    false
+                }
+                Some(RowsSlot::Loading { updates, .. }) => {
+                    updates.push(upd);
+                    false
+                }
+                None => {
+                    u.rows = Some(Box::new(RowsSlot::Loading {
+                        waiters: Vec::new(),
+                        updates: vec![upd],
+                    }));
+                    true
                 }
             }
-            if d.left.iter().any(|u| u == user) {
-                row.left_seq = d.seq;
-                changed = true;
-            } else if row.left_seq > 0 && d.seq > row.left_seq {
-                row.left_seq = 0;
-                changed = true;
-            }
-            row.max_seq = row.max_seq.max(d.seq);
-            row.updated_at = row.updated_at.max(d.send_time);
-            changed.then(|| row.clone())
-        });
-        match changed {
-            Ok(Some(row)) => {
-                write.row(user, &d.conv_id, &row);
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, user, "conversation row not updated"),
+        };
+        if start_load {
+            let shard = shard.clone();
+            let user = user.to_string();
+            monoio::spawn(async move {
+                let _ = run_rows_load(&shard, &user).await;
+            });
         }
         for c in devices(shard, user) {
             if *c.user == *d.except_user && *c.device == *d.except_device {

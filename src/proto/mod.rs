@@ -1,9 +1,11 @@
 //! The protocol in layers: WebSocket frames ([`ws`]) carry protobuf `ClientFrame` /
 //! `MessageEnvelope` ([`pb`], generated from `imshard.proto`), HTTP ([`http`]) carries the
-//! upgrade and the JSON API. Every parser here is a pure function over bytes.
+//! upgrade and the JSON API; [`json`] is the same messages as JSON text frames (the
+//! `imshard.v1.json` subprotocol). Every parser here is a pure function over bytes.
 
 pub mod envelope;
 pub mod http;
+pub mod json;
 pub mod ws;
 
 /// Generated code, nested as prost's cross-package paths expect.

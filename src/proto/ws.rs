@@ -212,8 +212,19 @@ pub fn frame(opcode: OpCode, payload: &[u8]) -> Bytes {
 }
 
 pub const BINARY: OpCode = OpCode::Data(Data::Binary);
+pub const TEXT: OpCode = OpCode::Data(Data::Text);
 pub const PONG: OpCode = OpCode::Control(Control::Pong);
 pub const CLOSE: OpCode = OpCode::Control(Control::Close);
+
+/// The opcode and payload of one complete server frame (as [`frame`] and
+/// [`put_header`] write them); `None` when `frame` is not exactly one such frame.
+pub fn server_frame_payload(frame: &[u8]) -> Option<(OpCode, &[u8])> {
+    let mut cursor = Cursor::new(frame);
+    let (header, len) = FrameHeader::parse(&mut cursor).ok()??;
+    let start = cursor.position() as usize;
+    let payload = frame.get(start..)?;
+    (header.mask.is_none() && payload.len() as u64 == len).then_some((header.opcode, payload))
+}
 
 /// A close frame with a status code and a short reason.
 pub fn close_frame(code: u16, reason: &str) -> Bytes {

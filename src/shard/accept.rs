@@ -16,6 +16,7 @@ use super::msg::{HandOver, ShardMsg};
 use super::Shard;
 use crate::codes::ApiError;
 use crate::proto::http::{self, Head, HttpError};
+use crate::proto::json;
 
 /// How long a client may take to send a request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -180,6 +181,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: Head, leftover: 
         device: claims.did,
         device_type: claims.dty,
         ws_key: key,
+        subprotocol: json::negotiate(head.header("sec-websocket-protocol")),
         leftover,
     };
     let owner = shard.user_shard(&up.user);
@@ -200,6 +202,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: Head, leftover: 
             device: up.device,
             device_type: up.device_type,
             ws_key: up.ws_key,
+            subprotocol: up.subprotocol,
             leftover: up.leftover,
         })),
     );

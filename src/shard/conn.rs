@@ -37,8 +37,8 @@ use super::Shard;
 use crate::chat::{self, Caller};
 use crate::codes::{close, kick, ApiError};
 use crate::proto::envelope::{self, decode_client_frame, FrameError};
-use crate::proto::pb::{client_frame::Body, HeartbeatResponse};
-use crate::proto::{http, ws};
+use crate::proto::pb::{client_frame::Body, ClientFrame, HeartbeatResponse};
+use crate::proto::{http, json, ws};
 
 /// Bytes read per `recv` (the shard's read buffer size).
 const READ_CHUNK: usize = 64 * 1024;
@@ -82,6 +82,9 @@ pub struct Conn {
     filed_at: Cell<u32>,
     /// Requests of this connection being served.
     in_flight: Cell<u16>,
+    /// Speaks the `imshard.v1.json` subprotocol: text frames with JSON. Frames are
+    /// still built as protobuf (shared by all recipients) and converted in [`Conn::send`].
+    json: bool,
 }
 
 impl Conn {
@@ -96,9 +99,32 @@ impl Conn {
 
     /// Queues a frame; starts the writer if it is not running. Cuts a slow reader.
     pub fn send(self: &Rc<Self>, shard: &Rc<Shard>, frame: Bytes) {
+        self.send_reply(shard, frame, None);
+    }
+
+    /// [`Conn::send`] for a RESPONSE whose body is a `body_type` (the XxxResponse
+    /// name, see [`json::response_type`]), which a JSON connection needs to decode it.
+    fn send_reply(
+        self: &Rc<Self>,
+        shard: &Rc<Shard>,
+        frame: Bytes,
+        body_type: Option<&'static str>,
+    ) {
         if self.phase.get() != Phase::Open {
             return;
         }
+        let frame = if self.json {
+            match json::text_frame(&frame, body_type) {
+                Ok(text) => text,
+                Err(e) => {
+                    tracing::warn!(user = %self.user, device = %self.device, error = %e,
+                        "dropping a frame a JSON connection cannot get");
+                    return;
+                }
+            }
+        } else {
+            frame
+        };
         let size = self.out_bytes.get() + frame.len();
         if size > shard.cfg.outbound_queue_bytes {
             super::Counters::bump(&shard.counters.slow_reader_cuts);
@@ -224,6 +250,7 @@ pub fn adopt(shard: &Rc<Shard>, h: HandOver) {
                     device: h.device,
                     device_type: h.device_type,
                     ws_key: h.ws_key,
+                    subprotocol: h.subprotocol,
                     leftover: h.leftover,
                 },
             ));
@@ -238,6 +265,7 @@ pub struct Upgrade {
     pub device: String,
     pub device_type: String,
     pub ws_key: String,
+    pub subprotocol: json::Negotiated,
     pub leftover: Vec<u8>,
 }
 
@@ -249,9 +277,10 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, up: Upgrade) {
         device,
         device_type,
         ws_key,
+        subprotocol,
         leftover,
     } = up;
-    let resp = http::upgrade_response(&ws::accept_key(ws_key.as_bytes()));
+    let resp = http::upgrade_response(&ws::accept_key(ws_key.as_bytes()), subprotocol.echo);
     drop(ws_key);
     // A fresh socket's send buffer always takes the 101 at once; the async write (in a
     // box, so its state does not stay in the connection's task) is the fallback.
@@ -288,6 +317,7 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, up: Upgrade) {
         partial_since: Cell::new(NO_PARTIAL),
         filed_at: Cell::new(0),
         in_flight: Cell::new(0),
+        json: subprotocol.json,
     });
     {
         let mut timers = shard.timers.borrow_mut();
@@ -589,8 +619,14 @@ fn process(
 
 fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: ws::Message) -> bool {
     match msg {
-        ws::Message::Binary(payload) => on_client_frame(shard, conn, &payload),
-        ws::Message::Text(_) => {
+        ws::Message::Binary(payload) if !conn.json => {
+            on_client_frame(shard, conn, decode_client_frame(&payload))
+        }
+        ws::Message::Text(payload) if conn.json => {
+            on_client_frame(shard, conn, json::decode_client_frame(&payload))
+        }
+        // The other encoding than the one negotiated: refused as a text frame always was.
+        ws::Message::Binary(_) | ws::Message::Text(_) => {
             conn.close(shard, close::UNSUPPORTED_DATA, None);
             false
         }
@@ -606,8 +642,12 @@ fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: ws::Message) -> bool {
     }
 }
 
-fn on_client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, payload: &[u8]) -> bool {
-    let frame = match decode_client_frame(payload) {
+fn on_client_frame(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    decoded: Result<ClientFrame, FrameError>,
+) -> bool {
+    let frame = match decoded {
         Ok(f) => f,
         Err(FrameError::Invalid { req_id }) => {
             let err = ApiError::invalid("frame is not a valid ClientFrame");
@@ -620,6 +660,8 @@ fn on_client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, payload: &[u8]) -> bool {
         }
     };
     let req_id = frame.req_id;
+    // What a JSON connection decodes a successful RESPONSE's body as.
+    let body_type = frame.body.as_ref().and_then(json::response_type);
     match frame.body {
         None => {
             if req_id != 0 {
@@ -633,7 +675,8 @@ fn on_client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, payload: &[u8]) -> bool {
                     server_ts: envelope::now_ms(),
                 }
                 .encode_to_vec();
-                conn.send(shard, envelope::response_frame(req_id, Ok(body.into())));
+                let frame = envelope::response_frame(req_id, Ok(body.into()));
+                conn.send_reply(shard, frame, body_type);
             }
         }
         Some(Body::PushAck(_)) => {
@@ -654,7 +697,7 @@ fn on_client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, payload: &[u8]) -> bool {
                 };
                 let r = chat::execute(&shard, &caller, body).await;
                 if req_id != 0 {
-                    conn.send(&shard, envelope::response_frame(req_id, r));
+                    conn.send_reply(&shard, envelope::response_frame(req_id, r), body_type);
                 }
                 shard.request_finished();
                 let n = conn.in_flight.get() - 1;

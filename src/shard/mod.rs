@@ -25,6 +25,7 @@ use std::time::Duration;
 use local_sync::oneshot;
 
 use crate::auth::Verifier;
+use crate::chat::filter::Filter;
 use crate::chat::{self, ConvState, UserState};
 use crate::codes::ApiError;
 use crate::config::Config;
@@ -122,6 +123,7 @@ pub struct Counters {
     pub pushes: Cell<u64>,
     pub slow_reader_cuts: Cell<u64>,
     pub heartbeat_timeouts: Cell<u64>,
+    pub cache_evictions: Cell<u64>,
     /// Latency histograms, refusals by code, cuts by reason.
     pub recorded: crate::metrics::Recorded,
 }
@@ -143,6 +145,8 @@ pub struct Shard {
     /// Number of shards.
     pub n: usize,
     pub cfg: Arc<Config>,
+    /// The content filter, compiled once at start-up and shared by every shard.
+    pub filter: Arc<Filter>,
     pub verifier: Verifier,
     /// This shard's store (conversations and user rows it owns).
     pub store: Rc<ShardStore>,
@@ -152,6 +156,15 @@ pub struct Shard {
     pub users: RefCell<HashMap<String, UserState>>,
     /// Conversations this shard owns that were touched: seq counter, in-flight dedupe.
     pub convs: RefCell<HashMap<String, ConvState>>,
+    /// Bumped whenever conversations are dropped from `convs`: a load that started
+    /// before may have read what is no longer true, and starts over.
+    pub conv_epoch: Cell<u64>,
+    /// Bytes charged for loaded rows and conversations (see `chat::cache`), and the
+    /// eviction queue over them.
+    pub cache_bytes: Cell<usize>,
+    pub cache_queue: RefCell<std::collections::VecDeque<chat::cache::CacheKey>>,
+    /// An eviction pass is scheduled for the end of this loop turn.
+    pub cache_pass_due: Cell<bool>,
     /// What all shards share (connection count, shutdown flag).
     pub global: Arc<Global>,
     /// Calls this shard made that wait for a reply, by token, with the wheel second
@@ -184,6 +197,7 @@ impl Shard {
     pub fn new(
         id: usize,
         cfg: Arc<Config>,
+        filter: Arc<Filter>,
         secret: &[u8],
         store: Rc<ShardStore>,
         ring: Endpoint,
@@ -193,11 +207,16 @@ impl Shard {
         Rc::new(Shard {
             id,
             n: cfg.shards,
+            filter,
             verifier: Verifier::new(secret),
             store,
             ring: Rc::new(ring),
             users: RefCell::new(HashMap::new()),
             convs: RefCell::new(HashMap::new()),
+            conv_epoch: Cell::new(0),
+            cache_bytes: Cell::new(0),
+            cache_queue: RefCell::new(std::collections::VecDeque::new()),
+            cache_pass_due: Cell::new(false),
             global,
             calls: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
@@ -283,19 +302,37 @@ impl Shard {
             }
             ShardMsg::Send { reply, send } => chat::conv::handle_send(self, reply, *send),
             ShardMsg::Pull { reply, pull } => {
-                let r = chat::conv::handle_pull(self, &pull);
-                self.reply(reply, r);
+                let shard = self.clone();
+                monoio::spawn(async move {
+                    let r = chat::conv::handle_pull(&shard, &pull).await;
+                    shard.reply(reply, r);
+                });
             }
             ShardMsg::ByIds { reply, cmd } => {
-                let r = chat::conv::handle_by_ids(self, &cmd);
-                self.reply(reply, r);
+                let shard = self.clone();
+                monoio::spawn(async move {
+                    let r = chat::conv::handle_by_ids(&shard, *cmd).await;
+                    shard.reply(reply, r);
+                });
             }
-            ShardMsg::Recall { reply, cmd } => chat::conv::handle_recall(self, reply, *cmd),
-            ShardMsg::CreateGroup { reply, cmd } => chat::group::handle_create(self, reply, *cmd),
-            ShardMsg::UpdateMembers { reply, cmd } => chat::group::handle_update(self, reply, *cmd),
+            ShardMsg::Recall { reply, cmd } => {
+                let shard = self.clone();
+                monoio::spawn(async move { chat::conv::handle_recall(&shard, reply, *cmd).await });
+            }
+            ShardMsg::CreateGroup { reply, cmd } => {
+                let shard = self.clone();
+                monoio::spawn(async move { chat::group::handle_create(&shard, reply, *cmd).await });
+            }
+            ShardMsg::UpdateMembers { reply, cmd } => {
+                let shard = self.clone();
+                monoio::spawn(async move { chat::group::handle_update(&shard, reply, *cmd).await });
+            }
             ShardMsg::ConvInfo { reply, convs } => {
-                let r = chat::conv::handle_info(self, &convs);
-                self.reply(reply, r);
+                let shard = self.clone();
+                monoio::spawn(async move {
+                    let r = chat::conv::handle_info(&shard, &convs).await;
+                    shard.reply(reply, r);
+                });
             }
             ShardMsg::Deliver(d) => chat::user::deliver(self, &d),
             ShardMsg::Notify(n) => chat::user::notify(self, &n.frame, &n.users),
@@ -303,8 +340,9 @@ impl Shard {
                 reply,
                 user,
                 device,
+                reason,
             } => {
-                let n = chat::admin::kick_local(self, &user, &device);
+                let n = chat::admin::kick_local(self, &user, &device, &reason);
                 self.reply(reply, Ok(bytes::Bytes::copy_from_slice(&n.to_be_bytes())));
             }
             ShardMsg::Broadcast {
@@ -433,8 +471,10 @@ impl Shard {
     pub fn reset_after_store_failure(self: &Rc<Self>) {
         if self.store.has_failed() {
             let convs = std::mem::take(&mut *self.convs.borrow_mut());
+            self.conv_epoch.set(self.conv_epoch.get() + 1);
             self.store.reset_after_failure();
             for (_, conv) in convs {
+                chat::cache::release(self, conv.charged());
                 let queued = conv.queued_fanout();
                 self.fanout_queued
                     .set(self.fanout_queued.get().saturating_sub(queued));
@@ -524,6 +564,7 @@ mod tests {
             let shard = Shard::new(
                 0,
                 cfg,
+                Arc::default(),
                 b"secret-secret-secret",
                 store,
                 parts.into_endpoint(),

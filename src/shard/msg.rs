@@ -10,6 +10,7 @@ use bytes::Bytes;
 use crate::chat::group::{CreateGroupCmd, UpdateMembersCmd};
 use crate::chat::{ByIdsCmd, Caller, PullCmd, RecallCmd, SendCmd};
 use crate::codes::ApiError;
+use crate::proto::json::Negotiated;
 use crate::proto::pb::client_frame::Body;
 
 /// Where an answer goes: the asking shard and its call token.
@@ -66,12 +67,13 @@ pub enum ShardMsg {
     /// Write a frame to the online devices of these users (owned by this shard), rows
     /// untouched: MSG_RECALL and other notices.
     Notify(Box<Notice>),
-    /// Kick one device (or "ALL") of a user this shard owns; answers the number closed
-    /// as 8 bytes, big-endian.
+    /// Kick one device (or "ALL") of a user this shard owns with a checked KICKOUT
+    /// reason; answers the number closed as 8 bytes, big-endian.
     Kick {
         reply: ReplyTo,
         user: String,
         device: String,
+        reason: String,
     },
     /// Write a frame to these users' devices (None = every connection of this shard);
     /// answers the number of connections written to, 8 bytes big-endian.
@@ -98,6 +100,8 @@ pub struct HandOver {
     pub device: String,
     pub device_type: String,
     pub ws_key: String,
+    /// The subprotocol chosen from the client's `Sec-WebSocket-Protocol`.
+    pub subprotocol: Negotiated,
     /// Bytes the client sent after the request head (normally none).
     pub leftover: Vec<u8>,
 }

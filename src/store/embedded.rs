@@ -25,6 +25,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use local_sync::oneshot;
 use prost::Message;
 
+use super::offloop::OffLoop;
 use super::{keys, StoreError};
 use crate::metrics::{AtomicHistogram, HistogramSnapshot};
 use crate::proto::pb::MsgItem;
@@ -115,7 +116,8 @@ struct SyncShared {
 /// A shard's store. Lives on the shard's thread; only that thread calls it.
 pub struct ShardStore {
     db: Database,
-    ks: [Keyspace; 6],
+    /// Reads run on this shard's reader thread.
+    reader: Rc<OffLoop<Reader>>,
     /// Writes staged during this loop turn.
     staged: RefCell<Vec<Put>>,
     /// Id of the batch being staged; batches are numbered from 1.
@@ -177,9 +179,15 @@ impl ShardStore {
                 .spawn(move || sync_thread(db, ks, job_rx, done_tx, shared))
                 .map_err(|e| StoreError::Open(format!("sync thread: {e}")))?;
         }
+        let reader = OffLoop::start(
+            format!("imshard-read-{id}"),
+            Reader { ks: ks.clone() },
+            shared.bell.clone(),
+        )
+        .map_err(|e| StoreError::Open(format!("reader thread: {e}")))?;
         let store = Rc::new(ShardStore {
             db,
-            ks,
+            reader,
             staged: RefCell::new(Vec::new()),
             staging_id: Cell::new(1),
             waiters: RefCell::new(VecDeque::new()),
@@ -255,6 +263,102 @@ impl ShardStore {
     /// task look at what the sync thread reported.
     pub fn wake_local(&self) {
         self.shared.waker.wake();
+        self.reader.wake_local();
+    }
+
+    // ---- reads: each runs on the reader thread ----
+
+    /// The highest stored seq of a conversation (0 when it has none).
+    pub async fn max_seq(&self, conv: &str) -> Result<i64, StoreError> {
+        let conv = conv.to_string();
+        self.reader.run(move |r| r.max_seq(&conv)).await?
+    }
+
+    /// Messages with `lo <= seq <= hi`, at most `limit`, ascending; `newest` takes the
+    /// highest seqs of the range. Stops at `max_bytes` of stored messages, but always
+    /// returns at least one when the range has any.
+    pub async fn messages(
+        &self,
+        conv: &str,
+        lo: i64,
+        hi: i64,
+        limit: usize,
+        newest: bool,
+        max_bytes: usize,
+    ) -> Result<Vec<MsgItem>, StoreError> {
+        let conv = conv.to_string();
+        self.reader
+            .run(move |r| r.messages(&conv, lo, hi, limit, newest, max_bytes))
+            .await?
+    }
+
+    /// One message by seq.
+    pub async fn message(&self, conv: &str, seq: i64) -> Result<Option<MsgItem>, StoreError> {
+        let conv = conv.to_string();
+        self.reader.run(move |r| r.message(&conv, seq)).await?
+    }
+
+    /// Messages by msg_id, in the order asked, skipping unknown ids and seqs outside
+    /// `floor..=ceiling`; stops at `max_bytes` (always at least one message).
+    pub async fn messages_by_ids(
+        &self,
+        conv: &str,
+        msg_ids: Vec<String>,
+        floor: i64,
+        ceiling: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<MsgItem>, StoreError> {
+        let conv = conv.to_string();
+        self.reader
+            .run(move |r| r.messages_by_ids(&conv, &msg_ids, floor, ceiling, max_bytes))
+            .await?
+    }
+
+    /// The seq of a msg_id in a conversation.
+    pub async fn seq_of_msg_id(&self, conv: &str, msg_id: &str) -> Result<Option<i64>, StoreError> {
+        let (conv, msg_id) = (conv.to_string(), msg_id.to_string());
+        self.reader
+            .run(move |r| r.seq_of_msg_id(&conv, &msg_id))
+            .await?
+    }
+
+    /// The recorded answers of (sender, client_msg_id) keys of one conversation, in
+    /// the order asked (one read job for all of them).
+    pub async fn dedupe_many(
+        &self,
+        conv: &str,
+        keys: Vec<(String, String)>,
+    ) -> Result<Vec<Option<DedupeRecord>>, StoreError> {
+        let conv = conv.to_string();
+        self.reader
+            .run(move |r| {
+                keys.iter()
+                    .map(|(sender, id)| r.dedupe(&conv, sender, id))
+                    .collect()
+            })
+            .await?
+    }
+
+    /// Every conversation row of a user.
+    pub async fn rows(&self, user: &str) -> Result<Vec<(String, ConvRow)>, StoreError> {
+        let user = user.to_string();
+        self.reader.run(move |r| r.rows(&user)).await?
+    }
+
+    /// A group's record and every member with its record (None: no such group).
+    pub async fn group_with_members(
+        &self,
+        conv: &str,
+    ) -> Result<Option<(GroupMeta, Vec<(String, MemberRecord)>)>, StoreError> {
+        let conv = conv.to_string();
+        self.reader
+            .run(move |r| {
+                let Some(meta) = r.group(&conv)? else {
+                    return Ok(None);
+                };
+                Ok(Some((meta, r.members(&conv)?)))
+            })
+            .await?
     }
 
     /// After a failure: the shard has dropped its cached state; accept writes again.
@@ -269,6 +373,17 @@ impl ShardStore {
             }
             let _ = self.jobs.send(Job::Reset);
         }
+    }
+
+    /// The batch that writes staged now go into.
+    pub fn staging_batch(&self) -> u64 {
+        self.staging_id.get()
+    }
+
+    /// Every batch up to this one is settled (durable, or failed): a read now sees
+    /// whatever of them is stored.
+    pub fn settled_upto(&self) -> u64 {
+        self.shared.reported.load(Ordering::Acquire)
     }
 
     /// Bytes handed to the sync thread and not yet durable (or failed).
@@ -329,8 +444,23 @@ impl ShardStore {
         }
     }
 
-    // ---- reads ----
+    /// Disk space used, for /metrics.
+    pub fn disk_space(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+}
 
+fn read_err(e: fjall::Error) -> StoreError {
+    StoreError::Read(e.to_string())
+}
+
+/// The shard's reads, run on its reader thread (see [`super::offloop`]): a read that
+/// misses the page cache stalls that thread, never the shard's loop.
+pub struct Reader {
+    ks: [Keyspace; 6],
+}
+
+impl Reader {
     /// The highest stored seq of a conversation (0 when it has none).
     pub fn max_seq(&self, conv: &str) -> Result<i64, StoreError> {
         match self.ks[Ks::Msgs as usize]
@@ -396,6 +526,36 @@ impl ShardStore {
     /// One message by seq.
     pub fn message(&self, conv: &str, seq: i64) -> Result<Option<MsgItem>, StoreError> {
         self.get_decoded(Ks::Msgs, &keys::msg(conv, seq))
+    }
+
+    /// Messages by msg_id, in the order asked, skipping unknown ids and seqs outside
+    /// `floor..=ceiling`; stops before passing `max_bytes` (at least one is taken).
+    pub fn messages_by_ids(
+        &self,
+        conv: &str,
+        msg_ids: &[String],
+        floor: i64,
+        ceiling: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<MsgItem>, StoreError> {
+        let mut out = Vec::with_capacity(msg_ids.len());
+        let mut bytes = 0usize;
+        for id in msg_ids {
+            let Some(seq) = self.seq_of_msg_id(conv, id)? else {
+                continue;
+            };
+            if seq < floor || seq > ceiling {
+                continue;
+            }
+            if let Some(m) = self.message(conv, seq)? {
+                bytes += m.encoded_len();
+                if !out.is_empty() && bytes > max_bytes {
+                    break;
+                }
+                out.push(m);
+            }
+        }
+        Ok(out)
     }
 
     /// The seq of a msg_id in a conversation.
@@ -471,15 +631,6 @@ impl ShardStore {
                 .map_err(|e| StoreError::Corrupt(format!("{ks:?}: {e}"))),
         }
     }
-
-    /// Disk space used, for /metrics.
-    pub fn disk_space(&self) -> u64 {
-        self.db.disk_space().unwrap_or(0)
-    }
-}
-
-fn read_err(e: fjall::Error) -> StoreError {
-    StoreError::Read(e.to_string())
 }
 
 /// The writes of one atomic unit, built on the loop thread (values encoded here).
@@ -743,21 +894,25 @@ mod tests {
                 monoio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
             assert_eq!(*order.borrow(), (1..=300).collect::<Vec<i64>>());
-            assert_eq!(store.max_seq("p2p-a-b").expect("read"), 300);
+            assert_eq!(store.max_seq("p2p-a-b").await.expect("read"), 300);
             // A byte budget stops the read early, from either end; one message always.
             let (low, high) = (msg(1).encoded_len(), msg(300).encoded_len());
-            let read = |lo, newest, max_bytes| -> Vec<i64> {
-                store
-                    .messages("p2p-a-b", lo, 300, 200, newest, max_bytes)
-                    .expect("read")
-                    .iter()
-                    .map(|m| m.seq)
-                    .collect()
+            let read = |lo, newest, max_bytes| {
+                let store = store.clone();
+                async move {
+                    store
+                        .messages("p2p-a-b", lo, 300, 200, newest, max_bytes)
+                        .await
+                        .expect("read")
+                        .iter()
+                        .map(|m| m.seq)
+                        .collect::<Vec<i64>>()
+                }
             };
-            assert_eq!(read(1, false, 3 * low), vec![1, 2, 3]);
-            assert_eq!(read(1, true, 4 * high - 1), vec![298, 299, 300]);
-            assert_eq!(read(5, false, 0), vec![5]);
-            assert_eq!(read(1, false, usize::MAX).len(), 200);
+            assert_eq!(read(1, false, 3 * low).await, vec![1, 2, 3]);
+            assert_eq!(read(1, true, 4 * high - 1).await, vec![298, 299, 300]);
+            assert_eq!(read(5, false, 0).await, vec![5]);
+            assert_eq!(read(1, false, usize::MAX).await.len(), 200);
         });
     }
 }

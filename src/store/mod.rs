@@ -30,6 +30,7 @@
 //! implement the same methods.
 
 pub mod embedded;
+pub mod offloop;
 pub mod redis;
 
 pub use embedded::ShardStore;

@@ -103,6 +103,22 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
+    /// The server's resident memory, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
     /// Sends a signal (SIGTERM, SIGINT) to the server process.
     pub fn signal(&self, sig: i32) {
         let pid = self.child.as_ref().expect("server running").id();
@@ -272,11 +288,20 @@ impl Client {
         self.wait_response(req_id)
     }
 
+    /// Waits for the RESPONSE to `req_id`; others (responses to other requests, which
+    /// may come in any order, and pushes) are kept aside.
     pub fn wait_response(&mut self, req_id: u64) -> Resp {
         loop {
-            let env = self
-                .read_envelope()
-                .expect("connection ended while waiting for a response");
+            let kept = self
+                .pushes
+                .iter()
+                .position(|e| e.r#type == "RESPONSE" && e.req_id == req_id);
+            let env = match kept.and_then(|i| self.pushes.remove(i)) {
+                Some(env) => env,
+                None => self
+                    .read_envelope()
+                    .expect("connection ended while waiting for a response"),
+            };
             if env.r#type == "RESPONSE" && env.req_id == req_id {
                 let r = pb::Response::decode(&*env.data).expect("response decodes");
                 return Resp {

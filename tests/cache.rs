@@ -1,0 +1,117 @@
+//! Bounded memory (issue 10): conversation states and rows are a cache with a byte
+//! budget. Touching 200,000 distinct conversations (half of them ids that do not
+//! exist) keeps the server's memory near the budget, and evicted state comes back
+//! from the store unchanged.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{users_on_shards, Server};
+use imshard::ids::p2p_conv_id;
+use imshard::proto::pb::{self, client_frame::Body, ClientFrame, PullDirection};
+use prost::Message as _;
+
+/// The sum over shards of one metric in /metrics.
+fn metric(server: &Server, name: &str) -> u64 {
+    let (status, body) = server.http("GET", "/metrics", None, "").expect("metrics");
+    assert_eq!(status, 200);
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn touching_200000_conversations_stays_within_the_cache_budget() {
+    const TOUCHED: u64 = 200_000;
+    const WINDOW: u64 = 500;
+    let budget = 4u64 << 20;
+    let server = Server::start(
+        2,
+        &["--cache-bytes", &budget.to_string(), "--rate-limit", "0"],
+    );
+    let mut c = server.connect("aaa_reader", "d");
+    c.set_timeout(Duration::from_secs(60));
+    let rss_before = server.rss_kib();
+    let mut req_id = 0;
+    for window in 0..TOUCHED / WINDOW {
+        let first = req_id + 1;
+        for i in 0..WINDOW {
+            req_id += 1;
+            let n = window * WINDOW + i;
+            // Half p2p conversations with peers that never wrote, half group ids
+            // that do not exist.
+            let conv_id = if n.is_multiple_of(2) {
+                p2p_conv_id("aaa_reader", &format!("peer{n}"))
+            } else {
+                format!("grp-nosuch{n}")
+            };
+            c.send_frame(&ClientFrame {
+                req_id,
+                body: Some(Body::Pull(pb::PullMessagesRequest {
+                    conv_id,
+                    limit: 1,
+                    ..Default::default()
+                })),
+            });
+        }
+        for id in first..=req_id {
+            let code = c.wait_response(id).code;
+            assert!(code == 0 || code == 40401, "pull {id}: {code}");
+        }
+    }
+    let cached = metric(&server, "imshard_cached_conversations");
+    let charged = metric(&server, "imshard_cache_bytes");
+    let evicted = metric(&server, "imshard_cache_evictions_total");
+    assert!(
+        charged <= budget + 64 * 1024,
+        "charged {charged} bytes, budget {budget}"
+    );
+    assert!(cached < TOUCHED / 10, "{cached} conversations still held");
+    assert!(evicted > TOUCHED / 2, "only {evicted} evictions");
+    let grown_kib = server.rss_kib().saturating_sub(rss_before);
+    // Without eviction this run holds ~200,000 states (~70 MiB); the slack is for the
+    // store's block cache and allocator pages.
+    assert!(
+        grown_kib < (budget >> 10) + 24 * 1024,
+        "RSS grew by {grown_kib} KiB"
+    );
+}
+
+#[test]
+fn evicted_conversations_and_rows_come_back_from_the_store_unchanged() {
+    // A budget so small that almost nothing stays cached.
+    let server = Server::start(2, &["--cache-bytes", "1", "--rate-limit", "0"]);
+    let (alice, bob) = users_on_shards(2, "evict", false);
+    let mut a = server.connect(&alice, "d");
+    let mut b = server.connect(&bob, "d");
+    for i in 1..=30 {
+        let r = a.send_p2p(&bob, &format!("m{i}"), "{}").expect("send");
+        assert_eq!(r.seq, i, "seqs continue after evictions");
+        // Other conversations push the first one out of the cache.
+        for j in 0..5 {
+            let other = format!("other{i}x{j}");
+            a.send_p2p(&other, &format!("o{i}x{j}"), "{}")
+                .expect("send other");
+        }
+    }
+    // A resend is still answered with the first result (dedupe read back).
+    let again = a.send_p2p(&bob, "m7", "{}").expect("resend");
+    assert_eq!(again.seq, 7);
+    let conv = p2p_conv_id(&alice, &bob);
+    let pulled = b.pull(&conv, 0, 100, PullDirection::Forward).expect("pull");
+    assert_eq!(pulled.messages.len(), 30);
+    assert_eq!(pulled.max_seq, 30);
+    // Rows read back: bob's unread count is exact, alice's (the sender) is zero.
+    let r = b.request(Body::MarkRead(pb::MarkReadRequest {
+        conv_id: conv.clone(),
+        read_seq: 10,
+    }));
+    assert_eq!(r.code, 0, "{}", r.message);
+    let unread = pb::MarkReadResponse::decode(r.body)
+        .expect("mark read")
+        .unread_count;
+    assert_eq!(unread, 20);
+    assert!(metric(&server, "imshard_cache_evictions_total") > 0);
+}
