@@ -17,7 +17,9 @@
 //! - [`api`]: the HTTP JSON API, `/healthz`, `/metrics`; [`metrics`]: histograms,
 //!   refusal and cut counters each shard records, and the scrape's rendering.
 //! - [`proto`]: wire formats: protobuf types, WebSocket frames, HTTP, envelopes.
-//! - [`store`]: the storage interface and its embedded (fjall) backend.
+//! - [`store`]: the storage interface and its embedded (fjall) backend;
+//!   [`store::redis`]: a Redis connection per shard on its io_uring loop, scripts and
+//!   presence, which the Redis backend builds on.
 //! - [`web`]: the browser chat page at `/demo` (static files in the binary).
 //! - [`auth`]: JWT verification and minting; [`config`]: flags, env, TOML.
 //! - [`codes`]: error codes, close codes, kick reasons; [`limits`]: protocol limits;
