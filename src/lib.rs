@@ -19,7 +19,9 @@
 //! - [`proto`]: wire formats: protobuf types, WebSocket frames, HTTP, envelopes.
 //! - [`store`]: the storage interface and its embedded (fjall) backend: writes batched
 //!   and synced by a sync thread per shard, reads on a reader thread per shard
-//!   ([`store::offloop`]); it knows nothing of shards or chat.
+//!   ([`store::offloop`]); it knows nothing of shards or chat. [`store::redis`]: a
+//!   Redis connection per shard on its io_uring loop, scripts and presence, which the
+//!   Redis backend builds on.
 //! - [`rt`]: loop primitives: [`rt::bell`], the eventfd through which other threads
 //!   (shards, the store's threads) wake a busy loop; [`rt::yield_now`].
 //! - [`web`]: the browser chat page at `/demo` (static files in the binary).

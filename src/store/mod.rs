@@ -37,6 +37,7 @@
 
 pub mod embedded;
 pub mod offloop;
+pub mod redis;
 
 pub use embedded::{ShardStore, WriteSet};
 
