@@ -39,7 +39,7 @@ pub mod embedded;
 pub mod offloop;
 pub mod redis;
 
-pub use embedded::{ShardStore, WriteSet};
+pub use embedded::{Ks, Put, ShardStore, WriteSet};
 
 use std::path::Path;
 
