@@ -164,3 +164,48 @@ fn presence_zsets_follow_connections_with_the_last_heartbeat_as_score() {
     let ms: i64 = ttl.trim().trim_start_matches(':').parse().expect("PTTL");
     assert!(ms > 0 && ms <= 90_000, "PTTL {ms}");
 }
+
+#[test]
+fn with_wait_replicas_a_send_is_answered_only_once_a_replica_has_it() {
+    let Some(primary) =
+        RedisServer::start_with(&["--appendonly", "no", "--repl-diskless-sync-delay", "0"])
+    else {
+        return;
+    };
+    let port = primary.port.to_string();
+    let Some(mut replica) = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !redis_raw(&primary, "INFO replication").contains("state=online") {
+        assert!(Instant::now() < deadline, "the replica never connected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = primary.url();
+    let server = Server::start(
+        2,
+        &[
+            "--store",
+            "redis",
+            "--redis-url",
+            &url,
+            "--redis-timeout",
+            "1s",
+            "--redis-wait-replicas",
+            "1",
+        ],
+    );
+    let (alice, bob) = users_on_shards(2, "repl", false);
+    let mut a = server.connect(&alice, "d");
+    assert_eq!(a.send_p2p(&bob, "m1", "{}").map(|r| r.seq), Ok(1));
+    // The replica has it once the send is answered.
+    let conv = p2p_conv_id(&alice, &bob);
+    let hlen = redis_raw(&replica, &format!("HLEN im:{{{conv}}}:m"));
+    assert_eq!(hlen.trim(), ":1", "{hlen}");
+    replica.kill();
+    assert_eq!(
+        a.send_p2p(&bob, "m2", "{}"),
+        Err(50301),
+        "no replica acknowledged: not answered as durable"
+    );
+}
