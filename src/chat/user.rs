@@ -432,6 +432,7 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
             let u = user_entry(&mut users, user);
             match u.rows.as_deref_mut() {
                 Some(RowsSlot::Loaded(c)) => {
+                    c.used = true;
                     let before = c.rows.len();
                     if let Some(row) = upd.apply(user, &mut c.rows) {
                         write.row(user, &d.conv_id, &row);

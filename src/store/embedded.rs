@@ -295,14 +295,6 @@ impl ShardStore {
         }
     }
 
-    /// The Redis connection, when the store is on Redis.
-    pub fn redis(&self) -> Option<&RedisConn> {
-        match &self.backend {
-            Backend::Redis(r) => Some(&r.conn),
-            Backend::Embedded(_) => None,
-        }
-    }
-
     /// Stages one atomic write; the receiver resolves once it is durable.
     pub fn stage(self: &Rc<Self>, write: WriteSet) -> oneshot::Receiver<Result<(), StoreError>> {
         let (tx, rx) = oneshot::channel();
