@@ -56,6 +56,9 @@ fn small_netdev_max_backlog_is_flagged_with_its_fix() {
             )
         );
     } else {
-        assert_eq!(line, format!("ok      net.core.netdev_max_backlog = {value}"));
+        assert_eq!(
+            line,
+            format!("ok      net.core.netdev_max_backlog = {value}")
+        );
     }
 }
