@@ -35,8 +35,8 @@ use imshard::proto::pb::{
 };
 use imshard::proto::store_pb::DedupeRecord;
 use imshard::proto::{json, ws};
+use imshard::rt::bell::Bell;
 use imshard::shard::acks::AckTable;
-use imshard::shard::doorbell::Bell;
 use imshard::shard::msg::{Delivery, Recipients, ReplyTo, ShardMsg};
 use imshard::shard::{ring, yield_now};
 use imshard::store::embedded::WriteSet;

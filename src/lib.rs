@@ -6,19 +6,25 @@
 //!   connections and conversation rows of the users with `hash(user) % N == i` and the
 //!   seq counters, messages and dedupe of conversations with `hash(conv) % N == i`.
 //!   [`shard::ring`]: SPSC rings between shards; [`shard::msg`]: every message they
-//!   carry; [`shard::doorbell`]: the eventfd through which other threads wake a
-//!   shard; [`shard::conn`]: a WebSocket connection; [`shard::accept`]: accept,
+//!   carry; [`shard::conn`]: a WebSocket connection; [`shard::accept`]: accept,
 //!   upgrade, hand-over; [`shard::timer`]: the heartbeat wheel; [`shard::acks`]: the
 //!   highest seq each connection acknowledged per conversation (PushAck).
 //! - [`chat`]: message logic. [`chat::execute`] runs a client operation on the
 //!   caller's shard; [`chat::conv`] is the conversation side (seq, dedupe, durable
 //!   send, pull, recall, fan-out); [`chat::group`] members, roles and membership
 //!   changes; [`chat::convlist`] conversation lists, read marks, unread;
-//!   [`chat::user`] the user side (devices, rows, delivery).
+//!   [`chat::user`] the user side (devices, rows, delivery); [`chat::cache`] the byte
+//!   budget over loaded rows and conversation states.
 //! - [`api`]: the HTTP JSON API, `/healthz`, `/metrics`; [`metrics`]: histograms,
 //!   refusal and cut counters each shard records, and the scrape's rendering.
 //! - [`proto`]: wire formats: protobuf types, WebSocket frames, HTTP, envelopes.
-//! - [`store`]: the storage interface and its embedded (fjall) backend.
+//! - [`store`]: the storage interface and its embedded (fjall) backend: writes batched
+//!   and synced by a sync thread per shard, reads on a reader thread per shard
+//!   ([`store::offloop`]); it knows nothing of shards or chat. [`store::redis`]: a
+//!   Redis connection per shard on its io_uring loop, scripts and presence, which the
+//!   Redis backend builds on.
+//! - [`rt`]: loop primitives: [`rt::bell`], the eventfd through which other threads
+//!   (shards, the store's threads) wake a busy loop; [`rt::yield_now`].
 //! - [`web`]: the browser chat page at `/demo` (static files in the binary).
 //! - [`auth`]: JWT verification and minting; [`config`]: flags, env, TOML.
 //! - [`codes`]: error codes, close codes, kick reasons; [`limits`]: protocol limits;
@@ -33,6 +39,7 @@ pub mod ids;
 pub mod limits;
 pub mod metrics;
 pub mod proto;
+pub mod rt;
 pub mod server;
 pub mod shard;
 pub mod store;

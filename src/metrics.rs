@@ -252,6 +252,10 @@ pub struct Recorded {
     pub refusals: [Cell<u64>; REFUSAL_SLOTS],
     /// Connections closed by the server, by [`Cut`].
     pub cuts: [Cell<u64>; Cut::COUNT],
+    /// How long queued frames (pushes, replies) waited for their socket write: from
+    /// when the writer took the queue up (the first frame's queueing, or the end of
+    /// the previous write) to the completion of the write that carried them.
+    pub write_wait: Histogram,
 }
 
 impl Recorded {
@@ -282,6 +286,7 @@ pub fn snapshot(shard: &Shard) -> ShardMetrics {
         store_waiting: shard.store.waiting_writes() as u64,
         op_latency: std::array::from_fn(|i| r.op_latency[i].snapshot()),
         store_round: shard.store.round_histogram(),
+        write_wait: r.write_wait.snapshot(),
         refusals: std::array::from_fn(|i| r.refusals[i].get()),
         cuts: std::array::from_fn(|i| r.cuts[i].get()),
     }
@@ -306,6 +311,8 @@ pub struct ShardMetrics {
     pub op_latency: [HistogramSnapshot; Op::COUNT],
     /// The store's commit + fsync rounds.
     pub store_round: HistogramSnapshot,
+    /// Queued frames' wait for their socket write.
+    pub write_wait: HistogramSnapshot,
     pub refusals: [u64; REFUSAL_SLOTS],
     pub cuts: [u64; Cut::COUNT],
 }
@@ -318,7 +325,11 @@ impl ShardMetrics {
         v.push(self.counters.len() as u64);
         v.extend(&self.counters);
         v.extend([self.outbox_backlog, self.ring_queued, self.store_waiting]);
-        for h in self.op_latency.iter().chain([&self.store_round]) {
+        for h in self
+            .op_latency
+            .iter()
+            .chain([&self.store_round, &self.write_wait])
+        {
             v.extend(h.counts);
             v.push(h.sum_micros);
         }
@@ -357,6 +368,7 @@ impl ShardMetrics {
             *h = hist()?;
         }
         let store_round = hist()?;
+        let write_wait = hist()?;
         let mut refusals = [0; REFUSAL_SLOTS];
         for r in &mut refusals {
             *r = next()?;
@@ -375,6 +387,7 @@ impl ShardMetrics {
             store_waiting,
             op_latency,
             store_round,
+            write_wait,
             refusals,
             cuts,
         })
@@ -461,6 +474,16 @@ pub fn render(counters: &[(&str, &str, &str)], shards: &[Option<ShardMetrics>]) 
     for (s, m) in answered() {
         histogram(&mut out, name, &format!("shard=\"{s}\""), &m.store_round);
     }
+    let name = "imshard_write_wait_seconds";
+    help(
+        &mut out,
+        name,
+        "histogram",
+        "queued frames (pushes, replies) from queueing to their socket write's completion",
+    );
+    for (s, m) in answered() {
+        histogram(&mut out, name, &format!("shard=\"{s}\""), &m.write_wait);
+    }
     let name = "imshard_refusals_total";
     help(
         &mut out,
@@ -545,6 +568,7 @@ mod tests {
             store_waiting: 3,
             op_latency: std::array::from_fn(|i| rec.op_latency[i].snapshot()),
             store_round: HistogramSnapshot::default(),
+            write_wait: rec.write_wait.snapshot(),
             refusals: std::array::from_fn(|i| rec.refusals[i].get()),
             cuts: std::array::from_fn(|i| rec.cuts[i].get()),
         };

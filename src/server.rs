@@ -440,7 +440,7 @@ fn check_addresses(cfg: &Config) -> Result<(), StartError> {
 const ADDRESS_IN_USE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A panic in any thread logs and aborts the whole process (see the module docs).
-fn abort_on_panic() {
+pub fn abort_on_panic() {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         report(info);

@@ -1342,12 +1342,12 @@ fn drain(c: &mut common::Client) {
     }
 }
 
-/// One HTTP request on a fresh connection; the status, if the server answered.
-fn raw_http(server: &common::Server, request: &[u8]) -> Option<u16> {
+/// One HTTP request on a fresh connection; the status, if the server answered within
+/// `wait` (a safety net for requests that must be answered, short for mutated ones).
+fn raw_http(server: &common::Server, request: &[u8], wait: Duration) -> Option<u16> {
     use std::io::Read as _;
     let mut s = std::net::TcpStream::connect(server.addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_millis(300)))
-        .expect("timeout");
+    s.set_read_timeout(Some(wait)).expect("timeout");
     let _ = s.write_all(request);
     let _ = s.shutdown(std::net::Shutdown::Write);
     let mut out = Vec::new();
@@ -1436,7 +1436,7 @@ fn fuzz_blackbox_server_keeps_serving() {
                 )
                 .into_bytes();
                 req.extend_from_slice(&body);
-                let status = raw_http(&server, &req);
+                let status = raw_http(&server, &req, Duration::from_secs(10));
                 assert!(
                     status.is_some_and(|s| (200..500).contains(&s)),
                     "{status:?} for {}",
@@ -1444,7 +1444,11 @@ fn fuzz_blackbox_server_keeps_serving() {
                 );
                 let seeds = http_seeds();
                 let seed = &seeds[rng.random_range(0..seeds.len())];
-                let _ = raw_http(&server, &mutate(&mut rng, seed, &req));
+                let _ = raw_http(
+                    &server,
+                    &mutate(&mut rng, seed, &req),
+                    Duration::from_millis(300),
+                );
             }
         }
         round += 1;

@@ -46,7 +46,7 @@ pub fn admit(shard: &Rc<Shard>, key: CacheKey, bytes: usize) {
     if shard.cache_bytes.get() > budget(shard) && !shard.cache_pass_due.replace(true) {
         let shard = shard.clone();
         monoio::spawn(async move {
-            crate::shard::yield_now().await;
+            crate::rt::yield_now().await;
             shard.cache_pass_due.set(false);
             evict_over_budget(&shard);
         });

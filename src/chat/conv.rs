@@ -27,7 +27,7 @@ use crate::proto::pb::{
 use crate::proto::store_pb::{ConvSummaries, ConvSummary, DedupeRecord};
 use crate::shard::msg::{Delivery, Notice, Recipients, Reply, ReplyTo, ShardMsg, UserId};
 use crate::shard::Shard;
-use crate::store::embedded::WriteSet;
+use crate::store::WriteSet;
 
 /// Fan-out goes to at most this many recipients per step; the shard serves others
 /// between steps, so a 100,000-member group never stalls its loop.
@@ -39,8 +39,8 @@ pub const FANOUT_CHUNK: usize = 1024;
 pub struct ConvState {
     /// Whether the fields below were loaded; until then operations wait in `loading`.
     ready: bool,
-    /// Whether a task is loading them.
-    load_started: bool,
+    /// The load in progress (0: none), so that only that load fills the state in.
+    load_token: u64,
     /// Tasks waiting for the load.
     loading: Vec<Waker>,
     /// The seq the next message gets.
@@ -68,7 +68,7 @@ impl ConvState {
     fn unloaded() -> ConvState {
         ConvState {
             ready: false,
-            load_started: false,
+            load_token: 0,
             loading: Vec::new(),
             next_seq: 0,
             durable_seq: 0,
@@ -160,9 +160,14 @@ pub(crate) async fn load_conv(shard: &Rc<Shard>, conv_id: &str) -> Result<(), Ap
                 return Ok(());
             }
             // The first asker loads; the others wait for it.
-            !std::mem::replace(&mut c.load_started, true)
+            if c.load_token == 0 {
+                c.load_token = next_load_token();
+                Some(c.load_token)
+            } else {
+                None
+            }
         };
-        if !must_load {
+        let Some(token) = must_load else {
             // Wait for the load another task is doing, then look again.
             std::future::poll_fn(|cx| {
                 let mut convs = shard.convs.borrow_mut();
@@ -176,7 +181,7 @@ pub(crate) async fn load_conv(shard: &Rc<Shard>, conv_id: &str) -> Result<(), Ap
             })
             .await;
             continue;
-        }
+        };
         let epoch = shard.conv_epoch.get();
         let loaded = async {
             let max = shard.store.max_seq(conv_id).await?;
@@ -189,18 +194,17 @@ pub(crate) async fn load_conv(shard: &Rc<Shard>, conv_id: &str) -> Result<(), Ap
         }
         .await;
         let mut convs = shard.convs.borrow_mut();
-        if shard.conv_epoch.get() != epoch {
-            // The shard dropped its conversations meanwhile (a store failure): what was
-            // read may be older than what another load sees now. Load again.
-            if let Some(c) = convs.get_mut(conv_id) {
-                c.load_started = false;
-            }
-            drop(convs);
-            continue;
-        }
-        let Some(c) = convs.get_mut(conv_id) else {
+        let Some(c) = convs.get_mut(conv_id).filter(|c| c.load_token == token) else {
+            // Our entry was dropped (a store failure) and another task may be loading
+            // a new one: look again.
             continue;
         };
+        if shard.conv_epoch.get() != epoch {
+            // The shard dropped conversations meanwhile (a store failure): what was
+            // read may be older than what a new load sees. Load again.
+            c.load_token = 0;
+            continue;
+        }
         for w in c.loading.drain(..) {
             w.wake();
         }
@@ -228,6 +232,16 @@ pub(crate) async fn load_conv(shard: &Rc<Shard>, conv_id: &str) -> Result<(), Ap
             }
         }
     }
+}
+
+fn next_load_token() -> u64 {
+    thread_local! {
+        static TOKENS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    TOKENS.with(|t| {
+        t.set(t.get() + 1);
+        t.get()
+    })
 }
 
 /// Runs `f` on a loaded conversation's state ([`load_conv`] first).
@@ -588,7 +602,7 @@ async fn drain_fanout(shard: Rc<Shard>, conv_id: String) {
             for start in (0..list.len()).step_by(FANOUT_CHUNK) {
                 let users = Recipients::range(list.clone(), start, start + FANOUT_CHUNK);
                 deliver(&shard, &job, target, users);
-                crate::shard::yield_now().await;
+                crate::rt::yield_now().await;
                 // A full ring slows the fan-out instead of growing the outbox.
                 shard.ring_room().await;
             }

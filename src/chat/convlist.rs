@@ -29,7 +29,7 @@ use crate::proto::pb::{
 use crate::proto::store_pb::{ConvRow, ConvSummaries, ConvSummary};
 use crate::shard::msg::ShardMsg;
 use crate::shard::Shard;
-use crate::store::embedded::WriteSet;
+use crate::store::WriteSet;
 
 /// Asks the conversations' shards for their summaries.
 async fn summaries(

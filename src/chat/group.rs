@@ -22,7 +22,7 @@ use crate::proto::pb::{CreateGroupResponse, MsgItem, UpdateGroupMembersResponse}
 use crate::proto::store_pb::{GroupMeta, MemberRecord};
 use crate::shard::msg::{ReplyTo, UserId};
 use crate::shard::Shard;
-use crate::store::embedded::WriteSet;
+use crate::store::WriteSet;
 
 pub const ROLE_MEMBER: i32 = 0;
 pub const ROLE_ADMIN: i32 = 1;

@@ -12,7 +12,7 @@ use crate::proto::store_pb::ConvRow;
 use crate::shard::conn::Conn;
 use crate::shard::msg::Delivery;
 use crate::shard::Shard;
-use crate::store::embedded::WriteSet;
+use crate::store::WriteSet;
 
 /// A user this shard owns. Kept small: an online user with one device costs this
 /// struct, its map key and one `Rc` per device.

@@ -137,7 +137,7 @@ impl Conn {
         }
         self.out_bytes.set(size);
         self.out.borrow_mut().push_back(frame);
-        self.start_writer();
+        self.start_writer(shard);
     }
 
     /// Queues an optional KICKOUT and a close frame, then shuts the socket down.
@@ -152,7 +152,7 @@ impl Conn {
         }
         self.push_raw(ws::close_frame(code, kick_reason.unwrap_or("")));
         self.phase.set(Phase::Closing);
-        self.start_writer();
+        self.start_writer(shard);
         let now = shard.timers.borrow().now();
         self.file_by(shard, now + CLOSE_LINGER_SECS);
     }
@@ -189,19 +189,22 @@ impl Conn {
         self.out.borrow_mut().push_back(frame);
     }
 
-    fn start_writer(self: &Rc<Self>) {
+    fn start_writer(self: &Rc<Self>, shard: &Rc<Shard>) {
         if !self.writing.replace(true) {
-            monoio::spawn(write_loop(self.clone()));
+            monoio::spawn(write_loop(self.clone(), shard.clone()));
         }
     }
 }
 
 /// Drains the queue: one write per batch of frames.
-async fn write_loop(conn: Rc<Conn>) {
+async fn write_loop(conn: Rc<Conn>, shard: Rc<Shard>) {
     let Some(mut w) = conn.writer.borrow_mut().take() else {
         conn.writing.set(false);
         return;
     };
+    // When the frames of the next write began to wait: now (the first was just
+    // queued), then the end of each write.
+    let mut waiting_since = std::time::Instant::now();
     loop {
         let batch = {
             let mut q = conn.out.borrow_mut();
@@ -225,6 +228,13 @@ async fn write_loop(conn: Rc<Conn>) {
             conn.abort();
             break;
         }
+        let done = std::time::Instant::now();
+        shard
+            .counters
+            .recorded
+            .write_wait
+            .observe(done.duration_since(waiting_since).as_micros() as u64);
+        waiting_since = done;
     }
     *conn.writer.borrow_mut() = Some(w);
     conn.writing.set(false);

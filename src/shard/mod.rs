@@ -8,7 +8,6 @@
 pub mod accept;
 pub mod acks;
 pub mod conn;
-pub mod doorbell;
 pub mod msg;
 pub mod ring;
 pub mod shutdown;
@@ -21,6 +20,8 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
+
+pub use crate::rt::yield_now;
 use std::time::Duration;
 
 use local_sync::oneshot;
@@ -42,28 +43,6 @@ pub fn shard_of_user(user: &str, shards: usize) -> usize {
 /// The shard that owns a conversation's seq counter, messages and dedupe window.
 pub fn shard_of_conv(conv_id: &str, shards: usize) -> usize {
     (xxhash_rust::xxh3::xxh3_64(conv_id.as_bytes()) % shards as u64) as usize
-}
-
-/// Lets every other ready task run once before continuing.
-///
-/// monoio puts a task that wakes itself during its own poll at the *front* of the run
-/// queue (its "yield" runs the task again at once), so `wake_by_ref` + `Pending` would
-/// starve every other task of the shard: a busy ring consumer or a large fan-out
-/// would never let connections run, and a test producer spinning on it never let its
-/// outbox flusher run. Instead the wake comes from a tiny task spawned behind
-/// everything already queued; woken from outside its poll, this task goes to the back.
-pub fn yield_now() -> impl Future<Output = ()> {
-    let mut yielded = false;
-    std::future::poll_fn(move |cx| {
-        if yielded {
-            Poll::Ready(())
-        } else {
-            yielded = true;
-            let waker = cx.waker().clone();
-            monoio::spawn(async move { waker.wake() });
-            Poll::Pending
-        }
-    })
 }
 
 /// A call to another shard that has no answer after this long is answered 50001 by
@@ -408,7 +387,7 @@ impl Shard {
             || self.fanout_queued.get() > FANOUT_QUEUED_HIGH / d
     }
 
-    /// Waits until the shard has caught up (see [`Shard::behind`]); at once if it has.
+    /// Waits until the shard has caught up (see `Shard::behind`); at once if it has.
     pub async fn input_allowed(self: &Rc<Self>) {
         if self.behind(false) {
             self.wait_pressure(true).await;

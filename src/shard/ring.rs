@@ -2,7 +2,7 @@
 //!
 //! - A producer that finds the target parked rings the target's [`Bell`] (an eventfd
 //!   the target reads through io_uring, so even a busy target sees it on its next loop
-//!   turn; see [`super::doorbell`]). A target that is draining is not rung.
+//!   turn; see [`crate::rt::bell`]). A target that is draining is not rung.
 //! - A full ring never drops: the message waits in a per-target outbox (keeping order),
 //!   and a flusher task moves it once the consumer frees space and wakes the producer.
 //!   Callers that produce work from client input check [`Endpoint::backlog`] and stop
@@ -17,8 +17,8 @@ use std::task::Poll;
 
 use atomic_waker::AtomicWaker;
 
-use super::doorbell::Bell;
 use super::msg::ShardMsg;
+use crate::rt::bell::Bell;
 
 /// Ring capacity (messages) per ordered pair of shards.
 pub const RING_CAPACITY: usize = 4096;

@@ -30,7 +30,7 @@ use super::{keys, StoreError};
 use crate::metrics::{AtomicHistogram, HistogramSnapshot};
 use crate::proto::pb::MsgItem;
 use crate::proto::store_pb::{ConvRow, DedupeRecord, GroupMeta, MemberRecord};
-use crate::shard::doorbell::Bell;
+use crate::rt::bell::Bell;
 
 /// Which keyspace a staged write goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -728,7 +728,7 @@ impl WriteSet {
 /// Lets every task that is ready in this loop turn stage its writes, then hands the
 /// batch to the sync thread.
 async fn flush_at_end_of_turn(store: Rc<ShardStore>) {
-    crate::shard::yield_now().await;
+    crate::rt::yield_now().await;
     store.flush();
 }
 
@@ -887,7 +887,7 @@ mod tests {
                 });
                 if seq % 7 == 0 {
                     // Let batches form and complete in between.
-                    crate::shard::yield_now().await;
+                    crate::rt::yield_now().await;
                 }
             }
             while order.borrow().len() < 300 {

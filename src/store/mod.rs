@@ -14,6 +14,12 @@
 //!   cached conversation state and called [`ShardStore::reset_after_failure`].
 //! - **Read-your-writes**: reads see every batch whose receiver has resolved `Ok`;
 //!   callers keep in-flight state (seq counters, pending dedupe) in memory.
+//! - **Reads never block the loop**: every read is `async` and runs on the shard's
+//!   reader thread ([`offloop`]), in the order asked; a page-cache miss stalls that
+//!   thread, not the connections of the shard.
+//!
+//! The message code (`chat`) uses only [`ShardStore`]'s methods and [`WriteSet`]; this
+//! module imports nothing from the shard runtime or the message code.
 //!
 //! # Keys (one fjall keyspace each; `\0` separates parts, ids never contain it)
 //! | keyspace | key | value |
@@ -31,8 +37,9 @@
 
 pub mod embedded;
 pub mod offloop;
+pub mod redis;
 
-pub use embedded::ShardStore;
+pub use embedded::{ShardStore, WriteSet};
 
 use std::path::Path;
 

@@ -21,7 +21,7 @@ use atomic_waker::AtomicWaker;
 use local_sync::oneshot;
 
 use super::StoreError;
-use crate::shard::doorbell::Bell;
+use crate::rt::bell::Bell;
 
 type Output = Box<dyn Any + Send>;
 type Job<C> = (u64, Box<dyn FnOnce(&C) -> Output + Send>);
