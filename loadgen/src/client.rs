@@ -663,18 +663,26 @@ impl Conn {
     }
 }
 
-/// Every `ack_interval`, sends the acks every connection of this thread owes, until the
-/// run ends.
+/// Slices of `ack_interval` over which [`ack_ticker`] spreads the connections.
+const ACK_SLICES: usize = 10;
+
+/// Sends the acks each connection of this thread owes once per `ack_interval`, until
+/// the run ends. Connections are spread over the interval in [`ACK_SLICES`] slices
+/// (connection i in slice i % 10), as independent clients would be: flushing every
+/// connection at the same instant sends the server thousands of frames at once.
 pub async fn ack_ticker(ctx: Rc<Ctx>) {
     if !ctx.settings.push_ack {
         return;
     }
+    let tick = ctx.settings.ack_interval / ACK_SLICES as u32;
+    let mut slice = 0;
     loop {
-        monoio::time::sleep(ctx.settings.ack_interval).await;
+        monoio::time::sleep(tick).await;
         if ctx.phase.get() == Phase::Done {
             return;
         }
-        for c in ctx.conns.borrow().iter() {
+        slice = (slice + 1) % ACK_SLICES;
+        for c in ctx.conns.borrow().iter().skip(slice).step_by(ACK_SLICES) {
             c.flush_acks(&ctx);
         }
     }
