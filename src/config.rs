@@ -213,6 +213,15 @@ config_keys! {
         members_added_per_hour: u32 = 100_000, parse_num::<u32>,
             "N", "IMSHARD_MEMBERS_ADDED_PER_HOUR", "100000", "member ids per user per hour",
             "member ids one user may name in creates and adds per hour (42901 past it; 0 = no limit)";
+        store: StoreKind = StoreKind::Embedded, parse_store_kind,
+            "KIND", "IMSHARD_STORE", "embedded", "embedded or redis",
+            "where messages, rows and groups live: `embedded` (fjall under data_dir, one node, no other service) or `redis` (redis_url)";
+        redis_url: String = "redis://127.0.0.1:6379/0".to_string(), parse_text,
+            "URL", "IMSHARD_REDIS_URL", "redis://127.0.0.1:6379/0", "redis://[:password@]host:port/db",
+            "the Redis of `--store redis`, one connection per shard (give an IP address: a host name is resolved on the shard's thread)";
+        redis_timeout: Duration = Duration::from_secs(2), parse_duration,
+            "DURATION", "IMSHARD_REDIS_TIMEOUT", "2s", "duration",
+            "a Redis call with no answer after this fails fast (writes answer 50301) and the connection is made again";
         cache_bytes: usize = 256 << 20, parse_bytes,
             "BYTES", "IMSHARD_CACHE_BYTES", "256MiB", "bytes for the whole process",
             "memory for cached conversation rows, conversation states and group member lists (split over the shards); the least recently used idle entries are evicted past it";
@@ -307,6 +316,23 @@ impl TokenArgs {
             base.trim_end_matches('/').to_string()
         };
         Ok(format!("{base}/demo#token={token}"))
+    }
+}
+
+/// Where a shard's data lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// fjall under `data_dir`: one node, no other service.
+    Embedded,
+    /// Redis at `redis_url`.
+    Redis,
+}
+
+fn parse_store_kind(s: &str) -> Result<StoreKind, String> {
+    match s.trim() {
+        "embedded" => Ok(StoreKind::Embedded),
+        "redis" => Ok(StoreKind::Redis),
+        _ => Err(format!("store must be embedded or redis, got {s:?}")),
     }
 }
 

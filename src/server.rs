@@ -22,9 +22,10 @@ use std::sync::Arc;
 
 use crate::auth::{self, SecretSource};
 use crate::chat::filter::{Filter, FilterError};
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 use crate::shard::accept::Port;
 use crate::shard::{accept, conn, ring, shutdown, Global, Shard};
+use crate::store::redis::{RedisConfig, RedisConn};
 use crate::store::{self, ShardStore};
 
 /// Why the server could not start.
@@ -247,9 +248,21 @@ async fn shard_main(started: Started, parts: ring::EndpointParts) {
         let _ = ready.send(Err(StartError::Shard { shard: id, error }));
     };
     let bell = parts.bell();
-    let store = match ShardStore::open(&cfg.data_dir, id, bell.clone()) {
-        Ok(s) => s,
-        Err(e) => return fail(e.to_string()),
+    let store = match cfg.store {
+        StoreKind::Embedded => match ShardStore::open(&cfg.data_dir, id, bell.clone()) {
+            Ok(s) => s,
+            Err(e) => return fail(e.to_string()),
+        },
+        StoreKind::Redis => {
+            let mut rc = RedisConfig::new(cfg.redis_url.clone());
+            rc.timeout = cfg.redis_timeout;
+            // Start only against a Redis that answers; later outages are survived
+            // (writes fail fast with 50301, the connection comes back by itself).
+            match RedisConn::connect(rc, std::time::Duration::from_secs(5)).await {
+                Ok(conn) => ShardStore::open_redis(conn, bell.clone()),
+                Err(e) => return fail(format!("cannot reach Redis at --redis-url: {e}")),
+            }
+        }
     };
     let shard = Shard::new(
         id,

@@ -26,6 +26,8 @@ use local_sync::oneshot;
 use prost::Message;
 
 use super::offloop::OffLoop;
+use super::redis::backend::RedisBackend;
+use super::redis::RedisConn;
 use super::{keys, StoreError};
 use crate::metrics::{AtomicHistogram, HistogramSnapshot};
 use crate::proto::pb::MsgItem;
@@ -54,11 +56,12 @@ const JOURNAL_BYTES: u64 = 128 << 20;
 /// Block cache per shard.
 const CACHE_BYTES: u64 = 32 << 20;
 
-/// One staged write: a value, or a removal when `value` is `None`.
-struct Put {
-    ks: Ks,
-    key: Vec<u8>,
-    value: Option<Vec<u8>>,
+/// One staged write: a value, or a removal when `value` is `None`. Keys are those of
+/// [`super::keys`]; the Redis backend maps each keyspace onto its own key layout.
+pub struct Put {
+    pub ks: Ks,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
 }
 
 impl Put {
@@ -113,19 +116,58 @@ struct SyncShared {
     reported: AtomicU64,
 }
 
-/// A shard's store. Lives on the shard's thread; only that thread calls it.
-pub struct ShardStore {
+impl SyncShared {
+    fn new(bell: Arc<Bell>) -> SyncShared {
+        SyncShared {
+            waker: AtomicWaker::new(),
+            bell,
+            rounds: AtomicU64::new(0),
+            slow_rounds: AtomicU64::new(0),
+            round_micros: AtomicU64::new(0),
+            round_histogram: AtomicHistogram::default(),
+            reported: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one write round that took `took`.
+    fn record_round(&self, took: std::time::Duration) {
+        self.rounds.fetch_add(1, Ordering::Relaxed);
+        self.round_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.round_histogram.observe(took.as_micros() as u64);
+        if took >= std::time::Duration::from_millis(10) {
+            self.slow_rounds.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The fjall parts of a shard's store.
+struct Fjall {
     db: Database,
     /// Reads run on this shard's reader thread.
     reader: Rc<OffLoop<Reader>>,
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::Receiver<Done>,
+}
+
+/// Where a shard's data lives.
+enum Backend {
+    /// fjall under the data dir: a sync thread writes, a reader thread reads.
+    Embedded(Fjall),
+    /// Redis: reads and `MULTI`/`EXEC` rounds on the shard's own connection.
+    Redis(Rc<RedisBackend>),
+}
+
+/// A shard's store: the one interface the message code uses, whatever the backend.
+/// Lives on the shard's thread; only that thread calls it.
+pub struct ShardStore {
+    backend: Backend,
     /// Writes staged during this loop turn.
     staged: RefCell<Vec<Put>>,
     /// Id of the batch being staged; batches are numbered from 1.
     staging_id: Cell<u64>,
     /// Callers waiting for a batch, oldest first.
     waiters: RefCell<VecDeque<(u64, Waiter)>>,
-    jobs: mpsc::Sender<Job>,
-    done: mpsc::Receiver<Done>,
     shared: Arc<SyncShared>,
     /// Set by a failure until `reset_after_failure`.
     failed: Cell<bool>,
@@ -161,15 +203,7 @@ impl ShardStore {
             .map_err(|_| StoreError::Open("keyspace count".into()))?;
         let (jobs, job_rx) = mpsc::channel();
         let (done_tx, done) = mpsc::channel();
-        let shared = Arc::new(SyncShared {
-            waker: AtomicWaker::new(),
-            bell,
-            rounds: AtomicU64::new(0),
-            slow_rounds: AtomicU64::new(0),
-            round_histogram: AtomicHistogram::default(),
-            round_micros: AtomicU64::new(0),
-            reported: AtomicU64::new(0),
-        });
+        let shared = Arc::new(SyncShared::new(bell));
         {
             let db = db.clone();
             let ks = ks.clone();
@@ -185,21 +219,46 @@ impl ShardStore {
             shared.bell.clone(),
         )
         .map_err(|e| StoreError::Open(format!("reader thread: {e}")))?;
-        let store = Rc::new(ShardStore {
-            db,
-            reader,
+        let store = Rc::new(ShardStore::with_backend(
+            Backend::Embedded(Fjall {
+                db,
+                reader,
+                jobs,
+                done,
+            }),
+            shared,
+        ));
+        monoio::spawn(completion_loop(store.clone()));
+        Ok(store)
+    }
+
+    /// A shard's store on Redis, over `conn` (see [`super::redis::backend`]).
+    pub fn open_redis(conn: RedisConn, bell: Arc<Bell>) -> Rc<ShardStore> {
+        Rc::new(ShardStore::with_backend(
+            Backend::Redis(RedisBackend::new(conn)),
+            Arc::new(SyncShared::new(bell)),
+        ))
+    }
+
+    fn with_backend(backend: Backend, shared: Arc<SyncShared>) -> ShardStore {
+        ShardStore {
+            backend,
             staged: RefCell::new(Vec::new()),
             staging_id: Cell::new(1),
             waiters: RefCell::new(VecDeque::new()),
-            jobs,
-            done,
             shared,
             failed: Cell::new(false),
             unsynced: RefCell::new(VecDeque::new()),
             unsynced_bytes: Cell::new(0),
-        });
-        monoio::spawn(completion_loop(store.clone()));
-        Ok(store)
+        }
+    }
+
+    /// The Redis connection, when the store is on Redis.
+    pub fn redis(&self) -> Option<&RedisConn> {
+        match &self.backend {
+            Backend::Redis(r) => Some(&r.conn),
+            Backend::Embedded(_) => None,
+        }
     }
 
     /// Stages one atomic write; the receiver resolves once it is durable.
@@ -262,16 +321,22 @@ impl ShardStore {
     /// Called by the shard's bell listener on the shard's thread: lets the completion
     /// task look at what the sync thread reported.
     pub fn wake_local(&self) {
-        self.shared.waker.wake();
-        self.reader.wake_local();
+        if let Backend::Embedded(f) = &self.backend {
+            self.shared.waker.wake();
+            f.reader.wake_local();
+        }
     }
 
-    // ---- reads: each runs on the reader thread ----
+    // ---- reads: on the reader thread (embedded) or the shard's Redis connection ----
 
     /// The highest stored seq of a conversation (0 when it has none).
     pub async fn max_seq(&self, conv: &str) -> Result<i64, StoreError> {
+        let f = match &self.backend {
+            Backend::Redis(r) => return r.max_seq(conv).await,
+            Backend::Embedded(f) => f,
+        };
         let conv = conv.to_string();
-        self.reader.run(move |r| r.max_seq(&conv)).await?
+        f.reader.run(move |r| r.max_seq(&conv)).await?
     }
 
     /// Messages with `lo <= seq <= hi`, at most `limit`, ascending; `newest` takes the
@@ -286,16 +351,24 @@ impl ShardStore {
         newest: bool,
         max_bytes: usize,
     ) -> Result<Vec<MsgItem>, StoreError> {
+        let f = match &self.backend {
+            Backend::Redis(r) => return r.messages(conv, lo, hi, limit, newest, max_bytes).await,
+            Backend::Embedded(f) => f,
+        };
         let conv = conv.to_string();
-        self.reader
+        f.reader
             .run(move |r| r.messages(&conv, lo, hi, limit, newest, max_bytes))
             .await?
     }
 
     /// One message by seq.
     pub async fn message(&self, conv: &str, seq: i64) -> Result<Option<MsgItem>, StoreError> {
+        let f = match &self.backend {
+            Backend::Redis(r) => return r.message(conv, seq).await,
+            Backend::Embedded(f) => f,
+        };
         let conv = conv.to_string();
-        self.reader.run(move |r| r.message(&conv, seq)).await?
+        f.reader.run(move |r| r.message(&conv, seq)).await?
     }
 
     /// Messages by msg_id, in the order asked, skipping unknown ids and seqs outside
@@ -308,29 +381,45 @@ impl ShardStore {
         ceiling: i64,
         max_bytes: usize,
     ) -> Result<Vec<MsgItem>, StoreError> {
+        let f = match &self.backend {
+            Backend::Redis(r) => {
+                return r
+                    .messages_by_ids(conv, msg_ids, floor, ceiling, max_bytes)
+                    .await
+            }
+            Backend::Embedded(f) => f,
+        };
         let conv = conv.to_string();
-        self.reader
+        f.reader
             .run(move |r| r.messages_by_ids(&conv, &msg_ids, floor, ceiling, max_bytes))
             .await?
     }
 
     /// The seq of a msg_id in a conversation.
     pub async fn seq_of_msg_id(&self, conv: &str, msg_id: &str) -> Result<Option<i64>, StoreError> {
+        let f = match &self.backend {
+            Backend::Redis(r) => return r.seq_of_msg_id(conv, msg_id).await,
+            Backend::Embedded(f) => f,
+        };
         let (conv, msg_id) = (conv.to_string(), msg_id.to_string());
-        self.reader
+        f.reader
             .run(move |r| r.seq_of_msg_id(&conv, &msg_id))
             .await?
     }
 
     /// The recorded answers of (sender, client_msg_id) keys of one conversation, in
-    /// the order asked (one read job for all of them).
+    /// the order asked (one read for all of them).
     pub async fn dedupe_many(
         &self,
         conv: &str,
         keys: Vec<(String, String)>,
     ) -> Result<Vec<Option<DedupeRecord>>, StoreError> {
+        let f = match &self.backend {
+            Backend::Redis(r) => return r.dedupe_many(conv, keys).await,
+            Backend::Embedded(f) => f,
+        };
         let conv = conv.to_string();
-        self.reader
+        f.reader
             .run(move |r| {
                 keys.iter()
                     .map(|(sender, id)| r.dedupe(&conv, sender, id))
@@ -341,8 +430,12 @@ impl ShardStore {
 
     /// Every conversation row of a user.
     pub async fn rows(&self, user: &str) -> Result<Vec<(String, ConvRow)>, StoreError> {
+        let f = match &self.backend {
+            Backend::Redis(r) => return r.rows(user).await,
+            Backend::Embedded(f) => f,
+        };
         let user = user.to_string();
-        self.reader.run(move |r| r.rows(&user)).await?
+        f.reader.run(move |r| r.rows(&user)).await?
     }
 
     /// A group's record and every member with its record (None: no such group).
@@ -350,8 +443,12 @@ impl ShardStore {
         &self,
         conv: &str,
     ) -> Result<Option<(GroupMeta, Vec<(String, MemberRecord)>)>, StoreError> {
+        let f = match &self.backend {
+            Backend::Redis(r) => return r.group_with_members(conv).await,
+            Backend::Embedded(f) => f,
+        };
         let conv = conv.to_string();
-        self.reader
+        f.reader
             .run(move |r| {
                 let Some(meta) = r.group(&conv)? else {
                     return Ok(None);
@@ -371,7 +468,20 @@ impl ShardStore {
             if !staged.is_empty() {
                 self.resolve_upto(id, Err(StoreError::Write("an earlier batch failed".into())));
             }
-            let _ = self.jobs.send(Job::Reset);
+            match &self.backend {
+                Backend::Embedded(f) => {
+                    let _ = f.jobs.send(Job::Reset);
+                }
+                Backend::Redis(r) => {
+                    // Batches queued behind the failure were built on the dropped state.
+                    if let Some(upto) = r.drop_queued() {
+                        self.resolve_upto(
+                            upto,
+                            Err(StoreError::Write("an earlier batch failed".into())),
+                        );
+                    }
+                }
+            }
         }
     }
 
@@ -396,7 +506,7 @@ impl ShardStore {
         self.failed.get()
     }
 
-    fn flush(&self) {
+    fn flush(self: &Rc<Self>) {
         let puts = std::mem::take(&mut *self.staged.borrow_mut());
         if puts.is_empty() {
             return;
@@ -406,8 +516,17 @@ impl ShardStore {
         let bytes: usize = puts.iter().map(Put::size).sum();
         self.unsynced.borrow_mut().push_back((id, bytes));
         self.unsynced_bytes.set(self.unsynced_bytes.get() + bytes);
-        if self.jobs.send(Job::Batch { id, puts }).is_err() {
-            self.fail_upto(id, "sync thread is gone".to_string());
+        match &self.backend {
+            Backend::Embedded(f) => {
+                if f.jobs.send(Job::Batch { id, puts }).is_err() {
+                    self.fail_upto(id, "sync thread is gone".to_string());
+                }
+            }
+            Backend::Redis(r) => {
+                if r.enqueue(id, puts) {
+                    monoio::spawn(redis_writer(self.clone(), r.clone()));
+                }
+            }
         }
     }
 
@@ -446,7 +565,35 @@ impl ShardStore {
 
     /// Disk space used, for /metrics.
     pub fn disk_space(&self) -> u64 {
-        self.db.disk_space().unwrap_or(0)
+        match &self.backend {
+            Backend::Embedded(f) => f.db.disk_space().unwrap_or(0),
+            Backend::Redis(_) => 0,
+        }
+    }
+}
+
+/// Sends the batches queued for Redis, one `MULTI`/`EXEC` round at a time, in order,
+/// and reports each round as the sync thread does (durable, or failed with every batch
+/// after it until the shard resets).
+async fn redis_writer(store: Rc<ShardStore>, redis: Rc<RedisBackend>) {
+    // Let the rest of the turn stage first: one round carries the whole turn.
+    crate::rt::yield_now().await;
+    while let Some((upto, round)) = redis.take_round() {
+        if store.failed.get() {
+            store.fail_upto(upto, "an earlier batch failed".into());
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let result = redis.write_round(&round).await;
+        store.shared.record_round(started.elapsed());
+        store.shared.reported.fetch_max(upto, Ordering::AcqRel);
+        match result {
+            Ok(()) => store.resolve_upto(upto, Ok(())),
+            Err(error) => {
+                tracing::error!(%error, upto, "redis batch failed; answering 50301 until the shard resets");
+                store.fail_upto(upto, error);
+            }
+        }
     }
 }
 
@@ -746,7 +893,10 @@ async fn completion_loop(store: Rc<ShardStore>) {
             }
         })
         .await;
-        while let Ok(done) = store.done.try_recv() {
+        let Backend::Embedded(f) = &store.backend else {
+            return;
+        };
+        while let Ok(done) = f.done.try_recv() {
             match done {
                 Done::Durable { upto } => {
                     seen = seen.max(upto);
@@ -828,15 +978,7 @@ fn sync_thread(
             reported = reported.max(upto);
             let _ = done.send(Done::Failed { upto, error });
         }
-        let took = started.elapsed();
-        shared.rounds.fetch_add(1, Ordering::Relaxed);
-        shared
-            .round_micros
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-        shared.round_histogram.observe(took.as_micros() as u64);
-        if took >= std::time::Duration::from_millis(10) {
-            shared.slow_rounds.fetch_add(1, Ordering::Relaxed);
-        }
+        shared.record_round(started.elapsed());
         if reported > 0 {
             shared.reported.fetch_max(reported, Ordering::AcqRel);
             shared.bell.ring();

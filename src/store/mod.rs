@@ -32,14 +32,17 @@
 //! | members | conv_id `\0` user | MemberRecord (one key per member: a change to a
 //! 100,000-member group writes only the changed members) |
 //!
-//! The embedded backend is the only one today; the Redis backend of DESIGN.md will
-//! implement the same methods.
+//! Two backends sit behind [`ShardStore`], chosen at start (`--store`): fjall under
+//! the data dir (these keyspaces; `embedded`) and Redis (the same writes mapped onto
+//! hash-tagged keys; [`redis::backend`]). Both keep every guarantee above: on Redis a
+//! batch is durable when its `MULTI`/`EXEC` answered (on disk with Redis's
+//! `appendfsync always`), and reads go over the shard's own connection.
 
 pub mod embedded;
 pub mod offloop;
 pub mod redis;
 
-pub use embedded::{ShardStore, WriteSet};
+pub use embedded::{Ks, Put, ShardStore, WriteSet};
 
 use std::path::Path;
 

@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use imshard::proto::pb::{self, client_frame::Body, ClientFrame, MessageEnvelope, MsgItem};
+
+pub mod redis_server;
 use prost::Message as _;
 use tungstenite::protocol::WebSocket;
 
@@ -20,6 +22,9 @@ pub struct Server {
     pub addr: SocketAddr,
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
+    /// With `IMSHARD_TEST_STORE=redis`: this server's own redis-server (kept across
+    /// restarts of imshard, stopped when the server is dropped).
+    pub redis: Option<redis_server::RedisServer>,
     pub shards: usize,
     args: Vec<String>,
 }
@@ -53,12 +58,36 @@ impl Server {
             "--jwt-secret".into(),
             SECRET.into(),
         ];
+        // One parameter runs the whole suite on either store.
+        let redis = match std::env::var("IMSHARD_TEST_STORE").as_deref() {
+            Ok("redis") => {
+                let r = redis_server::RedisServer::start_with(&[
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ])
+                .expect(
+                    "IMSHARD_TEST_STORE=redis needs redis-server (apt-get install -y redis-server)",
+                );
+                args.extend([
+                    "--store".into(),
+                    "redis".into(),
+                    "--redis-url".into(),
+                    r.url(),
+                ]);
+                Some(r)
+            }
+            Ok("embedded") | Err(_) => None,
+            Ok(other) => panic!("IMSHARD_TEST_STORE must be embedded or redis, not {other}"),
+        };
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut s = Server {
             child: None,
             addr,
             dir: dir.to_path_buf(),
             _tmp: None,
+            redis,
             shards,
             args,
         };

@@ -61,6 +61,7 @@
 //! Tested against a real `redis-server` in `tests/redis_conn.rs`; measured by
 //! `benches/redis.rs` (numbers in `benches/README.md`).
 
+pub mod backend;
 pub mod conn;
 pub mod presence;
 pub mod script;
