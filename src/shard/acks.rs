@@ -7,6 +7,11 @@
 //! connection that never acked has no entry (idle connections cost nothing here); the
 //! entry goes when the connection closes (a reconnecting client resyncs by seq). After
 //! the first ack of a conversation, further acks of it allocate nothing.
+//!
+//! Cost, by our count of the allocations: a connection that acked one conversation
+//! holds ~100 bytes here (its map slot, a one-entry `Vec`, the conv_id) and ~60 more per
+//! further conversation, until it closes, also while it sits idle after its last ack.
+//! A connection that never received a push holds nothing.
 
 use std::collections::HashMap;
 
@@ -35,6 +40,11 @@ impl AckTable {
         }
         if convs.len() >= MAX_CONVS_PER_CONN {
             convs.remove(0);
+        }
+        if convs.capacity() == 0 {
+            // Most connections ack one or two conversations: 24 bytes, not the 96 a
+            // first push reserves.
+            convs.reserve_exact(1);
         }
         convs.push((conv_id.into(), seq));
         true
