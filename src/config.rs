@@ -222,6 +222,9 @@ config_keys! {
         redis_timeout: Duration = Duration::from_secs(2), parse_duration,
             "DURATION", "IMSHARD_REDIS_TIMEOUT", "2s", "duration",
             "a Redis call with no answer after this fails fast (writes answer 50301) and the connection is made again";
+        redis_wait_replicas: u32 = 0, parse_num::<u32>,
+            "N", "IMSHARD_REDIS_WAIT_REPLICAS", "0", "replicas",
+            "with `--store redis`: a write is answered only after this many replicas acknowledged it (Redis `WAIT`, within redis_timeout; else 50301); 0 = the primary alone";
         cache_bytes: usize = 256 << 20, parse_bytes,
             "BYTES", "IMSHARD_CACHE_BYTES", "256MiB", "bytes for the whole process",
             "memory for cached conversation rows, conversation states and group member lists (split over the shards); the least recently used idle entries are evicted past it";

@@ -255,11 +255,15 @@ async fn shard_main(started: Started, parts: ring::EndpointParts) {
         },
         StoreKind::Redis => {
             let mut rc = RedisConfig::new(cfg.redis_url.clone());
+            // A WAIT for replicas may take up to the timeout itself: allow for both.
+            let wait_ms = (cfg.redis_timeout.as_millis() as u64 / 2).max(1);
             rc.timeout = cfg.redis_timeout;
             // Start only against a Redis that answers; later outages are survived
             // (writes fail fast with 50301, the connection comes back by itself).
             match RedisConn::connect(rc, std::time::Duration::from_secs(5)).await {
-                Ok(conn) => ShardStore::open_redis(conn, bell.clone()),
+                Ok(conn) => {
+                    ShardStore::open_redis(conn, bell.clone(), cfg.redis_wait_replicas, wait_ms)
+                }
                 Err(e) => return fail(format!("cannot reach Redis at --redis-url: {e}")),
             }
         }

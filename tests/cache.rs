@@ -12,16 +12,6 @@ use imshard::ids::p2p_conv_id;
 use imshard::proto::pb::{self, client_frame::Body, ClientFrame, PullDirection};
 use prost::Message as _;
 
-/// The sum over shards of one metric in /metrics.
-fn metric(server: &Server, name: &str) -> u64 {
-    let (status, body) = server.http("GET", "/metrics", None, "").expect("metrics");
-    assert_eq!(status, 200);
-    body.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 #[test]
 fn touching_200000_conversations_stays_within_the_cache_budget() {
     const TOUCHED: u64 = 200_000;
@@ -61,9 +51,9 @@ fn touching_200000_conversations_stays_within_the_cache_budget() {
             assert!(code == 0 || code == 40401, "pull {id}: {code}");
         }
     }
-    let cached = metric(&server, "imshard_cached_conversations");
-    let charged = metric(&server, "imshard_cache_bytes");
-    let evicted = metric(&server, "imshard_cache_evictions_total");
+    let cached = server.metric("imshard_cached_conversations");
+    let charged = server.metric("imshard_cache_bytes");
+    let evicted = server.metric("imshard_cache_evictions_total");
     assert!(
         charged <= budget + 64 * 1024,
         "charged {charged} bytes, budget {budget}"
@@ -113,5 +103,5 @@ fn evicted_conversations_and_rows_come_back_from_the_store_unchanged() {
         .expect("mark read")
         .unread_count;
     assert_eq!(unread, 20);
-    assert!(metric(&server, "imshard_cache_evictions_total") > 0);
+    assert!(server.metric("imshard_cache_evictions_total") > 0);
 }

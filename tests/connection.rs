@@ -46,16 +46,6 @@ fn upgrade_status(server: &Server, query: &str, headers: &[(&str, &str)]) -> (u1
     (status, body)
 }
 
-fn close_code(c: &mut Client) -> Option<u16> {
-    loop {
-        match c.ws.read() {
-            Ok(tungstenite::Message::Close(f)) => return f.map(|f| u16::from(f.code)),
-            Ok(_) => continue,
-            Err(_) => return None,
-        }
-    }
-}
-
 fn token_with(sub: &str, exp_offset: i64, secret: &str) -> String {
     let claims = serde_json::json!({
         "sub": sub, "did": "phone", "dty": "mobile",
@@ -130,7 +120,7 @@ fn bad_frames_get_protocol_errors_and_others_keep_being_served() {
     let mut c = server.connect("mallory", "d1");
     c.ws.send(tungstenite::Message::binary(vec![0xff, 0xff, 0xff, 0xff]))
         .expect("send");
-    assert_eq!(close_code(&mut c), Some(1007));
+    assert_eq!(c.close_code(), Some(1007));
 
     // Decodable req_id, broken body: RESPONSE 40001, connection stays.
     let mut c = server.connect("mallory", "d2");
@@ -181,13 +171,13 @@ fn bad_frames_get_protocol_errors_and_others_keep_being_served() {
     let mut c = server.connect("mallory", "d3");
     c.ws.send(tungstenite::Message::text("hello"))
         .expect("send");
-    assert_eq!(close_code(&mut c), Some(1003));
+    assert_eq!(c.close_code(), Some(1003));
 
     // Oversized message: close 1009.
     let mut c = server.connect("mallory", "d4");
     c.ws.send(tungstenite::Message::binary(vec![0u8; 200_000]))
         .expect("send");
-    assert_eq!(close_code(&mut c), Some(1009));
+    assert_eq!(c.close_code(), Some(1009));
 
     // Nothing bad was stored, and the healthy pair still works.
     healthy_a.send_p2p(&bob, "after", "{}").expect("send after");
@@ -246,7 +236,7 @@ fn silent_connections_are_closed_and_heartbeats_keep_them() {
     }
     silent.set_timeout(Duration::from_secs(10));
     assert_eq!(
-        close_code(&mut silent),
+        silent.close_code(),
         Some(1001),
         "a silent connection is closed (going away)"
     );
@@ -271,7 +261,7 @@ fn same_device_twice_replaces_the_first_with_kickout() {
     let notice = pb::KickoutNotice::decode(&*kick.data).expect("kickout decodes");
     assert_eq!(notice.reason, "replaced");
     assert_eq!(
-        close_code(&mut first),
+        first.close_code(),
         Some(u16::from(CloseCode::Library(4000)))
     );
     // The new connection and the other device both work.

@@ -13,17 +13,6 @@ use imshard::proto::pb::{self, client_frame::Body, ClientFrame, ConvType};
 use prost::Message as _;
 use serde_json::{json, Value};
 
-/// Reads until a close frame arrives; its code (None when the stream ended without).
-fn close_code(c: &mut Client) -> Option<u16> {
-    loop {
-        match c.ws.read() {
-            Ok(tungstenite::Message::Close(f)) => return f.map(|f| u16::from(f.code)),
-            Ok(_) => continue,
-            Err(_) => return None,
-        }
-    }
-}
-
 /// The header of a masked binary frame announcing `len` payload bytes.
 fn frame_header(len: u64) -> Vec<u8> {
     let mut h = vec![0x82, 0x80 | 127];
@@ -50,16 +39,6 @@ fn trickle(c: &mut Client, first: usize) {
     });
 }
 
-/// The sum over shards of one metric in /metrics.
-fn metric(server: &Server, name: &str) -> u64 {
-    let (status, body) = server.http("GET", "/metrics", None, "").expect("metrics");
-    assert_eq!(status, 200);
-    body.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 /// Polls `cond` every 100 ms for at most 20 s (a safety net, not a timing check).
 fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -81,7 +60,7 @@ fn bytes_without_a_whole_message_do_not_keep_a_connection_alive() {
     c.set_timeout(Duration::from_secs(25));
     trickle(&mut c, 1000);
     assert_eq!(
-        close_code(&mut c),
+        c.close_code(),
         Some(1001),
         "closed by the heartbeat although bytes kept coming"
     );
@@ -95,7 +74,7 @@ fn a_started_message_must_complete_within_frame_timeout() {
     let mut c = server.connect("slowloris", "d");
     c.set_timeout(Duration::from_secs(25));
     trickle(&mut c, 10_000);
-    assert_eq!(close_code(&mut c), Some(1008));
+    assert_eq!(c.close_code(), Some(1008));
     let mut ok = server.connect("fine", "d");
     assert_eq!(heartbeat(&mut ok), 0);
 }
@@ -116,7 +95,7 @@ fn unfinished_messages_share_a_capped_memory_per_shard() {
     let mut refused = 0;
     for c in &mut clients {
         c.set_timeout(Duration::from_secs(2));
-        if let Some(1013) = close_code(c) {
+        if let Some(1013) = c.close_code() {
             refused += 1;
         }
     }
@@ -134,17 +113,17 @@ fn a_slow_reader_is_cut_and_its_socket_closed_at_once() {
     let (lazy, sender) = users_on_shards(2, "slow", false);
     let mut lazy_c = server.connect(&lazy, "d");
     let mut tx = server.connect(&sender, "d");
-    assert_eq!(metric(&server, "imshard_connections"), 2);
+    assert_eq!(server.metric("imshard_connections"), 2);
     let content = format!("{{\"t\":\"{}\"}}", "x".repeat(50_000));
     for i in 0..300 {
         let r = tx.send_p2p(&lazy, &format!("m{i}"), &content);
         assert!(r.is_ok(), "send {i}: {r:?}");
     }
     eventually("the slow reader is cut", || {
-        metric(&server, "imshard_slow_reader_cuts_total") == 1
+        server.metric("imshard_slow_reader_cuts_total") == 1
     });
     eventually("its socket is closed, not kept until the heartbeat", || {
-        metric(&server, "imshard_connections") == 1
+        server.metric("imshard_connections") == 1
     });
     // The lazy client finds the end of its stream after what was buffered.
     lazy_c.set_timeout(Duration::from_secs(10));
@@ -181,7 +160,7 @@ fn max_connections_is_enforced_with_503() {
     assert!(body.contains("50301"), "{body}");
     drop(a);
     eventually("a place frees up", || {
-        metric(&server, "imshard_connections") == 1
+        server.metric("imshard_connections") == 1
     });
     let mut c = server.connect("c", "d");
     assert_eq!(heartbeat(&mut c), 0);
@@ -233,8 +212,8 @@ fn sigterm_answers_closes_with_1001_and_exits_0() {
     server.signal(libc::SIGTERM);
     a.set_timeout(Duration::from_secs(15));
     b.set_timeout(Duration::from_secs(15));
-    assert_eq!(close_code(&mut a), Some(1001));
-    assert_eq!(close_code(&mut b), Some(1001));
+    assert_eq!(a.close_code(), Some(1001));
+    assert_eq!(b.close_code(), Some(1001));
     let status = server.wait_exit(Duration::from_secs(20)).expect("exited");
     assert_eq!(status.code(), Some(0), "{status}");
     // The listener is gone: nothing accepts on the port any more.

@@ -101,3 +101,111 @@ fn acknowledged_messages_survive_kill_9_of_imshard_on_redis() {
     let mut a = server.connect(&alice, "d");
     assert_eq!(a.send_p2p(&bob, "after", "{}").map(|r| r.seq), Ok(51));
 }
+
+/// One inline command to Redis; the raw reply.
+fn redis_raw(redis: &RedisServer, command: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).expect("connect redis");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(format!("{command}\r\n").as_bytes())
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).expect("read");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// The ZSET score of `device` in `user:online:{user}`, if it is there.
+fn presence_score(redis: &RedisServer, user: &str, device: &str) -> Option<i64> {
+    let reply = redis_raw(redis, &format!("ZSCORE user:online:{{{user}}} {device}"));
+    let mut lines = reply.lines();
+    match lines.next()? {
+        l if l.starts_with('$') && l != "$-1" => lines.next()?.parse().ok(),
+        _ => None,
+    }
+}
+
+#[test]
+fn presence_zsets_follow_connections_with_the_last_heartbeat_as_score() {
+    let Some((server, redis)) = server_on_redis(&[]) else {
+        return;
+    };
+    let before = imshard::store::redis::presence::now_ms();
+    let mut phone = server.connect("pres", "phone");
+    let _laptop = server.connect("pres", "laptop");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        while !cond() {
+            assert!(Instant::now() < deadline, "never happened: {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("both devices online", &|| {
+        presence_score(&redis, "pres", "phone").is_some()
+            && presence_score(&redis, "pres", "laptop").is_some()
+    });
+    let first = presence_score(&redis, "pres", "phone").expect("score");
+    assert!(first >= before, "the score is the time the device was seen");
+    std::thread::sleep(Duration::from_millis(20));
+    let r = phone.request(imshard::proto::pb::client_frame::Body::Heartbeat(
+        imshard::proto::pb::Heartbeat { client_ts: 1 },
+    ));
+    assert_eq!(r.code, 0);
+    wait("a heartbeat refreshes the score", &|| {
+        presence_score(&redis, "pres", "phone").is_some_and(|s| s > first)
+    });
+    drop(phone);
+    wait("a closed device is removed", &|| {
+        presence_score(&redis, "pres", "phone").is_none()
+    });
+    assert!(presence_score(&redis, "pres", "laptop").is_some());
+    // The key expires heartbeat_timeout after its newest score.
+    let ttl = redis_raw(&redis, "PTTL user:online:{pres}");
+    let ms: i64 = ttl.trim().trim_start_matches(':').parse().expect("PTTL");
+    assert!(ms > 0 && ms <= 90_000, "PTTL {ms}");
+}
+
+#[test]
+fn with_wait_replicas_a_send_is_answered_only_once_a_replica_has_it() {
+    let Some(primary) =
+        RedisServer::start_with(&["--appendonly", "no", "--repl-diskless-sync-delay", "0"])
+    else {
+        return;
+    };
+    let port = primary.port.to_string();
+    let Some(mut replica) = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !redis_raw(&primary, "INFO replication").contains("state=online") {
+        assert!(Instant::now() < deadline, "the replica never connected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = primary.url();
+    let server = Server::start(
+        2,
+        &[
+            "--store",
+            "redis",
+            "--redis-url",
+            &url,
+            "--redis-timeout",
+            "1s",
+            "--redis-wait-replicas",
+            "1",
+        ],
+    );
+    let (alice, bob) = users_on_shards(2, "repl", false);
+    let mut a = server.connect(&alice, "d");
+    assert_eq!(a.send_p2p(&bob, "m1", "{}").map(|r| r.seq), Ok(1));
+    // The replica has it once the send is answered.
+    let conv = p2p_conv_id(&alice, &bob);
+    let hlen = redis_raw(&replica, &format!("HLEN im:{{{conv}}}:m"));
+    assert_eq!(hlen.trim(), ":1", "{hlen}");
+    replica.kill();
+    assert_eq!(
+        a.send_p2p(&bob, "m2", "{}"),
+        Err(50301),
+        "no replica acknowledged: not answered as durable"
+    );
+}

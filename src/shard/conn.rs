@@ -337,6 +337,7 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, up: Upgrade) {
     if let Some(old) = chat::user::register(&shard, &conn) {
         old.close(&shard, close::KICKED, Some(kick::REPLACED));
     }
+    chat::user::seen(&shard, &conn);
     if shard.draining.get() {
         // Handed over just as shutdown began.
         conn.close(&shard, close::GOING_AWAY, None);
@@ -647,6 +648,7 @@ fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: ws::Message) -> bool {
             false
         }
         ws::Message::Ping(p) => {
+            chat::user::seen(shard, conn);
             conn.send(shard, ws::frame(ws::PONG, &p));
             true
         }
@@ -686,6 +688,7 @@ fn on_client_frame(
             }
         }
         Some(Body::Heartbeat(_)) => {
+            chat::user::seen(shard, conn);
             if req_id != 0 {
                 let body = HeartbeatResponse {
                     server_ts: envelope::now_ms(),

@@ -232,10 +232,16 @@ impl ShardStore {
         Ok(store)
     }
 
-    /// A shard's store on Redis, over `conn` (see [`super::redis::backend`]).
-    pub fn open_redis(conn: RedisConn, bell: Arc<Bell>) -> Rc<ShardStore> {
+    /// A shard's store on Redis, over `conn` (see [`super::redis::backend`]); each
+    /// batch waits for `wait_replicas` replicas (0: none) for at most `wait_timeout_ms`.
+    pub fn open_redis(
+        conn: RedisConn,
+        bell: Arc<Bell>,
+        wait_replicas: u32,
+        wait_timeout_ms: u64,
+    ) -> Rc<ShardStore> {
         Rc::new(ShardStore::with_backend(
-            Backend::Redis(RedisBackend::new(conn)),
+            Backend::Redis(RedisBackend::new(conn, wait_replicas, wait_timeout_ms)),
             Arc::new(SyncShared::new(bell)),
         ))
     }

@@ -132,6 +132,16 @@ impl Server {
         }
     }
 
+    /// The sum over shards of one metric in /metrics (0 when absent).
+    pub fn metric(&self, name: &str) -> u64 {
+        let (status, body) = self.http("GET", "/metrics", None, "").expect("metrics");
+        assert_eq!(status, 200);
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("server running").id()
@@ -340,6 +350,17 @@ impl Client {
                 };
             }
             self.pushes.push_back(env);
+        }
+    }
+
+    /// Reads until a close frame arrives; its code (None when the stream ended without).
+    pub fn close_code(&mut self) -> Option<u16> {
+        loop {
+            match self.ws.read() {
+                Ok(tungstenite::Message::Close(f)) => return f.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
         }
     }
 

@@ -41,6 +41,10 @@ pub struct RedisBackend {
     queue: RefCell<VecDeque<(u64, Vec<Put>)>>,
     /// Whether the writer task runs.
     writing: Cell<bool>,
+    /// Replicas that must acknowledge a round (`WAIT`) before it counts as durable,
+    /// and how long to wait for them.
+    wait_replicas: u32,
+    wait_timeout_ms: u64,
 }
 
 fn key(tag: &str, suffix: &str) -> Vec<u8> {
@@ -80,11 +84,15 @@ fn split(key: &[u8]) -> Option<(&str, &[u8])> {
 }
 
 impl RedisBackend {
-    pub fn new(conn: RedisConn) -> Rc<RedisBackend> {
+    /// A backend on `conn`; with `wait_replicas > 0` every round also waits (up to
+    /// `wait_timeout_ms`) for that many replicas.
+    pub fn new(conn: RedisConn, wait_replicas: u32, wait_timeout_ms: u64) -> Rc<RedisBackend> {
         Rc::new(RedisBackend {
             conn,
             queue: RefCell::new(VecDeque::new()),
             writing: Cell::new(false),
+            wait_replicas,
+            wait_timeout_ms,
         })
     }
 
@@ -295,8 +303,28 @@ impl RedisBackend {
         Some((upto, pipe))
     }
 
-    /// Runs one round; Ok when `EXEC` applied all of it.
+    /// Runs one round; Ok when `EXEC` applied all of it (and, if asked, enough
+    /// replicas acknowledged it).
     pub async fn write_round(&self, pipe: &Pipeline) -> Result<(), String> {
+        self.exec_round(pipe).await?;
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let wait = redis::cmd("WAIT")
+            .arg(self.wait_replicas)
+            .arg(self.wait_timeout_ms)
+            .clone();
+        match self.conn.cmd(&wait).await.map_err(|e| e.to_string())? {
+            Value::Int(n) if n >= i64::from(self.wait_replicas) => Ok(()),
+            Value::Int(n) => Err(format!(
+                "only {n} of {} replicas acknowledged the batch within {} ms",
+                self.wait_replicas, self.wait_timeout_ms
+            )),
+            other => Err(format!("WAIT answered {other:?}")),
+        }
+    }
+
+    async fn exec_round(&self, pipe: &Pipeline) -> Result<(), String> {
         let replies = self.conn.pipeline(pipe).await.map_err(|e| e.to_string())?;
         match replies.last() {
             Some(Value::Array(results)) => {

@@ -1,9 +1,8 @@
 //! Presence in Redis: one ZSET per user, `user:online:{uuid}`, member = device id,
-//! score = the ms (Unix time) at which the device stops counting as online unless its
-//! heartbeat refreshes it. A device is online while its score is later than now.
-//! (Issue 10 asks for the expiry as the score, so a reader needs no heartbeat timeout;
-//! docs/PROTOCOL.md, "Cluster events", still calls the score the last heartbeat: it
-//! must say "expiry" when the shard starts writing these keys.)
+//! score = a time in ms. The server writes what docs/PROTOCOL.md ("Cluster events")
+//! fixes: the score is the device's last heartbeat, and a device counts as online while
+//! its score is newer than now - heartbeat_timeout. The code also supports scores that
+//! are expiry times (a window of 0), which the tests use.
 //!
 //! Updates are collected in a [`PresenceBatch`] (latest change per device wins) and
 //! sent as one pipeline; [`PresenceWriter`] does that for a shard: changes staged from
@@ -68,6 +67,13 @@ impl PresenceBatch {
     /// devices), `ZREMRANGEBYSCORE -inf now_ms` (expired devices) and, when a device
     /// came online, `PEXPIREAT` of the newest expiry.
     pub fn to_cmds(&self, now_ms: i64) -> Vec<Cmd> {
+        self.to_cmds_in(now_ms, 0)
+    }
+
+    /// As [`PresenceBatch::to_cmds`] with scores that are last-seen times counting for
+    /// `window_ms`: devices older than `now_ms - window_ms` are dropped, and the key
+    /// expires `window_ms` after its newest score.
+    pub fn to_cmds_in(&self, now_ms: i64, window_ms: i64) -> Vec<Cmd> {
         let mut cmds = Vec::with_capacity(self.users.len() * 4);
         for (user, devices) in &self.users {
             let key = online_key(user);
@@ -99,11 +105,16 @@ impl PresenceBatch {
                 ::redis::cmd("ZREMRANGEBYSCORE")
                     .arg(&key)
                     .arg("-inf")
-                    .arg(now_ms)
+                    .arg(now_ms - window_ms)
                     .clone(),
             );
             if let Some(newest) = newest {
-                cmds.push(::redis::cmd("PEXPIREAT").arg(&key).arg(newest).clone());
+                cmds.push(
+                    ::redis::cmd("PEXPIREAT")
+                        .arg(&key)
+                        .arg(newest + window_ms)
+                        .clone(),
+                );
             }
         }
         cmds
@@ -111,7 +122,17 @@ impl PresenceBatch {
 
     /// Sends the batch as one pipeline.
     pub async fn send(&self, conn: &RedisConn, now_ms: i64) -> Result<(), RedisError> {
-        let replies = conn.cmds(&self.to_cmds(now_ms)).await?;
+        self.send_in(conn, now_ms, 0).await
+    }
+
+    /// Sends the batch as one pipeline, scores counting for `window_ms`.
+    pub async fn send_in(
+        &self,
+        conn: &RedisConn,
+        now_ms: i64,
+        window_ms: i64,
+    ) -> Result<(), RedisError> {
+        let replies = conn.cmds(&self.to_cmds_in(now_ms, window_ms)).await?;
         match replies.into_iter().find_map(|v| match v {
             Value::ServerError(e) => Some(e),
             _ => None,
@@ -172,15 +193,24 @@ pub struct PresenceWriter {
     flush_queued: Cell<bool>,
     /// Batches that failed.
     failed_batches: Cell<u64>,
+    /// How long a score counts (0: scores are expiry times).
+    window_ms: i64,
 }
 
 impl PresenceWriter {
     pub fn new(conn: RedisConn) -> Rc<PresenceWriter> {
+        PresenceWriter::with_window(conn, 0)
+    }
+
+    /// A writer whose scores are last-seen times that count for `window_ms` (the
+    /// server's heartbeat timeout: docs/PROTOCOL.md's meaning).
+    pub fn with_window(conn: RedisConn, window_ms: i64) -> Rc<PresenceWriter> {
         Rc::new(PresenceWriter {
             conn,
             staged: RefCell::new(PresenceBatch::new()),
             flush_queued: Cell::new(false),
             failed_batches: Cell::new(0),
+            window_ms,
         })
     }
 
@@ -211,7 +241,7 @@ impl PresenceWriter {
         monoio::spawn(async move {
             me.flush_queued.set(false);
             let batch = std::mem::take(&mut *me.staged.borrow_mut());
-            if let Err(e) = batch.send(&me.conn, now_ms()).await {
+            if let Err(e) = batch.send_in(&me.conn, now_ms(), me.window_ms).await {
                 me.failed_batches.set(me.failed_batches.get() + 1);
                 tracing::warn!(error = %e, devices = batch.len(), "presence update failed");
             }
