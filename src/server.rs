@@ -25,7 +25,6 @@ use crate::chat::filter::{Filter, FilterError};
 use crate::config::{Config, StoreKind};
 use crate::shard::accept::Port;
 use crate::shard::{accept, conn, ring, shutdown, Global, Shard};
-use crate::store::redis::{RedisConfig, RedisConn};
 use crate::store::{self, ShardStore};
 
 /// Why the server could not start.
@@ -254,17 +253,17 @@ async fn shard_main(started: Started, parts: ring::EndpointParts) {
             Err(e) => return fail(e.to_string()),
         },
         StoreKind::Redis => {
-            let mut rc = RedisConfig::new(cfg.redis_url.clone());
-            // A WAIT for replicas may take up to the timeout itself: allow for both.
-            let wait_ms = (cfg.redis_timeout.as_millis() as u64 / 2).max(1);
-            rc.timeout = cfg.redis_timeout;
-            // Start only against a Redis that answers; later outages are survived
-            // (writes fail fast with 50301, the connection comes back by itself).
-            match RedisConn::connect(rc, std::time::Duration::from_secs(5)).await {
-                Ok(conn) => {
-                    ShardStore::open_redis(conn, bell.clone(), cfg.redis_wait_replicas, wait_ms)
-                }
-                Err(e) => return fail(format!("cannot reach Redis at --redis-url: {e}")),
+            let opened = ShardStore::open_redis(
+                &cfg.redis_url,
+                cfg.redis_timeout,
+                cfg.redis_wait_replicas,
+                cfg.heartbeat_timeout.as_millis() as i64,
+                bell.clone(),
+            )
+            .await;
+            match opened {
+                Ok(s) => s,
+                Err(e) => return fail(e.to_string()),
             }
         }
     };

@@ -105,3 +105,51 @@ fn evicted_conversations_and_rows_come_back_from_the_store_unchanged() {
     assert_eq!(unread, 20);
     assert!(server.metric("imshard_cache_evictions_total") > 0);
 }
+
+/// The budget of issue 10, measured (not run by default: a million durable sends take
+/// a minute in a release build): `cargo test --release --test cache -- --ignored
+/// --nocapture`. One client sends one message to each of 1,000,000 distinct users, so
+/// a million users' rows and conversations are touched; RSS must stay under 400 MiB
+/// with `--cache-bytes 256MiB`.
+#[test]
+#[ignore]
+fn a_million_users_conversations_stay_under_400_mib() {
+    const USERS: u64 = 1_000_000;
+    const WINDOW: u64 = 1_000;
+    let server = Server::start(2, &["--cache-bytes", "256MiB", "--rate-limit", "0"]);
+    let mut c = server.connect("aaa_sender", "d");
+    c.set_timeout(Duration::from_secs(60));
+    let rss_before = server.rss_kib();
+    let started = std::time::Instant::now();
+    let mut req_id = 0;
+    for window in 0..USERS / WINDOW {
+        let first = req_id + 1;
+        for i in 0..WINDOW {
+            req_id += 1;
+            c.send_frame(&ClientFrame {
+                req_id,
+                body: Some(Body::Send(pb::SendMessageRequest {
+                    conv_type: pb::ConvType::P2p as i32,
+                    target: format!("u{}", window * WINDOW + i),
+                    content: "{}".into(),
+                    ..Default::default()
+                })),
+            });
+        }
+        for id in first..=req_id {
+            assert_eq!(c.wait_response(id).code, 0, "send {id}");
+        }
+    }
+    let rss = server.rss_kib();
+    eprintln!(
+        "MEASURED: {USERS} users in {:.1} s; RSS {} -> {} MiB; cache {} MiB charged, {} users and {} conversations cached, {} evictions",
+        started.elapsed().as_secs_f64(),
+        rss_before >> 10,
+        rss >> 10,
+        server.metric("imshard_cache_bytes") >> 20,
+        server.metric("imshard_cached_users"),
+        server.metric("imshard_cached_conversations"),
+        server.metric("imshard_cache_evictions_total"),
+    );
+    assert!(rss < 400 * 1024, "RSS {} MiB", rss >> 10);
+}

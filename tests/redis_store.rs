@@ -190,14 +190,25 @@ fn with_wait_replicas_a_send_is_answered_only_once_a_replica_has_it() {
             "--redis-url",
             &url,
             "--redis-timeout",
-            "1s",
+            "2s",
             "--redis-wait-replicas",
             "1",
         ],
     );
     let (alice, bob) = users_on_shards(2, "repl", false);
     let mut a = server.connect(&alice, "d");
-    assert_eq!(a.send_p2p(&bob, "m1", "{}").map(|r| r.seq), Ok(1));
+    // A replica that just came online may still be catching up: resend (same
+    // client_msg_id) until a replica acknowledged it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        match a.send_p2p(&bob, "m1", "{}") {
+            Err(50301) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(first.map(|r| r.seq), Ok(1));
     // The replica has it once the send is answered.
     let conv = p2p_conv_id(&alice, &bob);
     let hlen = redis_raw(&replica, &format!("HLEN im:{{{conv}}}:m"));

@@ -99,20 +99,18 @@ pub fn register(shard: &Shard, conn: &Rc<Conn>) -> Option<Rc<Conn>> {
 /// The device of `conn` was seen now (connect, heartbeat, ping): on the Redis store its
 /// presence score is refreshed (batched per loop turn).
 pub fn seen(shard: &Shard, conn: &Conn) {
-    if let Some(p) = &shard.presence {
-        p.set_online(&conn.user, &conn.device, now_ms());
-    }
+    shard.store.set_online(&conn.user, &conn.device, now_ms());
 }
 
 /// Removes a connection that ended; drops the user's entry when nothing else is kept.
 pub fn unregister(shard: &Shard, conn: &Rc<Conn>) {
-    if let Some(p) = &shard.presence {
+    if shard.store.keeps_presence() {
         // Another connection of the same device may have replaced this one.
         let replaced = devices(shard, &conn.user)
             .iter()
             .any(|c| c.id != conn.id && c.device == conn.device);
         if !replaced {
-            p.set_offline(&conn.user, &conn.device);
+            shard.store.set_offline(&conn.user, &conn.device);
         }
     }
     let mut users = shard.users.borrow_mut();

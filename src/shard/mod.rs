@@ -145,8 +145,6 @@ pub struct Shard {
     pub cache_queue: RefCell<std::collections::VecDeque<chat::cache::CacheKey>>,
     /// An eviction pass is scheduled for the end of this loop turn.
     pub cache_pass_due: Cell<bool>,
-    /// On the Redis store: this shard's writer of the `user:online:{uuid}` ZSETs.
-    pub presence: Option<Rc<crate::store::redis::PresenceWriter>>,
     /// What all shards share (connection count, shutdown flag).
     pub global: Arc<Global>,
     /// Calls this shard made that wait for a reply, by token, with the wheel second
@@ -189,10 +187,6 @@ impl Shard {
         global: Arc<Global>,
     ) -> Rc<Shard> {
         let timeout_ticks = cfg.heartbeat_timeout.as_secs().max(1) as u32;
-        let presence = store.redis().map(|conn| {
-            let window = cfg.heartbeat_timeout.as_millis() as i64;
-            crate::store::redis::PresenceWriter::with_window(conn.clone(), window)
-        });
         Rc::new(Shard {
             id,
             n: cfg.shards,
@@ -206,7 +200,6 @@ impl Shard {
             cache_bytes: Cell::new(0),
             cache_queue: RefCell::new(std::collections::VecDeque::new()),
             cache_pass_due: Cell::new(false),
-            presence,
             global,
             calls: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),

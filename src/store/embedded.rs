@@ -27,7 +27,7 @@ use prost::Message;
 
 use super::offloop::OffLoop;
 use super::redis::backend::RedisBackend;
-use super::redis::RedisConn;
+use super::redis::{PresenceWriter, RedisConfig, RedisConn};
 use super::{keys, StoreError};
 use crate::metrics::{AtomicHistogram, HistogramSnapshot};
 use crate::proto::pb::MsgItem;
@@ -176,6 +176,8 @@ pub struct ShardStore {
     /// by that backpressure, not by a capacity that would block the loop).
     unsynced: RefCell<VecDeque<(u64, usize)>>,
     unsynced_bytes: Cell<usize>,
+    /// On Redis: the writer of the `user:online:{uuid}` ZSETs.
+    presence: Option<Rc<PresenceWriter>>,
 }
 
 impl ShardStore {
@@ -232,18 +234,51 @@ impl ShardStore {
         Ok(store)
     }
 
-    /// A shard's store on Redis, over `conn` (see [`super::redis::backend`]); each
-    /// batch waits for `wait_replicas` replicas (0: none) for at most `wait_timeout_ms`.
-    pub fn open_redis(
-        conn: RedisConn,
-        bell: Arc<Bell>,
+    /// A shard's store on Redis (see [`super::redis::backend`]): connects to `url`
+    /// (refused when Redis does not answer within 5 s; later outages are survived:
+    /// writes fail fast with 50301 and the connection comes back by itself). Each batch
+    /// waits for `wait_replicas` replicas (0: none); presence scores count for
+    /// `presence_window_ms` (the heartbeat timeout).
+    pub async fn open_redis(
+        url: &str,
+        timeout: std::time::Duration,
         wait_replicas: u32,
-        wait_timeout_ms: u64,
-    ) -> Rc<ShardStore> {
-        Rc::new(ShardStore::with_backend(
-            Backend::Redis(RedisBackend::new(conn, wait_replicas, wait_timeout_ms)),
+        presence_window_ms: i64,
+        bell: Arc<Bell>,
+    ) -> Result<Rc<ShardStore>, StoreError> {
+        let mut rc = RedisConfig::new(url.to_string());
+        rc.timeout = timeout;
+        let conn = RedisConn::connect(rc, std::time::Duration::from_secs(5))
+            .await
+            .map_err(|e| StoreError::Open(format!("cannot reach Redis at --redis-url: {e}")))?;
+        // A WAIT for replicas must end before the call's own timeout.
+        let wait_ms = (timeout.as_millis() as u64 / 2).max(1);
+        let mut store = ShardStore::with_backend(
+            Backend::Redis(RedisBackend::new(conn.clone(), wait_replicas, wait_ms)),
             Arc::new(SyncShared::new(bell)),
-        ))
+        );
+        store.presence = Some(PresenceWriter::with_window(conn, presence_window_ms));
+        Ok(Rc::new(store))
+    }
+
+    /// The device was seen now (connect, heartbeat): on Redis its presence score is
+    /// refreshed, batched per loop turn; nothing on the embedded store.
+    pub fn set_online(&self, user: &str, device: &str, at_ms: i64) {
+        if let Some(p) = &self.presence {
+            p.set_online(user, device, at_ms);
+        }
+    }
+
+    /// Whether presence is kept (on Redis).
+    pub fn keeps_presence(&self) -> bool {
+        self.presence.is_some()
+    }
+
+    /// The device's connection closed: on Redis it leaves the presence ZSET.
+    pub fn set_offline(&self, user: &str, device: &str) {
+        if let Some(p) = &self.presence {
+            p.set_offline(user, device);
+        }
     }
 
     fn with_backend(backend: Backend, shared: Arc<SyncShared>) -> ShardStore {
@@ -256,6 +291,7 @@ impl ShardStore {
             failed: Cell::new(false),
             unsynced: RefCell::new(VecDeque::new()),
             unsynced_bytes: Cell::new(0),
+            presence: None,
         }
     }
 
