@@ -29,11 +29,14 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use prost::Message as _;
 
 use imshard::chat::conv::split_by_shard;
-use imshard::proto::envelope::{decode_client_frame, push_frame};
-use imshard::proto::pb::{client_frame::Body, ClientFrame, ConvType, MsgItem, SendMessageRequest};
+use imshard::proto::envelope::{decode_client_frame, peek_push_ack, push_frame};
+use imshard::proto::pb::{
+    client_frame::Body, ClientFrame, ConvType, MsgItem, PushAck, SendMessageRequest,
+};
 use imshard::proto::store_pb::DedupeRecord;
 use imshard::proto::{json, ws};
 use imshard::rt::bell::Bell;
+use imshard::shard::acks::AckTable;
 use imshard::shard::msg::{Delivery, Recipients, ReplyTo, ShardMsg};
 use imshard::shard::{ring, yield_now};
 use imshard::store::embedded::WriteSet;
@@ -166,6 +169,41 @@ fn bench_proto(c: &mut Criterion) {
     .to_string();
     g.bench_function("json_client_frame_send_decode", |b| {
         b.iter(|| json::decode_client_frame(black_box(frame_json.as_bytes())).expect("valid"))
+    });
+    // A cumulative PushAck of a group conversation, as a client batches them.
+    let ack_bytes = ClientFrame {
+        req_id: 0,
+        body: Some(Body::PushAck(PushAck {
+            conv_id: "grp-lgmiq0k2xg17".into(),
+            seq: 123_456,
+        })),
+    }
+    .encode_to_vec();
+    g.bench_function("push_ack_full_decode", |b| {
+        b.iter(|| decode_client_frame(black_box(ack_bytes.as_slice())).expect("valid frame"))
+    });
+    g.bench_function("push_ack_peek", |b| {
+        b.iter(|| peek_push_ack(black_box(ack_bytes.as_slice())).expect("an ack"))
+    });
+    // Peek, check the conv_id and move the connection's acked seq (the conversation
+    // is in a table of 10,000 connections with 4 conversations each), as
+    // `shard::conn` handles an ack.
+    let mut table = AckTable::default();
+    for conn in 0..10_000u64 {
+        for c in 0..4 {
+            table.ack(conn, &format!("grp-lgmiq0k2xg{c}"), 1);
+        }
+        table.ack(conn, "grp-lgmiq0k2xg17", 1);
+    }
+    let mut seq = 1;
+    g.bench_function("push_ack_handle", |b| {
+        b.iter(|| {
+            let ack = peek_push_ack(black_box(ack_bytes.as_slice())).expect("an ack");
+            seq += 1;
+            if imshard::ids::is_valid_conv_id(ack.conv_id) {
+                table.ack(black_box(4_321), ack.conv_id, seq);
+            }
+        })
     });
     g.finish();
 }

@@ -42,6 +42,17 @@ pub fn group_conv_id(group: &str) -> String {
     format!("grp-{group}")
 }
 
+/// True when `s` is a valid conv_id (what [`ConvRef::parse`] accepts), without building
+/// an error: for hot paths that drop what is not one.
+pub fn is_valid_conv_id(s: &str) -> bool {
+    if let Some(rest) = s.strip_prefix("p2p-") {
+        rest.split_once('-')
+            .is_some_and(|(a, b)| is_valid_id(a) && is_valid_id(b) && a < b)
+    } else {
+        s.strip_prefix(GROUP_CONV_PREFIX).is_some_and(is_valid_id)
+    }
+}
+
 /// A parsed, valid conversation id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConvRef<'a> {
@@ -118,5 +129,18 @@ mod tests {
         );
         assert!(ConvRef::parse("grp-").is_err());
         assert!(ConvRef::parse("xyz").is_err());
+        for s in [
+            "p2p-usr_abc-usr_def",
+            "p2p-usr_def-usr_abc",
+            "p2p-a-a",
+            "p2p-a-b-c",
+            "grp-g1",
+            "grp-",
+            "grp-a-b",
+            "xyz",
+            "",
+        ] {
+            assert_eq!(is_valid_conv_id(s), ConvRef::parse(s).is_ok(), "{s}");
+        }
     }
 }

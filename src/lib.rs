@@ -7,7 +7,8 @@
 //!   seq counters, messages and dedupe of conversations with `hash(conv) % N == i`.
 //!   [`shard::ring`]: SPSC rings between shards; [`shard::msg`]: every message they
 //!   carry; [`shard::conn`]: a WebSocket connection; [`shard::accept`]: accept,
-//!   upgrade, hand-over; [`shard::timer`]: the heartbeat wheel.
+//!   upgrade, hand-over; [`shard::timer`]: the heartbeat wheel; [`shard::acks`]: the
+//!   highest seq each connection acknowledged per conversation (PushAck).
 //! - [`chat`]: message logic. [`chat::execute`] runs a client operation on the
 //!   caller's shard; [`chat::conv`] is the conversation side (seq, dedupe, durable
 //!   send, pull, recall, fan-out); [`chat::group`] members, roles and membership

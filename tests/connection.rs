@@ -396,3 +396,46 @@ fn token_subcommand_uses_the_generated_secret() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// PushAcks are cumulative and answered only when they carry a req_id: a batch of
+/// acks without one (valid, for an unknown conversation, with a garbage conv_id)
+/// gets nothing back, so the next envelope is the answer to the heartbeat after them;
+/// an ack with a req_id gets an empty RESPONSE with code 0.
+#[test]
+fn push_acks_are_answered_only_when_asked() {
+    let server = Server::start(2, &[]);
+    let (a, b) = users_on_shards(2, "ack", false);
+    let mut ca = server.connect(&a, "d");
+    let mut cb = server.connect(&b, "d");
+    for i in 0..3 {
+        ca.send_p2p(&b, &format!("m{i}"), "{\"text\":\"hi\"}")
+            .expect("send");
+    }
+    let mut last = None;
+    for _ in 0..3 {
+        last = cb.next_push();
+    }
+    let last = last.expect("three pushes");
+    let ack = |req_id, conv_id: &str, seq| ClientFrame {
+        req_id,
+        body: Some(Body::PushAck(pb::PushAck {
+            conv_id: conv_id.into(),
+            seq,
+        })),
+    };
+    cb.send_frame(&ack(0, &last.conv_id, last.seq));
+    cb.send_frame(&ack(0, &last.conv_id, 1));
+    cb.send_frame(&ack(0, "grp-nobody", 9));
+    cb.send_frame(&ack(0, "not a conversation", 9));
+    cb.send_frame(&ClientFrame {
+        req_id: 77,
+        body: Some(Body::Heartbeat(pb::Heartbeat { client_ts: 1 })),
+    });
+    let env = cb.read_envelope().expect("an envelope");
+    assert_eq!((env.r#type.as_str(), env.req_id), ("RESPONSE", 77));
+    let r = cb.request(Body::PushAck(pb::PushAck {
+        conv_id: last.conv_id.clone(),
+        seq: last.seq,
+    }));
+    assert_eq!((r.code, r.body.len()), (0, 0), "{r:?}");
+}

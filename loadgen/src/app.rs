@@ -125,6 +125,17 @@ fn prepare(c: &Common, conns: usize) -> Result<Prepared, LoadgenError> {
             "--source-addrs is at most 65000".into(),
         ));
     }
+    if c.ack_batch == 0 || c.ack_interval.is_zero() {
+        return Err(LoadgenError::BadFlag(
+            "--ack-batch and --ack-interval must be above 0 (--ack-batch 1 = one ack per push)"
+                .into(),
+        ));
+    }
+    if c.cpu_per_delivery && c.server_pid.is_none() {
+        return Err(LoadgenError::BadFlag(
+            "--cpu-per-delivery reads /proc/PID/stat of the server: give --server-pid".into(),
+        ));
+    }
     check_host(conns, source_addrs)?;
     let (secret, _) =
         imshard::auth::load_or_create_secret(c.jwt_secret.as_deref(), &c.data_dir, false)
@@ -135,6 +146,8 @@ fn prepare(c: &Common, conns: usize) -> Result<Prepared, LoadgenError> {
         path: c.path.clone(),
         connect_timeout: c.connect_timeout,
         push_ack: !c.no_push_ack,
+        ack_batch: c.ack_batch,
+        ack_interval: c.ack_interval,
         read_chunk: 4096,
     };
     let token_ttl = (c.duration + c.drain_timeout).as_secs() + 3600;
@@ -252,12 +265,20 @@ pub fn run(scenario: Scenario) -> Result<Report, LoadgenError> {
         None => server_pid.and_then(sys::cmdline),
     };
     let mut rss_after = None;
+    let cpu_pid = server_pid.filter(|_| common.cpu_per_delivery);
+    let mut cpu_at_go = None;
+    let mut cpu_at_end = None;
+    let net_before = sys::net_counters();
+    let mut net_after = None;
     let params = prepared.params.clone();
     let seed = sys::now_ns();
     let results = {
         let sync2 = sync.clone();
         let thread_fn = Arc::new(thread_fn);
+        let at_go = || cpu_at_go = cpu_pid.and_then(sys::cpu_ns);
         let between = || {
+            cpu_at_end = cpu_pid.and_then(sys::cpu_ns);
+            net_after = Some(sys::net_counters());
             rss_after = server_pid.and_then(sys::rss_bytes);
         };
         let make = move |t: usize| {
@@ -267,7 +288,7 @@ pub fn run(scenario: Scenario) -> Result<Report, LoadgenError> {
                 .wrapping_add(t as u64 + 1);
             thread_fn.start(t, params, sync, seed)
         };
-        runner::run(prepared.threads, &sync, make, between).map_err(LoadgenError::Run)?
+        runner::run(prepared.threads, &sync, make, at_go, between).map_err(LoadgenError::Run)?
     };
     let go_ns = sync.go_ns();
     let mut stats = Stats::default();
@@ -289,6 +310,11 @@ pub fn run(scenario: Scenario) -> Result<Report, LoadgenError> {
         rss_after,
         served_before,
         server_flags,
+        server_cpu_ns: match (cpu_at_go, cpu_at_end) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        },
+        net_during: net_after.map(|a| a.since(&net_before)),
         host: sys::host_facts(),
     };
     if let Some(path) = &common.json {

@@ -50,7 +50,7 @@ pub enum Scenario {
         #[arg(long, default_value_t = 100)]
         members: usize,
         /// Senders per group (the first K members).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, visible_alias = "senders-per-group", default_value_t = 1)]
         senders: usize,
         #[command(flatten)]
         load: LoadArgs,
@@ -114,6 +114,18 @@ pub struct Common {
     /// Do not answer MSG_PUSH with PushAck.
     #[arg(long)]
     pub no_push_ack: bool,
+    /// Send the cumulative PushAcks of a connection once this many pushes are
+    /// unacknowledged (1 = one ack per push).
+    #[arg(long, default_value_t = 64)]
+    pub ack_batch: u32,
+    /// ... or once per this interval, whichever comes first.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub ack_interval: Duration,
+    /// Report the server's CPU time (utime + stime from /proc/PID/stat, all its
+    /// threads) from the start of the load to the end of the drain, per delivery
+    /// (needs --server-pid).
+    #[arg(long)]
+    pub cpu_per_delivery: bool,
     /// The server's shard count: user ids are picked so that every shard gets users
     /// (default: the cores of this host, the server's default).
     #[arg(long)]

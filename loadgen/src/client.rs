@@ -50,8 +50,14 @@ pub struct ConnSettings {
     /// WebSocket path, `/ws`.
     pub path: String,
     pub connect_timeout: Duration,
-    /// Answer each MSG_PUSH with a PushAck, as a real client does.
+    /// Acknowledge pushes with PushAcks, as a real client does.
     pub push_ack: bool,
+    /// PushAcks are cumulative per conversation (docs/PROTOCOL.md): a connection sends
+    /// one ack per conversation with the highest seq it got, once `ack_batch` pushes
+    /// are unacknowledged or every `ack_interval` (by [`ack_ticker`]), whichever
+    /// comes first. `ack_batch` 1 = one ack per push.
+    pub ack_batch: u32,
+    pub ack_interval: Duration,
     /// Initial read buffer per connection (grows for large frames).
     pub read_chunk: usize,
 }
@@ -122,7 +128,10 @@ fn xorshift(mut x: u64) -> u64 {
 /// A request waiting for its RESPONSE.
 enum Pending {
     Send {
-        sent_ns: u64,
+        /// When the send was due (its slot in the schedule; with `--rate 0`, when it
+        /// was written): latency counts from here, so a loadgen or server that falls
+        /// behind its schedule shows up in the numbers (no coordinated omission).
+        due_ns: u64,
         stream: StreamId,
     },
     Heartbeat {
@@ -164,6 +173,10 @@ pub struct Conn {
     window_waker: Cell<Option<Waker>>,
     /// conv_id -> this connection's receiving stream in the checker.
     streams: RefCell<Vec<(String, StreamId)>>,
+    /// conv_id -> highest seq pushed and not yet acknowledged; pushes since the last
+    /// acks went out.
+    acks_due: RefCell<Vec<(String, i64)>>,
+    unacked: Cell<u32>,
 }
 
 /// Why a connection could not be made.
@@ -273,6 +286,8 @@ pub async fn connect(
         in_flight: Cell::new(0),
         window_waker: Cell::new(None),
         streams: RefCell::new(Vec::new()),
+        acks_due: RefCell::new(Vec::new()),
+        unacked: Cell::new(0),
     });
     ctx.conns.borrow_mut().push(conn.clone());
     let (rd, wr) = stream.into_split();
@@ -334,7 +349,9 @@ impl Conn {
         req_id
     }
 
-    /// Sends a message carrying its send time; its ack and pushes are tracked.
+    /// Sends a message carrying the time it was due (`due_ns`, its slot in the
+    /// sender's schedule; `None` = now) and the time it was written; its ack and
+    /// pushes are tracked.
     pub fn send_message(
         &self,
         ctx: &Ctx,
@@ -342,10 +359,12 @@ impl Conn {
         conv_type: pb::ConvType,
         target: &str,
         pad: &str,
+        due_ns: Option<u64>,
     ) {
         let sent_ns = now_ns();
+        let due_ns = due_ns.unwrap_or(sent_ns).min(sent_ns);
         let req_id = self.next_req.get();
-        let content = format!("{{\"t\":{sent_ns},\"p\":\"{pad}\"}}");
+        let content = format!("{{\"t\":{due_ns},\"w\":{sent_ns},\"p\":\"{pad}\"}}");
         self.in_flight.set(self.in_flight.get() + 1);
         ctx.stats.borrow_mut().sends += 1;
         self.send_body(
@@ -356,7 +375,7 @@ impl Conn {
                 content,
                 ..Default::default()
             }),
-            Some(Pending::Send { sent_ns, stream }),
+            Some(Pending::Send { due_ns, stream }),
         );
     }
 
@@ -545,7 +564,7 @@ fn on_response(ctx: &Ctx, conn: &Conn, env: &MessageEnvelope) {
         return;
     };
     match pending {
-        Pending::Send { sent_ns, stream } => {
+        Pending::Send { due_ns, stream } => {
             conn.in_flight.set(conn.in_flight.get().saturating_sub(1));
             if let Some(w) = conn.window_waker.take() {
                 w.wake();
@@ -564,7 +583,7 @@ fn on_response(ctx: &Ctx, conn: &Conn, env: &MessageEnvelope) {
             match pb::SendMessageResponse::decode(&*resp.body) {
                 Ok(ack) => {
                     st.acks_ok += 1;
-                    record_ns(&mut st.ack_us, now.saturating_sub(sent_ns));
+                    record_ns(&mut st.ack_us, now.saturating_sub(due_ns));
                     ctx.checker.borrow_mut().acked(stream, ack.seq);
                 }
                 Err(_) => st.bad_frames += 1,
@@ -592,26 +611,81 @@ fn on_push(ctx: &Ctx, conn: &Conn, env: &MessageEnvelope) {
     if !system {
         let mut st = ctx.stats.borrow_mut();
         st.pushes += 1;
-        if let Some(sent) = sent_ns_of(&item.content) {
-            record_ns(&mut st.push_us, now.saturating_sub(sent));
+        if let Some(due) = stamp_of(&item.content, "{\"t\":") {
+            record_ns(&mut st.push_us, now.saturating_sub(due));
+        }
+        if let Some(written) = stamp_of(&item.content, ",\"w\":") {
+            record_ns(&mut st.push_write_us, now.saturating_sub(written));
         }
     }
     if ctx.settings.push_ack && env.ack_required {
-        conn.send_body(
-            Body::PushAck(pb::PushAck {
-                conv_id: item.conv_id,
-                seq: item.seq,
-            }),
-            None,
-        );
+        conn.ack_later(ctx, item.conv_id, item.seq);
     }
 }
 
-/// The send timestamp the loadgen put at the front of a message's content.
-pub fn sent_ns_of(content: &str) -> Option<u64> {
-    let rest = content.strip_prefix("{\"t\":")?;
+/// A timestamp the loadgen put into a message's content after `key` (`{"t":` the
+/// time the send was due, `,"w":` the time it was written).
+pub fn stamp_of(content: &str, key: &str) -> Option<u64> {
+    let at = content.find(key)? + key.len();
+    let rest = &content[at..];
     let end = rest.find(|c: char| !c.is_ascii_digit())?;
     rest[..end].parse().ok()
+}
+
+impl Conn {
+    /// Notes a push to acknowledge; sends the acks once `ack_batch` are due.
+    fn ack_later(&self, ctx: &Ctx, conv_id: String, seq: i64) {
+        {
+            let mut due = self.acks_due.borrow_mut();
+            match due.iter_mut().find(|(c, _)| *c == conv_id) {
+                Some((_, s)) => *s = (*s).max(seq),
+                None => due.push((conv_id, seq)),
+            }
+        }
+        let n = self.unacked.get() + 1;
+        self.unacked.set(n);
+        if n >= ctx.settings.ack_batch {
+            self.flush_acks(ctx);
+        }
+    }
+
+    /// Sends one cumulative PushAck (req_id 0: no answer) per conversation with
+    /// unacknowledged pushes.
+    pub fn flush_acks(&self, ctx: &Ctx) {
+        if self.unacked.replace(0) == 0 {
+            return;
+        }
+        let due = std::mem::take(&mut *self.acks_due.borrow_mut());
+        ctx.stats.borrow_mut().push_acks += due.len() as u64;
+        for (conv_id, seq) in due {
+            self.send_body(Body::PushAck(pb::PushAck { conv_id, seq }), None);
+        }
+    }
+}
+
+/// Slices of `ack_interval` over which [`ack_ticker`] spreads the connections.
+const ACK_SLICES: usize = 10;
+
+/// Sends the acks each connection of this thread owes once per `ack_interval`, until
+/// the run ends. Connections are spread over the interval in [`ACK_SLICES`] slices
+/// (connection i in slice i % 10), as independent clients would be: flushing every
+/// connection at the same instant sends the server thousands of frames at once.
+pub async fn ack_ticker(ctx: Rc<Ctx>) {
+    if !ctx.settings.push_ack {
+        return;
+    }
+    let tick = ctx.settings.ack_interval / ACK_SLICES as u32;
+    let mut slice = 0;
+    loop {
+        monoio::time::sleep(tick).await;
+        if ctx.phase.get() == Phase::Done {
+            return;
+        }
+        slice = (slice + 1) % ACK_SLICES;
+        for c in ctx.conns.borrow().iter().skip(slice).step_by(ACK_SLICES) {
+            c.flush_acks(&ctx);
+        }
+    }
 }
 
 /// Writes whatever the connection's tasks queued, one write per batch.
@@ -647,8 +721,10 @@ mod tests {
 
     #[test]
     fn timestamp_roundtrip() {
-        assert_eq!(sent_ns_of("{\"t\":123456,\"p\":\"xx\"}"), Some(123456));
-        assert_eq!(sent_ns_of("{\"x\":1}"), None);
-        assert_eq!(sent_ns_of("{\"t\":12"), None);
+        let c = "{\"t\":123456,\"w\":123999,\"p\":\"xx\"}";
+        assert_eq!(stamp_of(c, "{\"t\":"), Some(123456));
+        assert_eq!(stamp_of(c, ",\"w\":"), Some(123999));
+        assert_eq!(stamp_of("{\"x\":1}", "{\"t\":"), None);
+        assert_eq!(stamp_of("{\"t\":12", "{\"t\":"), None);
     }
 }

@@ -12,8 +12,14 @@
 //!   every (shard, shard) combination of `--server-shards`. Reports send->ack and
 //!   send->push latency.
 //! - `group`: `--groups` groups of `--members` members, created with CreateGroupRequest
-//!   before the load; the first `--senders` members of each group send. Reports
-//!   deliveries/s and send->push latency.
+//!   before the load; the first `--senders` (`--senders-per-group`) members of each
+//!   group send. Reports deliveries/s and send->push latency; with
+//!   `--cpu-per-delivery` the server's CPU µs per delivery.
+//!
+//! With a fixed `--rate`, latencies count from each send's slot in its sender's
+//! schedule (no coordinated omission). Every connection acknowledges its pushes with
+//! cumulative PushAcks, one per conversation every `--ack-interval` or `--ack-batch`
+//! pushes ([`client::ack_ticker`]).
 //!
 //! Every scenario runs setup, then the load for `--duration`, then a drain (no new
 //! sends; at most `--drain-timeout` waiting for outstanding acks and pushes), and stops

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::checker::CheckReport;
 use crate::stats::Stats;
-use crate::sys::HostFacts;
+use crate::sys::{HostFacts, NetCounters};
 
 /// Everything a run measured.
 pub struct Report {
@@ -28,6 +28,11 @@ pub struct Report {
     /// nothing.
     pub served_before: Option<u64>,
     pub server_flags: Option<String>,
+    /// With `--cpu-per-delivery`: the server's CPU time (all threads, user + system)
+    /// from the start of the load to the end of the drain.
+    pub server_cpu_ns: Option<u64>,
+    /// Softnet drops and TCP retransmits on this host over the run (setup to drain).
+    pub net_during: Option<NetCounters>,
     pub host: HostFacts,
 }
 
@@ -121,6 +126,18 @@ impl Report {
         self.stats.failures()
     }
 
+    /// Server CPU microseconds per delivered push (with `--cpu-per-delivery`).
+    pub fn cpu_us_per_delivery(&self) -> Option<f64> {
+        let ns = self.server_cpu_ns?;
+        (self.stats.pushes > 0).then(|| ns as f64 / 1000.0 / self.stats.pushes as f64)
+    }
+
+    /// Server CPU over the active time, in percent of one core.
+    pub fn server_cpu_percent(&self) -> Option<f64> {
+        let ns = self.server_cpu_ns?;
+        (self.active_secs > 0.0).then(|| ns as f64 / 1e9 / self.active_secs * 100.0)
+    }
+
     /// Pass: nothing failed and the checker found nothing wrong.
     pub fn passed(&self) -> bool {
         self.failures() == 0 && self.check.violations() == 0
@@ -150,10 +167,16 @@ impl Report {
                 s.unanswered
             );
             out += &format!(
-                "  deliveries   {} pushes ({:.0}/s)\n",
+                "  deliveries   {} pushes ({:.0}/s), {} push acks sent\n",
                 s.pushes,
-                rate(s.pushes, self.active_secs)
+                rate(s.pushes, self.active_secs),
+                s.push_acks
             );
+            if let (Some(us), Some(pct)) = (self.cpu_us_per_delivery(), self.server_cpu_percent()) {
+                out += &format!(
+                    "  server CPU   {us:.2} us per delivery ({pct:.0} % of one core over the load and drain)\n"
+                );
+            }
         }
         if s.groups_created + s.groups_failed > 0 {
             out += &format!(
@@ -165,6 +188,7 @@ impl Report {
         if s.sends > 0 {
             out += &hist_line("send->ack", &s.ack_us);
             out += &hist_line("send->push", &s.push_us);
+            out += &hist_line("write->push", &s.push_write_us);
         }
         if s.heartbeats > 0 {
             out += &hist_line("heartbeat", &s.heartbeat_us);
@@ -207,12 +231,27 @@ impl Report {
             }
         }
         out += &format!(
-            "  host         {} | {} cores | {} | {}\n",
+            "  host         {} | {} cores | {} | {} | netdev_max_backlog {}\n",
             self.host.cpu_model,
             self.host.cores,
             self.host.kernel,
-            self.host.rustc.as_deref().unwrap_or("rustc unknown")
+            self.host.rustc.as_deref().unwrap_or("rustc unknown"),
+            self.host
+                .netdev_max_backlog
+                .map_or("unknown".to_string(), |v| v.to_string())
         );
+        if let Some(n) = &self.net_during {
+            out += &format!(
+                "  network      {} softnet drops, {} TCP retransmits during the run{}\n",
+                n.softnet_dropped,
+                n.tcp_retrans_segs,
+                if n.softnet_dropped > 0 {
+                    " (netdev_max_backlog too small: tuning/check)"
+                } else {
+                    ""
+                }
+            );
+        }
         if let Some(f) = &self.server_flags {
             out += &format!("  server       {f}\n");
         }
@@ -253,6 +292,8 @@ impl Report {
                 "pushes": s.pushes,
                 "per_sec": rate(s.pushes, self.active_secs),
                 "push_latency": hist_json(&s.push_us),
+                "push_latency_from_write": hist_json(&s.push_write_us),
+                "push_acks_sent": s.push_acks,
             },
             "heartbeats": {
                 "sent": s.heartbeats,
@@ -288,12 +329,18 @@ impl Report {
                 "bytes_per_connection_note": self.rss_note(),
                 "connections_before": self.served_before,
                 "flags": self.server_flags,
+                "cpu_secs": self.server_cpu_ns.map(|ns| ns as f64 / 1e9),
+                "cpu_us_per_delivery": self.cpu_us_per_delivery(),
+                "cpu_percent_of_one_core": self.server_cpu_percent(),
             },
             "host": {
                 "cpu_model": self.host.cpu_model,
                 "cores": self.host.cores,
                 "kernel": self.host.kernel,
                 "rustc": self.host.rustc,
+                "netdev_max_backlog": self.host.netdev_max_backlog,
+                "softnet_dropped_during_run": self.net_during.map(|n| n.softnet_dropped),
+                "tcp_retrans_segs_during_run": self.net_during.map(|n| n.tcp_retrans_segs),
             },
         })
     }

@@ -79,12 +79,13 @@ impl std::fmt::Display for RunError {
 }
 
 /// Runs `make(thread)`'s future on each of `threads` pinned threads and, on the main
-/// thread, `between` once every thread is holding (to measure the server), then
-/// collects the results.
+/// thread, `at_go` right before the load starts and `between` once every thread is
+/// holding (to measure the server), then collects the results.
 pub fn run<F, Fut>(
     threads: usize,
     sync: &Arc<Sync>,
     make: F,
+    at_go: impl FnOnce(),
     between: impl FnOnce(),
 ) -> Result<Vec<ThreadResult>, RunError>
 where
@@ -128,6 +129,7 @@ where
         }
     };
     wait_for(&sync.ready);
+    at_go();
     sync.go_ns.store(sys::now_ns(), Ordering::Release);
     sync.go.store(true, Ordering::Release);
     wait_for(&sync.holding);

@@ -365,6 +365,7 @@ pub async fn traffic_thread(
     load: Load,
 ) -> ThreadResult {
     let ctx = Ctx::new(p.settings.clone(), seed);
+    monoio::spawn(client::ack_ticker(ctx.clone()));
     let conns = connect_all(&ctx, &p, &plan.users).await;
     let mut senders = Vec::new();
     for conv in &plan.convs {
@@ -463,14 +464,18 @@ async fn sender(
             conn.window_room(&ctx, load.window).await;
             continue;
         }
+        let mut due_ns = None;
         if let Some(iv) = interval {
-            if next > Instant::now() {
+            let now = Instant::now();
+            if next > now {
                 sleep_until(next).await;
                 continue;
             }
+            // The slot this send was due in, on the clock the timestamps use.
+            due_ns = Some(sys::now_ns().saturating_sub((now - next).as_nanos() as u64));
             next += iv;
         }
-        conn.send_message(&ctx, stream, plan.conv_type, &plan.target, &pad);
+        conn.send_message(&ctx, stream, plan.conv_type, &plan.target, &pad, due_ns);
         if interval.is_none() && conn.in_flight.get() >= load.window {
             // Let the writer flush the window's worth in one write.
             monoio::time::sleep(Duration::ZERO).await;

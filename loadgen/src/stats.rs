@@ -27,10 +27,14 @@ pub fn record_ns(h: &mut Histogram<u64>, ns: u64) {
 pub struct Stats {
     /// TCP connect + WebSocket upgrade.
     pub connect_us: Histogram<u64>,
-    /// Send written -> its RESPONSE read.
+    /// Send due (its slot in the schedule; with `--rate 0`, when it was written) ->
+    /// its RESPONSE read.
     pub ack_us: Histogram<u64>,
-    /// Send written (timestamp in the content) -> MSG_PUSH read on a receiver.
+    /// Send due (timestamp in the content) -> MSG_PUSH read on a receiver.
     pub push_us: Histogram<u64>,
+    /// Send written (second timestamp in the content) -> MSG_PUSH read: without the
+    /// time a send waited for its turn in the loadgen.
+    pub push_write_us: Histogram<u64>,
     /// Heartbeat written -> its RESPONSE read.
     pub heartbeat_us: Histogram<u64>,
     pub connects_ok: u64,
@@ -43,6 +47,8 @@ pub struct Stats {
     pub unanswered: u64,
     /// MSG_PUSH envelopes of user messages read (duplicates included).
     pub pushes: u64,
+    /// PushAck frames sent (cumulative, batched per conversation).
+    pub push_acks: u64,
     pub heartbeats: u64,
     pub heartbeat_replies: u64,
     pub groups_created: u64,
@@ -70,6 +76,7 @@ impl Default for Stats {
             connect_us: histogram(),
             ack_us: histogram(),
             push_us: histogram(),
+            push_write_us: histogram(),
             heartbeat_us: histogram(),
             connects_ok: 0,
             connects_failed: 0,
@@ -78,6 +85,7 @@ impl Default for Stats {
             send_errors: BTreeMap::new(),
             unanswered: 0,
             pushes: 0,
+            push_acks: 0,
             heartbeats: 0,
             heartbeat_replies: 0,
             groups_created: 0,
@@ -125,6 +133,7 @@ impl Stats {
         let _ = self.connect_us.add(&o.connect_us);
         let _ = self.ack_us.add(&o.ack_us);
         let _ = self.push_us.add(&o.push_us);
+        let _ = self.push_write_us.add(&o.push_write_us);
         let _ = self.heartbeat_us.add(&o.heartbeat_us);
         self.connects_ok += o.connects_ok;
         self.connects_failed += o.connects_failed;
@@ -135,6 +144,7 @@ impl Stats {
         }
         self.unanswered += o.unanswered;
         self.pushes += o.pushes;
+        self.push_acks += o.push_acks;
         self.heartbeats += o.heartbeats;
         self.heartbeat_replies += o.heartbeat_replies;
         self.groups_created += o.groups_created;

@@ -191,6 +191,90 @@ fn parse_connections_total(text: &str) -> Option<u64> {
     total
 }
 
+/// CPU time a process (all its threads) has used, user + system, in nanoseconds:
+/// fields 14 and 15 of /proc/PID/stat, in clock ticks.
+pub fn cpu_ns(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_ticks(&text).map(|ticks| ticks * 1_000_000_000 / clock_ticks_per_sec())
+}
+
+/// utime + stime of a /proc/PID/stat line (the command name in parentheses may hold
+/// spaces, so fields are counted after its closing parenthesis).
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf reads a constant of the running system.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// Host-wide network counters that explain latency tails: packets the kernel dropped
+/// from its per-CPU input queue (netdev_max_backlog full) and TCP retransmits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Sum of the 2nd column of /proc/net/softnet_stat over the CPUs.
+    pub softnet_dropped: u64,
+    /// `Tcp: RetransSegs` of /proc/net/snmp.
+    pub tcp_retrans_segs: u64,
+}
+
+impl NetCounters {
+    /// What grew from `before` to `self`.
+    pub fn since(&self, before: &NetCounters) -> NetCounters {
+        NetCounters {
+            softnet_dropped: self.softnet_dropped.saturating_sub(before.softnet_dropped),
+            tcp_retrans_segs: self
+                .tcp_retrans_segs
+                .saturating_sub(before.tcp_retrans_segs),
+        }
+    }
+}
+
+pub fn net_counters() -> NetCounters {
+    let softnet = std::fs::read_to_string("/proc/net/softnet_stat").unwrap_or_default();
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    NetCounters {
+        softnet_dropped: parse_softnet_dropped(&softnet),
+        tcp_retrans_segs: parse_snmp(&snmp, "Tcp:", "RetransSegs").unwrap_or(0),
+    }
+}
+
+fn parse_softnet_dropped(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+        .sum()
+}
+
+/// A value of /proc/net/snmp: a header line and a value line share a prefix.
+fn parse_snmp(text: &str, prefix: &str, key: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let i = names.split_whitespace().position(|n| n == key)?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
+/// `net.core.netdev_max_backlog`: the per-CPU input queue whose overflow drops packets
+/// in fan-out bursts, loopback included (tuning/ recommends 16384).
+pub fn netdev_max_backlog() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/net/core/netdev_max_backlog")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// A process's command line, from /proc/PID/cmdline, with secrets redacted.
 pub fn cmdline(pid: u32) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
@@ -233,6 +317,8 @@ pub struct HostFacts {
     pub cores: usize,
     pub kernel: String,
     pub rustc: Option<String>,
+    /// `net.core.netdev_max_backlog` during the run.
+    pub netdev_max_backlog: Option<u64>,
 }
 
 pub fn host_facts() -> HostFacts {
@@ -259,6 +345,7 @@ pub fn host_facts() -> HostFacts {
         cores,
         kernel: kernel(),
         rustc,
+        netdev_max_backlog: netdev_max_backlog(),
     }
 }
 
@@ -325,6 +412,17 @@ mod tests {
             redact_secrets(&args).join(" "),
             "imshard serve --jwt-secret *** --jwt-secret=*** --shards 2"
         );
+    }
+
+    #[test]
+    fn proc_texts_parse() {
+        let stat = "4242 (imshard shard-0) S 1 4242 4242 0 -1 4194560 9 0 0 0 250 70 0 0 20 0 5 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(320));
+        let softnet = "0000a000 000003e8 00000000\n0000b000 00000010 00000000\n";
+        assert_eq!(parse_softnet_dropped(softnet), 1000 + 16);
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\nTcp: RtoAlgorithm RtoMin RetransSegs\nTcp: 1 200 77\n";
+        assert_eq!(parse_snmp(snmp, "Tcp:", "RetransSegs"), Some(77));
+        assert!(cpu_ns(std::process::id()).is_some());
     }
 
     #[test]

@@ -327,3 +327,74 @@ fn connect_rate_is_over_the_phase_and_a_used_server_gets_no_rss_figure() {
         .expect("a note saying why");
     assert!(note.contains("not fresh"), "{note}");
 }
+
+/// The fan-out workload of issue 12 at a small size: one sender per group at a fixed
+/// rate, latency from the scheduled send time, cumulative PushAcks sent in batches
+/// (far fewer than pushes), server CPU per delivery from /proc, host facts with
+/// netdev_max_backlog.
+#[test]
+fn group_fanout_with_batched_acks_and_cpu_per_delivery() {
+    let server = Server::start();
+    let (v, status) = server.loadgen(&[
+        "group",
+        "--groups",
+        "4",
+        "--members",
+        "30",
+        "--senders-per-group",
+        "1",
+        "--rate",
+        "200",
+        "--duration",
+        "2s",
+        "--cpu-per-delivery",
+    ]);
+    assert_clean(&v);
+    assert!(status.success());
+    assert_eq!(n(&v, "groups.created"), 4);
+    assert_eq!(n(&v, "check.expected"), 29 * n(&v, "sends.acked"));
+    assert_eq!(n(&v, "check.delivered"), n(&v, "check.expected"));
+    let pushes = n(&v, "deliveries.pushes");
+    let acks = n(&v, "deliveries.push_acks_sent");
+    assert!(pushes > 0 && acks > 0, "{v:#}");
+    // Every push is acknowledged, but cumulatively: at most one ack per conversation
+    // and connection every 100 ms, so far fewer acks than pushes.
+    assert!(acks * 2 < pushes, "acks {acks} for {pushes} pushes");
+    assert_eq!(
+        n(&v, "deliveries.push_latency.count"),
+        n(&v, "deliveries.push_latency_from_write.count")
+    );
+    assert!(v["server"]["cpu_secs"].is_f64(), "{v:#}");
+    assert!(v["server"]["cpu_us_per_delivery"].is_f64(), "{v:#}");
+    if std::path::Path::new("/proc/sys/net/core/netdev_max_backlog").exists() {
+        assert!(v["host"]["netdev_max_backlog"].is_u64(), "{v:#}");
+    }
+    assert!(v["host"]["softnet_dropped_during_run"].is_u64(), "{v:#}");
+}
+
+/// `--ack-batch 1` acknowledges every push on its own, as clients did before
+/// cumulative acks; the checker's counts are the same either way.
+#[test]
+fn one_ack_per_push_still_works() {
+    let server = Server::start();
+    let (v, status) = server.loadgen(&[
+        "group",
+        "--groups",
+        "2",
+        "--members",
+        "10",
+        "--rate",
+        "100",
+        "--duration",
+        "1s",
+        "--ack-batch",
+        "1",
+    ]);
+    assert_clean(&v);
+    assert!(status.success());
+    // System pushes (group creation) are acknowledged too.
+    assert!(
+        n(&v, "deliveries.push_acks_sent") >= n(&v, "deliveries.pushes"),
+        "{v:#}"
+    );
+}

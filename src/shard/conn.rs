@@ -358,6 +358,7 @@ async fn run(shard: Rc<Shard>, conn: Rc<Conn>, rd: OwnedReadHalf<TcpStream>, lef
     read_loop(&shard, &conn, rd, leftover).await;
     conn.abort();
     chat::user::unregister(&shard, &conn);
+    shard.push_acks.borrow_mut().forget(conn.id);
     shard
         .counters
         .connections
@@ -631,6 +632,11 @@ fn process(
 fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: ws::Message) -> bool {
     match msg {
         ws::Message::Binary(payload) if !conn.json => {
+            // Acks are most of what a client sends: read them in place.
+            if let Some(ack) = envelope::peek_push_ack(&payload) {
+                on_push_ack(shard, conn, ack.req_id, ack.conv_id, ack.seq);
+                return true;
+            }
             on_client_frame(shard, conn, decode_client_frame(&payload))
         }
         ws::Message::Text(payload) if conn.json => {
@@ -692,11 +698,7 @@ fn on_client_frame(
                 conn.send_reply(shard, frame, body_type);
             }
         }
-        Some(Body::PushAck(_)) => {
-            if req_id != 0 {
-                conn.send(shard, envelope::response_frame(req_id, Ok(Bytes::new())));
-            }
-        }
+        Some(Body::PushAck(ack)) => on_push_ack(shard, conn, req_id, &ack.conv_id, ack.seq),
         Some(body) => {
             let shard = shard.clone();
             let conn = conn.clone();
@@ -725,6 +727,19 @@ fn on_client_frame(
         }
     }
     true
+}
+
+/// A PushAck: every seq <= `seq` of `conv_id` reached this connection. Recorded in the
+/// shard's [`AckTable`](super::acks::AckTable) (nothing is stored, nothing allocated
+/// after the conversation's first ack); answered only when the frame has a req_id. An
+/// ack naming no valid conversation is dropped.
+fn on_push_ack(shard: &Rc<Shard>, conn: &Rc<Conn>, req_id: u64, conv_id: &str, seq: i64) {
+    if crate::ids::is_valid_conv_id(conv_id) {
+        shard.push_acks.borrow_mut().ack(conn.id, conv_id, seq);
+    }
+    if req_id != 0 {
+        conn.send(shard, envelope::response_frame(req_id, Ok(Bytes::new())));
+    }
 }
 
 /// Once a second on each shard: closes connections that stayed silent past the

@@ -6,6 +6,7 @@
 //! [`shard_of_conv`]. A call to the current shard takes the local path (no ring).
 
 pub mod accept;
+pub mod acks;
 pub mod conn;
 pub mod msg;
 pub mod ring;
@@ -164,6 +165,9 @@ pub struct Shard {
     pub requests_in_flight: Cell<usize>,
     /// Readers waiting for one of their connection's requests to finish, by conn id.
     pub paused_readers: RefCell<HashMap<u64, Waker>>,
+    /// The highest seq each connection acknowledged per conversation (PushAck), for
+    /// connections that acked; kept in memory only.
+    pub push_acks: RefCell<acks::AckTable>,
     pressure: Pressure,
     /// Set when shutdown begins: no new connections or requests.
     pub draining: Cell<bool>,
@@ -206,6 +210,7 @@ impl Shard {
             fanout_queued: Cell::new(0),
             requests_in_flight: Cell::new(0),
             paused_readers: RefCell::new(HashMap::new()),
+            push_acks: RefCell::new(acks::AckTable::default()),
             pressure: Pressure::default(),
             draining: Cell::new(false),
             drain_wakers: RefCell::new(Vec::new()),
