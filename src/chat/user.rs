@@ -238,6 +238,55 @@ pub async fn load_rows(shard: &Rc<Shard>, user: &str) -> Result<(), ApiError> {
 /// meanwhile (in order) and stages the rows they changed.
 async fn run_rows_load(shard: &Rc<Shard>, user: &str) -> Result<(), ApiError> {
     let loaded = shard.store.rows(user).await;
+    finish_rows_load(shard, user, loaded)
+}
+
+/// Users whose rows a delivery needs load in batches: one reader job (or Redis
+/// pipeline) per batch and one batch in flight per shard, so a 100,000-member fan-out
+/// costs a queue entry per member, not a task and a job each.
+const ROWS_LOAD_BATCH: usize = 512;
+
+/// Queues `user` (marked `Loading`) for the shard's batched row loader.
+fn queue_rows_load(shard: &Rc<Shard>, user: &str) {
+    shard.rows_to_load.borrow_mut().push_back(user.to_string());
+    if !shard.rows_loader_running.replace(true) {
+        monoio::spawn(load_queued_rows(shard.clone()));
+    }
+}
+
+async fn load_queued_rows(shard: Rc<Shard>) {
+    loop {
+        let batch: Vec<String> = {
+            let mut q = shard.rows_to_load.borrow_mut();
+            let n = q.len().min(ROWS_LOAD_BATCH);
+            q.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            shard.rows_loader_running.set(false);
+            return;
+        }
+        match shard.store.rows_many(batch.clone()).await {
+            Ok(all) => {
+                for (user, rows) in batch.iter().zip(all) {
+                    let _ = finish_rows_load(&shard, user, Ok(rows));
+                }
+            }
+            Err(e) => {
+                for user in &batch {
+                    let _ = finish_rows_load(&shard, user, Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Installs the rows read for a user marked `Loading`: applies the updates that arrived
+/// meanwhile (in order), stages the rows they changed and charges the cache.
+fn finish_rows_load(
+    shard: &Rc<Shard>,
+    user: &str,
+    loaded: Result<Vec<(String, ConvRow)>, crate::store::StoreError>,
+) -> Result<(), ApiError> {
     let mut users = shard.users.borrow_mut();
     let u = user_entry(&mut users, user);
     let (waiters, updates) = match u.rows.take().map(|b| *b) {
@@ -458,11 +507,7 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
             }
         };
         if start_load {
-            let shard = shard.clone();
-            let user = user.to_string();
-            monoio::spawn(async move {
-                let _ = run_rows_load(&shard, &user).await;
-            });
+            queue_rows_load(shard, user);
         }
         for c in devices(shard, user) {
             if *c.user == *d.except_user && *c.device == *d.except_device {

@@ -145,6 +145,10 @@ pub struct Shard {
     pub cache_queue: RefCell<std::collections::VecDeque<chat::cache::CacheKey>>,
     /// An eviction pass is scheduled for the end of this loop turn.
     pub cache_pass_due: Cell<bool>,
+    /// Users whose rows a delivery needs, waiting for the batched loader, and whether
+    /// it runs (`chat::user`).
+    pub rows_to_load: RefCell<std::collections::VecDeque<String>>,
+    pub rows_loader_running: Cell<bool>,
     /// What all shards share (connection count, shutdown flag).
     pub global: Arc<Global>,
     /// Calls this shard made that wait for a reply, by token, with the wheel second
@@ -200,6 +204,8 @@ impl Shard {
             cache_bytes: Cell::new(0),
             cache_queue: RefCell::new(std::collections::VecDeque::new()),
             cache_pass_due: Cell::new(false),
+            rows_to_load: RefCell::new(std::collections::VecDeque::new()),
+            rows_loader_running: Cell::new(false),
             global,
             calls: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),

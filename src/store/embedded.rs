@@ -472,6 +472,20 @@ impl ShardStore {
         f.reader.run(move |r| r.rows(&user)).await?
     }
 
+    /// Every conversation row of each of `users` (same order), in one read.
+    pub async fn rows_many(
+        &self,
+        users: Vec<String>,
+    ) -> Result<Vec<Vec<(String, ConvRow)>>, StoreError> {
+        let f = match &self.backend {
+            Backend::Redis(r) => return r.rows_many(&users).await,
+            Backend::Embedded(f) => f,
+        };
+        f.reader
+            .run(move |r| users.iter().map(|u| r.rows(u)).collect())
+            .await?
+    }
+
     /// A group's record and every member with its record (None: no such group).
     pub async fn group_with_members(
         &self,

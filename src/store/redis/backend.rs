@@ -250,6 +250,18 @@ impl RedisBackend {
         pairs(&v, "row")
     }
 
+    pub async fn rows_many(
+        &self,
+        users: &[String],
+    ) -> Result<Vec<Vec<(String, ConvRow)>>, StoreError> {
+        let cmds: Vec<Cmd> = users
+            .iter()
+            .map(|u| redis::cmd("HGETALL").arg(key(u, "r")).clone())
+            .collect();
+        let replies = self.conn.cmds(&cmds).await.map_err(store_err)?;
+        replies.iter().map(|v| pairs(v, "row")).collect()
+    }
+
     pub async fn group_with_members(
         &self,
         conv: &str,
