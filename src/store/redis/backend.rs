@@ -155,21 +155,13 @@ impl RedisBackend {
         let seqs: Vec<i64> = (first..first + n).collect();
         let mut found = self.by_seqs(conv, &seqs).await?;
         if newest {
+            // The budget is spent from the newest end.
             found.reverse();
-        }
-        let mut out = Vec::with_capacity(found.len());
-        let mut bytes = 0usize;
-        for (len, m) in found {
-            if !out.is_empty() && bytes + len > max_bytes {
-                break;
-            }
-            bytes += len;
-            out.push(m);
-        }
-        if newest {
+            let mut out = within_budget(found, max_bytes);
             out.reverse();
+            return Ok(out);
         }
-        Ok(out)
+        Ok(within_budget(found, max_bytes))
     }
 
     pub async fn message(&self, conv: &str, seq: i64) -> Result<Option<MsgItem>, StoreError> {
@@ -209,16 +201,7 @@ impl RedisBackend {
             .filter(|s| (floor..=ceiling).contains(s))
             .collect();
         // by_seqs keeps the order asked (request order here).
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        for (len, m) in self.by_seqs(conv, &seqs).await? {
-            if !out.is_empty() && bytes + len > max_bytes {
-                break;
-            }
-            bytes += len;
-            out.push(m);
-        }
-        Ok(out)
+        Ok(within_budget(self.by_seqs(conv, &seqs).await?, max_bytes))
     }
 
     pub async fn seq_of_msg_id(&self, conv: &str, msg_id: &str) -> Result<Option<i64>, StoreError> {
@@ -352,6 +335,21 @@ impl RedisBackend {
             other => Err(format!("EXEC answered {other:?}")),
         }
     }
+}
+
+/// The messages (with their stored sizes) that fit `max_bytes`, in order, stopping
+/// before the first that would pass it; at least one is always taken.
+fn within_budget(found: Vec<(usize, MsgItem)>, max_bytes: usize) -> Vec<MsgItem> {
+    let mut out = Vec::with_capacity(found.len());
+    let mut bytes = 0usize;
+    for (len, m) in found {
+        if !out.is_empty() && bytes + len > max_bytes {
+            break;
+        }
+        bytes += len;
+        out.push(m);
+    }
+    out
 }
 
 fn dedupe_key(conv: &str, sender: &[u8], client_msg_id: &[u8]) -> Vec<u8> {
