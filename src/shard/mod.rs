@@ -443,15 +443,18 @@ impl Shard {
         true
     }
 
-    /// Resolves once draining has begun.
+    /// Resolves once draining has begun. Each waiting task is kept once, however
+    /// often it polls (the accept loops poll this once per accepted connection).
     pub async fn until_draining(&self) {
         std::future::poll_fn(|cx| {
             if self.draining.get() {
-                Poll::Ready(())
-            } else {
-                self.drain_wakers.borrow_mut().push(cx.waker().clone());
-                Poll::Pending
+                return Poll::Ready(());
             }
+            let mut wakers = self.drain_wakers.borrow_mut();
+            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                wakers.push(cx.waker().clone());
+            }
+            Poll::Pending
         })
         .await
     }
