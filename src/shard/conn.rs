@@ -463,6 +463,11 @@ async fn read_loop(
         asm: ws::Assembler::default(),
         held: 0,
     };
+    if pending.is_empty() {
+        // The handshake's read buffer comes along empty but with its capacity (a few
+        // hundred bytes): an idle connection must not keep it.
+        pending = Vec::new();
+    }
     let mut wait = false;
     loop {
         if !pending.is_empty() && conn.is_open() {
