@@ -35,16 +35,6 @@ fn send_big(c: &mut Client, target: &str, n: usize, size: usize) {
     }
 }
 
-/// The connection is still served and was never told to go.
-fn assert_not_kicked(c: &mut Client) {
-    let r = c.request(Body::Heartbeat(pb::Heartbeat::default()));
-    assert_eq!(r.code, 0);
-    assert!(
-        c.pushes.iter().all(|e| e.r#type != "KICKOUT"),
-        "the client was kicked"
-    );
-}
-
 const BIG: usize = 60 * 1024;
 
 #[test]
@@ -77,7 +67,7 @@ fn big_pulls_page_by_budget_instead_of_cutting_the_client() {
     }
     assert!(pages > 1, "200 messages of 60 KiB do not fit one reply");
     assert_eq!(seen, (1..=200).collect::<Vec<i64>>(), "no gaps, no repeats");
-    assert_not_kicked(&mut c);
+    c.assert_not_kicked();
 
     // BACKWARD from the newest pages down to seq 1 the same way.
     let mut seen = Vec::new();
@@ -95,7 +85,7 @@ fn big_pulls_page_by_budget_instead_of_cutting_the_client() {
         }
     }
     assert_eq!(seen, (1..=200).rev().collect::<Vec<i64>>());
-    assert_not_kicked(&mut c);
+    c.assert_not_kicked();
 
     // By ids: 50 ids of 60 KiB (3 MB): what fits, in request order, from the first id.
     let ids: Vec<String> = msg_ids[..50].iter().rev().cloned().collect();
@@ -107,7 +97,7 @@ fn big_pulls_page_by_budget_instead_of_cutting_the_client() {
     assert!(!got.messages.is_empty() && got.messages.len() < 50);
     let got_ids: Vec<String> = got.messages.iter().map(|m| m.msg_id.clone()).collect();
     assert_eq!(got_ids, ids[..got_ids.len()], "a prefix of the request");
-    assert_not_kicked(&mut c);
+    c.assert_not_kicked();
 
     // A message bigger than the budget still comes, alone (progress is always possible).
     let mut big = Server::start(
@@ -169,7 +159,7 @@ fn get_unread_stays_within_the_budget_and_says_has_more() {
         "the newest unread come first"
     );
     assert!(got.windows(2).all(|w| w[0] + 1 == w[1]));
-    assert_not_kicked(&mut cb);
+    cb.assert_not_kicked();
 
     // The rest comes by pulling below the first one listed.
     let mut seen = got.clone();
@@ -236,5 +226,5 @@ fn conversation_pages_end_at_the_budget() {
         .collect();
     want.sort();
     assert_eq!(seen, want, "every conversation once");
-    assert_not_kicked(&mut c);
+    c.assert_not_kicked();
 }

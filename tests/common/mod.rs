@@ -353,6 +353,16 @@ impl Client {
         }
     }
 
+    /// The connection is still served and was never told to go.
+    pub fn assert_not_kicked(&mut self) {
+        let r = self.request(Body::Heartbeat(pb::Heartbeat::default()));
+        assert_eq!(r.code, 0);
+        assert!(
+            self.pushes.iter().all(|e| e.r#type != "KICKOUT"),
+            "the client was kicked"
+        );
+    }
+
     /// Reads until a close frame arrives; its code (None when the stream ended without).
     pub fn close_code(&mut self) -> Option<u16> {
         loop {
