@@ -24,20 +24,24 @@ use std::sync::{Arc, Barrier};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use prost::Message as _;
 
 use imshard::chat::conv::split_by_shard;
+use imshard::chat::fanout::{Delivery, Recipients};
+use imshard::chat::Chat;
 use imshard::proto::envelope::{decode_client_frame, peek_push_ack, push_frame};
 use imshard::proto::pb::{
-    client_frame::Body, ClientFrame, ConvType, MsgItem, PushAck, SendMessageRequest,
+    self as pb, client_frame::Body, ClientFrame, ConvType, MsgItem, PushAck, SendMessageRequest,
 };
 use imshard::proto::store_pb::DedupeRecord;
 use imshard::proto::{json, ws};
 use imshard::rt::bell::Bell;
 use imshard::shard::acks::AckTable;
-use imshard::shard::msg::{Delivery, Recipients, ReplyTo, ShardMsg};
+use imshard::shard::msg::ShardMsg;
+
+/// Where a send's answer goes (`shard::msg::ReplyTo`: a shard id and a call token).
+type ReplyTo = (usize, u64);
 use imshard::shard::{ring, yield_now};
 use imshard::store::embedded::WriteSet;
 use imshard::store::ShardStore;
@@ -222,9 +226,9 @@ fn bench_proto(c: &mut Criterion) {
 /// With `overflow` the producer sends everything at once: past `RING_CAPACITY` the
 /// messages wait in the outbox and the flusher moves them as the consumer frees space
 /// (woken through the shard bells), which is what a burst to a busy shard costs.
-fn ring_run(
+fn ring_run<M: Send + 'static>(
     count: u64,
-    make: Arc<dyn Fn(u64) -> ShardMsg + Send + Sync>,
+    make: Arc<dyn Fn(u64) -> M + Send + Sync>,
     overflow: bool,
 ) -> Duration {
     let mut parts = ring::mesh(2).expect("eventfds");
@@ -301,7 +305,7 @@ fn ring_run(
 }
 
 /// Runs a shard's bell listener on this thread, as the server does.
-fn listen(ep: &Rc<ring::Endpoint>, bell: Arc<Bell>) {
+fn listen<M: 'static>(ep: &Rc<ring::Endpoint<M>>, bell: Arc<Bell>) {
     let ep = ep.clone();
     monoio::spawn(async move {
         bell.listen(|| ep.wake_local()).await;
@@ -318,11 +322,16 @@ fn uring_runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDr
 fn bench_ring(c: &mut Criterion) {
     let mut g = c.benchmark_group("ring");
     g.throughput(Throughput::Elements(1));
-    // A call's reply: the most frequent message, one small `Bytes` body.
-    let body = Bytes::from(vec![0u8; 48]);
-    let reply: Arc<dyn Fn(u64) -> ShardMsg + Send + Sync> = Arc::new(move |i| ShardMsg::Reply {
+    // A call's reply: the most frequent message, a send's typed answer, boxed.
+    type Msg = ShardMsg<Chat>;
+    let reply: Arc<dyn Fn(u64) -> Msg + Send + Sync> = Arc::new(move |i| ShardMsg::Reply {
         token: i,
-        reply: Ok(body.clone()),
+        value: Box::new(Ok::<_, imshard::codes::ApiError>(pb::SendMessageResponse {
+            msg_id: "01JBQ7Z8Y3K2M4N5P6Q7R8S9T0".into(),
+            conv_id: "p2p-alice_00042-bob_00117".into(),
+            seq: i as i64,
+            send_time: 1_760_000_000_000,
+        })),
     });
     g.bench_function("reply", |b| {
         b.iter_custom(|iters| ring_run(iters, reply.clone(), false))
@@ -330,8 +339,8 @@ fn bench_ring(c: &mut Criterion) {
     // A delivery of a pushed message to one user of the target shard: the frame is
     // shared (a refcount), the rest is allocated per message as in `conv::deliver_chunk`.
     let frame = push_frame(&msg_item(7));
-    let deliver: Arc<dyn Fn(u64) -> ShardMsg + Send + Sync> = Arc::new(move |i| {
-        ShardMsg::Deliver(Box::new(Delivery {
+    let deliver: Arc<dyn Fn(u64) -> Msg + Send + Sync> = Arc::new(move |i| {
+        let d = Delivery {
             frame: frame.clone(),
             conv_id: "p2p-alice_00042-bob_00117".into(),
             seq: i as i64,
@@ -340,7 +349,11 @@ fn bench_ring(c: &mut Criterion) {
             except_user: "alice_00042".into(),
             except_device: "phone".into(),
             left: Vec::new(),
-        }))
+        };
+        // As `chat::conv::deliver` posts it: a job that runs `user::deliver` there.
+        let job: imshard::shard::msg::Job<Chat> =
+            Box::new(move |shard| imshard::chat::user::deliver(shard, &d));
+        ShardMsg::Run(job)
     });
     g.bench_function("deliver", |b| {
         b.iter_custom(|iters| ring_run(iters, deliver.clone(), false))
@@ -439,7 +452,7 @@ fn bench_seq_dedupe(c: &mut Criterion) {
             )
         })
         .collect();
-    let reply = ReplyTo { shard: 1, token: 9 };
+    let reply: ReplyTo = (1, 9);
     let parties = vec!["user_a".to_string(), "user_b".to_string()];
     let cmids: Vec<String> = (0..1024)
         .map(|i| format!("c1b7f3a2-5d2e-4b8e-9f1a-{i:012}"))

@@ -7,12 +7,11 @@ use std::rc::Rc;
 
 use serde_json::Value;
 
+use crate::chat::Shard;
 use crate::chat::{self, Caller};
 use crate::codes::ApiError;
 use crate::proto::http::{self, Head};
 use crate::proto::pb::{self, client_frame::Body};
-use crate::shard::msg::ShardMsg;
-use crate::shard::Shard;
 
 /// Answers one HTTP request with a complete response.
 pub async fn handle(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Vec<u8> {
@@ -37,7 +36,7 @@ pub fn is_admin_path(path: &str) -> bool {
 async fn healthz(shard: &Rc<Shard>, ka: bool) -> Vec<u8> {
     let mut pending = Vec::with_capacity(shard.n);
     for target in 0..shard.n {
-        pending.push(shard.call(target, |reply| ShardMsg::Ping { reply }));
+        pending.push(shard.call(target, |shard, reply| shard.reply(reply, ())));
     }
     for p in pending {
         let answered = monoio::time::timeout(std::time::Duration::from_secs(2), p).await;
@@ -146,13 +145,15 @@ pub fn metric_values(shard: &Shard) -> [u64; 14] {
 async fn metrics(shard: &Rc<Shard>, ka: bool) -> Vec<u8> {
     let mut pending = Vec::with_capacity(shard.n);
     for target in 0..shard.n {
-        pending.push(shard.call(target, |reply| ShardMsg::Metrics { reply }));
+        pending.push(shard.call(target, |shard, reply| {
+            shard.reply(reply, crate::metrics::snapshot(shard))
+        }));
     }
     let mut per_shard = Vec::with_capacity(shard.n);
     for p in pending {
         let answered = monoio::time::timeout(std::time::Duration::from_secs(2), p).await;
         per_shard.push(match answered {
-            Ok(Ok(body)) => crate::metrics::ShardMetrics::decode(&body),
+            Ok(Ok(m)) => Some(m),
             _ => None,
         });
     }
@@ -182,8 +183,8 @@ async fn api(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Result<Value, ApiEr
         return Err(ApiError::NotFound("no such API route"));
     };
     let (op, to_json) = auth_request(method, route, &head.query, body)?;
-    let bytes = chat::execute(shard, &caller, op).await?;
-    to_json(&bytes)
+    let response = chat::execute(shard, &caller, op).await?;
+    to_json(&response.encode())
 }
 
 /// The pure part of an `/api/v1/auth/` call: (method, route after the prefix, query,
@@ -330,14 +331,13 @@ async fn admin_api(
             let ev = kick_body(body)?;
             let target = shard.user_shard(&ev.user_uuid);
             let n = shard
-                .call(target, |reply| ShardMsg::Kick {
-                    reply,
-                    user: ev.user_uuid,
-                    device: ev.device_id,
-                    reason: ev.reason,
+                .call(target, move |shard, reply| {
+                    let n =
+                        chat::admin::kick_local(shard, &ev.user_uuid, &ev.device_id, &ev.reason);
+                    shard.reply(reply, n)
                 })
                 .await?;
-            Ok(serde_json::json!({ "kicked": count(&n) }))
+            Ok(serde_json::json!({ "kicked": n }))
         }
         ("POST", "broadcast") => {
             let (users, envelope) = broadcast_body(body)?;
@@ -346,10 +346,9 @@ async fn admin_api(
                 (0..shard.n)
                     .map(|t| {
                         let frame = frame.clone();
-                        shard.call(t, move |reply| ShardMsg::Broadcast {
-                            reply,
-                            frame,
-                            users: None,
+                        shard.call(t, move |shard, reply| {
+                            let n = chat::admin::broadcast_local(shard, &frame, None);
+                            shard.reply(reply, n)
                         })
                     })
                     .collect()
@@ -358,17 +357,16 @@ async fn admin_api(
                     .into_iter()
                     .map(|(t, users)| {
                         let frame = frame.clone();
-                        shard.call(t, move |reply| ShardMsg::Broadcast {
-                            reply,
-                            frame,
-                            users: Some(users),
+                        shard.call(t, move |shard, reply| {
+                            let n = chat::admin::broadcast_local(shard, &frame, Some(&users));
+                            shard.reply(reply, n)
                         })
                     })
                     .collect()
             };
             let mut delivered = 0;
             for c in calls {
-                delivered += count(&c.await?);
+                delivered += c.await?;
             }
             Ok(serde_json::json!({ "delivered": delivered }))
         }
@@ -387,13 +385,17 @@ async fn admin_api(
             }
             let calls: Vec<_> = group_by_user_shard(shard, users)
                 .into_iter()
-                .map(|(t, users)| shard.call(t, move |reply| ShardMsg::Presence { reply, users }))
+                .map(|(t, users)| {
+                    shard.call(t, move |shard, reply| {
+                        shard.reply(reply, chat::admin::presence_local(shard, &users))
+                    })
+                })
                 .collect();
             let mut online = serde_json::Map::new();
             for c in calls {
-                let part: serde_json::Map<String, Value> = serde_json::from_slice(&c.await?)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
-                online.extend(part);
+                for (user, devices) in c.await? {
+                    online.insert(user, serde_json::json!(devices));
+                }
             }
             Ok(serde_json::json!({ "online": online }))
         }
@@ -411,10 +413,6 @@ pub fn kick_body(body: &[u8]) -> Result<pb::KickEvent, ApiError> {
     }
     ev.reason = chat::admin::kick_reason(&ev.reason)?;
     Ok(ev)
-}
-
-fn count(b: &[u8]) -> u64 {
-    b.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
 fn group_by_user_shard(shard: &Shard, users: Vec<String>) -> Vec<(usize, Vec<String>)> {

@@ -12,11 +12,9 @@ use std::cell::Cell;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::Bytes;
-
+use crate::chat::Shard;
 use crate::codes::{close, kick, ApiError};
 use crate::proto::pb::client_frame::Body;
-use crate::shard::Shard;
 
 /// Upper bounds of the latency buckets, in µs (a last bucket, `+Inf`, takes the rest).
 pub const BUCKET_BOUNDS_MICROS: [u64; 14] = [
@@ -292,12 +290,7 @@ pub fn snapshot(shard: &Shard) -> ShardMetrics {
     }
 }
 
-/// One shard's answer to a scrape.
-///
-/// It travels as [`Bytes`] because every cross-shard reply is `Result<Bytes, ApiError>`
-/// (`shard::msg::Reply`); [`ShardMetrics::encode`] and [`ShardMetrics::decode`] are the
-/// only two places that know the layout, so switching to a typed reply variant later
-/// touches only them.
+/// One shard's answer to a scrape, moved to the scraping shard as it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardMetrics {
     /// Values of [`crate::api::METRICS`], in order.
@@ -315,83 +308,6 @@ pub struct ShardMetrics {
     pub write_wait: HistogramSnapshot,
     pub refusals: [u64; REFUSAL_SLOTS],
     pub cuts: [u64; Cut::COUNT],
-}
-
-impl ShardMetrics {
-    /// Flat big-endian u64s: the counters' count, the counters, then every other field
-    /// in declaration order.
-    pub fn encode(&self) -> Bytes {
-        let mut v: Vec<u64> = Vec::with_capacity(256);
-        v.push(self.counters.len() as u64);
-        v.extend(&self.counters);
-        v.extend([self.outbox_backlog, self.ring_queued, self.store_waiting]);
-        for h in self
-            .op_latency
-            .iter()
-            .chain([&self.store_round, &self.write_wait])
-        {
-            v.extend(h.counts);
-            v.push(h.sum_micros);
-        }
-        v.extend(self.refusals);
-        v.extend(self.cuts);
-        v.iter()
-            .flat_map(|x| x.to_be_bytes())
-            .collect::<Vec<u8>>()
-            .into()
-    }
-
-    /// The inverse of [`ShardMetrics::encode`]; `None` if the layout does not match.
-    pub fn decode(bytes: &[u8]) -> Option<ShardMetrics> {
-        if !bytes.len().is_multiple_of(8) {
-            return None;
-        }
-        let mut it = bytes
-            .chunks_exact(8)
-            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])));
-        let mut next = || it.next();
-        let n = usize::try_from(next()?).ok()?;
-        let counters = (0..n).map(|_| next()).collect::<Option<Vec<u64>>>()?;
-        let (outbox_backlog, ring_queued, store_waiting) = (next()?, next()?, next()?);
-        let mut hist = || -> Option<HistogramSnapshot> {
-            let mut counts = [0; SLOTS];
-            for c in &mut counts {
-                *c = next()?;
-            }
-            Some(HistogramSnapshot {
-                counts,
-                sum_micros: next()?,
-            })
-        };
-        let mut op_latency = [HistogramSnapshot::default(); Op::COUNT];
-        for h in &mut op_latency {
-            *h = hist()?;
-        }
-        let store_round = hist()?;
-        let write_wait = hist()?;
-        let mut refusals = [0; REFUSAL_SLOTS];
-        for r in &mut refusals {
-            *r = next()?;
-        }
-        let mut cuts = [0; Cut::COUNT];
-        for c in &mut cuts {
-            *c = next()?;
-        }
-        if next().is_some() {
-            return None;
-        }
-        Some(ShardMetrics {
-            counters,
-            outbox_backlog,
-            ring_queued,
-            store_waiting,
-            op_latency,
-            store_round,
-            write_wait,
-            refusals,
-            cuts,
-        })
-    }
 }
 
 /// A gauge of the snapshot: name, help, value.
@@ -554,7 +470,7 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_round_trips_and_renders_cumulative_buckets() {
+    fn snapshot_renders_cumulative_buckets() {
         let rec = Recorded::default();
         rec.request(Some(Op::Pull), 300, &Ok(()));
         rec.request::<()>(Some(Op::Pull), 3_000_000, &Err(ApiError::RateLimited));
@@ -572,8 +488,6 @@ mod tests {
             refusals: std::array::from_fn(|i| rec.refusals[i].get()),
             cuts: std::array::from_fn(|i| rec.cuts[i].get()),
         };
-        assert_eq!(ShardMetrics::decode(&m.encode()), Some(m.clone()));
-        assert_eq!(ShardMetrics::decode(&m.encode()[8..]), None);
         let text = render(
             &[("a_total", "counter", "a"), ("b_total", "counter", "b")],
             &[None, Some(m)],

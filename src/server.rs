@@ -22,9 +22,10 @@ use std::sync::Arc;
 
 use crate::auth::{self, SecretSource};
 use crate::chat::filter::{Filter, FilterError};
+use crate::chat::{Chat, Shard};
 use crate::config::{Config, StoreKind};
 use crate::shard::accept::Port;
-use crate::shard::{accept, conn, ring, shutdown, Global, Shard};
+use crate::shard::{accept, conn, ring, shutdown, Global};
 use crate::store::{self, ShardStore};
 
 /// Why the server could not start.
@@ -233,7 +234,10 @@ struct Started {
     drained: mpsc::Sender<usize>,
 }
 
-async fn shard_main(started: Started, parts: ring::EndpointParts) {
+async fn shard_main(
+    started: Started,
+    parts: ring::EndpointParts<crate::shard::msg::ShardMsg<Chat>>,
+) {
     let Started {
         id,
         cfg,
@@ -270,11 +274,10 @@ async fn shard_main(started: Started, parts: ring::EndpointParts) {
     let shard = Shard::new(
         id,
         cfg,
-        filter,
         &secret,
-        store,
         parts.into_endpoint(),
         global,
+        Chat::new(store, filter),
     );
     let listener = match accept::bind(shard.cfg.listen) {
         Ok(l) => l,
@@ -295,18 +298,13 @@ async fn shard_main(started: Started, parts: ring::EndpointParts) {
             let error = bell
                 .listen(|| {
                     shard.ring.wake_local();
-                    shard.store.wake_local();
+                    crate::shard::Service::on_bell(&**shard);
                     let stop = shard
                         .global
                         .shutting_down
                         .load(std::sync::atomic::Ordering::SeqCst);
                     if stop && shard.begin_draining() {
-                        let conns = shard
-                            .users
-                            .borrow()
-                            .values()
-                            .flat_map(|u| u.conns.iter().cloned())
-                            .collect();
+                        let conns = crate::shard::Service::conns(&**shard);
                         let shard = shard.clone();
                         let drained = drained.clone();
                         monoio::spawn(async move {

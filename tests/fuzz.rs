@@ -1091,7 +1091,8 @@ fn arb_body(u: &mut Unstructured, msg_ids: &[String]) -> arbitrary::Result<Body>
 #[test]
 fn fuzz_execute() {
     use imshard::chat::{self, Caller};
-    use imshard::shard::{ring, Shard};
+    use imshard::chat::{Chat, Shard};
+    use imshard::shard::ring;
     use std::sync::Arc;
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1116,11 +1117,10 @@ fn fuzz_execute() {
         let shard = Shard::new(
             0,
             cfg,
-            Arc::new(filter),
             b"secret-secret-secret",
-            store,
             parts.into_endpoint(),
             Arc::default(),
+            Chat::new(store, Arc::new(filter)),
         );
         {
             // As in server::shard_main: durable writes are heard of through the bell.
@@ -1163,9 +1163,11 @@ fn fuzz_execute() {
                 monoio::time::timeout(Duration::from_secs(10), chat::execute(&shard, caller, body))
                     .await;
             let code = match answer {
-                Ok(Ok(bytes)) => {
+                Ok(Ok(response)) => {
                     if is_send {
-                        let r = pb::SendMessageResponse::decode(&*bytes).expect("send answer");
+                        let chat::Response::Send(r) = response else {
+                            panic!("a send answered {response:?}");
+                        };
                         msg_ids.push(r.msg_id);
                     }
                     0

@@ -6,9 +6,9 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
+use super::Shard;
 use crate::codes::{close, kick, ApiError};
 use crate::limits::MAX_KICK_REASON_BYTES;
-use crate::shard::Shard;
 
 /// The KICKOUT reason of an admin kick: the given one, or `admin` when empty. At most
 /// [`MAX_KICK_REASON_BYTES`] bytes and no control characters (it also goes into the
@@ -62,20 +62,18 @@ pub fn broadcast_local(shard: &Rc<Shard>, frame: &Bytes, users: Option<&[String]
     n
 }
 
-/// `{"user": ["device", ...]}` for users this shard owns.
-pub fn presence_local(shard: &Rc<Shard>, users: &[String]) -> Result<Bytes, ApiError> {
-    let mut out: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+/// The open devices of each of `users` (owned by this shard).
+pub fn presence_local(shard: &Rc<Shard>, users: &[String]) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for u in users {
         let devices = super::user::devices(shard, u)
             .iter()
             .filter(|c| c.is_open())
             .map(|c| c.device.to_string())
             .collect();
-        out.insert(u, devices);
+        out.insert(u.clone(), devices);
     }
-    serde_json::to_vec(&out)
-        .map(Bytes::from)
-        .map_err(|e| ApiError::Internal(e.to_string()))
+    out
 }
 
 #[cfg(test)]

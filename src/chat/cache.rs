@@ -17,7 +17,7 @@
 
 use std::rc::Rc;
 
-use crate::shard::Shard;
+use super::Shard;
 
 /// Estimated bytes of one conversation row in memory (row, key, target, table share).
 pub const ROW_BYTES: usize = 250;

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 use bytes::Bytes;
-use prost::Message as _;
 
+use super::fanout::{Delivery, Notice, Recipients, UserId};
+use super::Shard;
 use super::{cache, ByIdsCmd, PullCmd, RecallCmd, SendCmd};
 use crate::codes::ApiError;
 use crate::ids::ConvRef;
@@ -24,9 +25,13 @@ use crate::proto::pb::{
     ConvType, GetMessagesByIdsResponse, MsgItem, PullMessagesResponse, RecallMessageResponse,
     RecallNotice, SendMessageResponse,
 };
-use crate::proto::store_pb::{ConvSummaries, ConvSummary, DedupeRecord};
-use crate::shard::msg::{Delivery, Notice, Recipients, Reply, ReplyTo, ShardMsg, UserId};
-use crate::shard::Shard;
+use crate::proto::store_pb::{ConvSummary, DedupeRecord};
+use crate::shard::msg::ReplyTo;
+
+/// The answer to a send: what the sender's shard gets back.
+pub type Sent = Result<SendMessageResponse, ApiError>;
+/// The answer to a recall.
+pub type Recalled = Result<RecallMessageResponse, ApiError>;
 use crate::store::WriteSet;
 
 /// Fan-out goes to at most this many recipients per step; the shard serves others
@@ -48,10 +53,10 @@ pub struct ConvState {
     /// The highest seq that is durable.
     pub(crate) durable_seq: i64,
     /// Sends in flight by (sender, client_msg_id), with callers waiting for the same.
-    in_flight: HashMap<(String, String), Vec<ReplyTo>>,
+    in_flight: HashMap<(String, String), Vec<ReplyTo<Sent>>>,
     /// Sends waiting for their seq, in arrival order; one task (`drive_sends`) serves
     /// them, so seqs follow arrival order even though dedupe reads wait for the store.
-    sends: VecDeque<(ReplyTo, SendCmd)>,
+    sends: VecDeque<(ReplyTo<Sent>, SendCmd)>,
     sending: bool,
     /// Members and roles, for group conversations that exist.
     pub(crate) group: Option<Box<super::group::GroupState>>,
@@ -108,11 +113,11 @@ impl ConvState {
 
     /// Callers waiting for sends (answered with an error on a store reset); wakes the
     /// tasks waiting for the load (they load again).
-    pub fn into_waiters(self) -> impl Iterator<Item = ReplyTo> {
+    pub fn into_waiters(self) -> impl Iterator<Item = ReplyTo<Sent>> {
         for w in self.loading {
             w.wake();
         }
-        let queued: Vec<ReplyTo> = self.sends.into_iter().map(|(r, _)| r).collect();
+        let queued: Vec<ReplyTo<Sent>> = self.sends.into_iter().map(|(r, _)| r).collect();
         self.in_flight.into_values().flatten().chain(queued)
     }
 }
@@ -290,21 +295,19 @@ pub(crate) fn visit_for_eviction(shard: &Shard, conv_id: &str) -> cache::Visit {
     cache::Visit::Evicted
 }
 
-fn encode_sent(msg_id: &str, conv_id: &str, seq: i64, send_time: i64) -> Bytes {
+fn sent(msg_id: &str, conv_id: &str, seq: i64, send_time: i64) -> SendMessageResponse {
     SendMessageResponse {
         msg_id: msg_id.to_string(),
         conv_id: conv_id.to_string(),
         seq,
         send_time,
     }
-    .encode_to_vec()
-    .into()
 }
 
 /// Queues a send behind the conversation's earlier ones; the conversation's send task
 /// stores it (dedupe, seq, durable write), answers after it is durable, then pushes it.
-pub fn handle_send(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
-    shard.reset_after_store_failure();
+pub fn handle_send(shard: &Rc<Shard>, reply: ReplyTo<Sent>, cmd: SendCmd) {
+    super::reset_after_store_failure(shard);
     let start = {
         let mut convs = shard.convs.borrow_mut();
         let c = match convs.get_mut(cmd.conv_id.as_str()) {
@@ -332,7 +335,7 @@ async fn drive_sends(shard: Rc<Shard>, conv_id: String) {
             // load_conv answered the queued sends and dropped the entry.
             return;
         }
-        let batch: Vec<(ReplyTo, SendCmd)> = {
+        let batch: Vec<(ReplyTo<Sent>, SendCmd)> = {
             let mut convs = shard.convs.borrow_mut();
             let Some(c) = convs.get_mut(&conv_id) else {
                 return;
@@ -345,7 +348,7 @@ async fn drive_sends(shard: Rc<Shard>, conv_id: String) {
         };
         // Sends whose key is in flight wait for the first; the others are marked.
         let mut lookups: Vec<(String, String)> = Vec::new();
-        let mut fresh: Vec<(ReplyTo, SendCmd)> = Vec::with_capacity(batch.len());
+        let mut fresh: Vec<(ReplyTo<Sent>, SendCmd)> = Vec::with_capacity(batch.len());
         let marked = with_conv(&shard, &conv_id, |c| {
             for (reply, cmd) in batch {
                 if cmd.client_msg_id.is_empty() {
@@ -386,7 +389,7 @@ async fn drive_sends(shard: Rc<Shard>, conv_id: String) {
             if !cmd.client_msg_id.is_empty() {
                 let rec = records.next().flatten();
                 if let Some(rec) = rec.filter(|r| now_ms() - r.send_time < DEDUPE_WINDOW_MS) {
-                    let body = encode_sent(&rec.msg_id, &conv_id, rec.seq, rec.send_time);
+                    let body = sent(&rec.msg_id, &conv_id, rec.seq, rec.send_time);
                     answer_key(&shard, &conv_id, &cmd, reply, Ok(body));
                     continue;
                 }
@@ -397,7 +400,7 @@ async fn drive_sends(shard: Rc<Shard>, conv_id: String) {
 }
 
 /// Answers a send with a client_msg_id, and every send waiting for the same key.
-fn answer_key(shard: &Rc<Shard>, conv_id: &str, cmd: &SendCmd, reply: ReplyTo, r: Reply) {
+fn answer_key(shard: &Rc<Shard>, conv_id: &str, cmd: &SendCmd, reply: ReplyTo<Sent>, r: Sent) {
     let key = (cmd.sender.clone(), cmd.client_msg_id.clone());
     let waiters = shard
         .convs
@@ -406,7 +409,7 @@ fn answer_key(shard: &Rc<Shard>, conv_id: &str, cmd: &SendCmd, reply: ReplyTo, r
         .and_then(|c| c.in_flight.remove(&key))
         .unwrap_or_default();
     if let Err(ApiError::StoreUnavailable(_)) = &r {
-        shard.reset_after_store_failure();
+        super::reset_after_store_failure(shard);
     }
     for w in waiters {
         shard.reply(w, r.clone());
@@ -416,7 +419,7 @@ fn answer_key(shard: &Rc<Shard>, conv_id: &str, cmd: &SendCmd, reply: ReplyTo, r
 
 /// Assigns the next seq to a new message and stages it; answers and pushes once it
 /// is durable.
-fn store_new(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
+fn store_new(shard: &Rc<Shard>, reply: ReplyTo<Sent>, cmd: SendCmd) {
     let has_key = !cmd.client_msg_id.is_empty();
     let dedupe_key = (cmd.sender.clone(), cmd.client_msg_id.clone());
     let assigned = with_conv(shard, &cmd.conv_id, |c| {
@@ -493,7 +496,7 @@ fn store_new(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
                     .counters
                     .messages_stored
                     .set(shard.counters.messages_stored.get() + 1);
-                let body = encode_sent(&msg.msg_id, &msg.conv_id, seq, send_time);
+                let body = sent(&msg.msg_id, &msg.conv_id, seq, send_time);
                 shard.reply(reply, Ok(body.clone()));
                 for w in waiters {
                     shard.reply(w, Ok(body.clone()));
@@ -506,7 +509,7 @@ fn store_new(shard: &Rc<Shard>, reply: ReplyTo, cmd: SendCmd) {
                 for w in waiters {
                     shard.reply(w, Err(err.clone()));
                 }
-                shard.reset_after_store_failure();
+                super::reset_after_store_failure(&shard);
             }
         }
     });
@@ -562,19 +565,17 @@ fn recipients(targets: &ByShard) -> usize {
 
 /// Posts one Deliver of `job` to `target` for `users`.
 fn deliver(shard: &Rc<Shard>, job: &FanoutJob, target: usize, users: Recipients) {
-    shard.post(
-        target,
-        ShardMsg::Deliver(Box::new(Delivery {
-            frame: job.frame.clone(),
-            conv_id: job.conv_id.clone(),
-            seq: job.seq,
-            send_time: job.send_time,
-            users,
-            except_user: job.sender.clone(),
-            except_device: job.sender_device.clone(),
-            left: job.left.clone(),
-        })),
-    );
+    let d = Delivery {
+        frame: job.frame.clone(),
+        conv_id: job.conv_id.clone(),
+        seq: job.seq,
+        send_time: job.send_time,
+        users,
+        except_user: job.sender.clone(),
+        except_device: job.sender_device.clone(),
+        left: job.left.clone(),
+    };
+    shard.post(target, move |shard| super::user::deliver(shard, &d));
 }
 
 /// Drains a conversation's fan-out queue, one chunk of recipients per loop turn.
@@ -614,7 +615,10 @@ async fn drain_fanout(shard: Rc<Shard>, conv_id: String) {
 /// below anchor_seq (0 = from the newest); ascending either way; never at or below the
 /// caller's clear_seq, never past what is durable. Stops early (with `has_more`) once
 /// the messages reach `pull.max_bytes`, so paging by seq gets the rest.
-pub async fn handle_pull(shard: &Rc<Shard>, pull: &PullCmd) -> Result<Bytes, ApiError> {
+pub async fn handle_pull(
+    shard: &Rc<Shard>,
+    pull: &PullCmd,
+) -> Result<PullMessagesResponse, ApiError> {
     let conv = ConvRef::parse(&pull.conv_id)?;
     load_conv(shard, &pull.conv_id).await?;
     check_member(shard, &pull.conv_id, &conv, &pull.user)?;
@@ -653,9 +657,7 @@ pub async fn handle_pull(shard: &Rc<Shard>, pull: &PullCmd) -> Result<Bytes, Api
         messages,
         has_more,
         max_seq,
-    }
-    .encode_to_vec()
-    .into())
+    })
 }
 
 /// The caller must be a party of the conversation (p2p: named in the conv_id; group:
@@ -700,7 +702,10 @@ fn members_of(shard: &Shard, conv_id: &str, conv: &ConvRef<'_>) -> ByShard {
 /// or below the caller's clear_seq. Stops at the first message that would take the
 /// reply past `cmd.max_bytes` (the first found is always returned): the ids after it
 /// are left out, and the client asks for them again.
-pub async fn handle_by_ids(shard: &Rc<Shard>, cmd: ByIdsCmd) -> Result<Bytes, ApiError> {
+pub async fn handle_by_ids(
+    shard: &Rc<Shard>,
+    cmd: ByIdsCmd,
+) -> Result<GetMessagesByIdsResponse, ApiError> {
     let conv = ConvRef::parse(&cmd.conv_id)?;
     load_conv(shard, &cmd.conv_id).await?;
     check_member(shard, &cmd.conv_id, &conv, &cmd.user)?;
@@ -715,14 +720,14 @@ pub async fn handle_by_ids(shard: &Rc<Shard>, cmd: ByIdsCmd) -> Result<Bytes, Ap
             cmd.max_bytes,
         )
         .await?;
-    Ok(GetMessagesByIdsResponse { messages }.encode_to_vec().into())
+    Ok(GetMessagesByIdsResponse { messages })
 }
 
 /// Recalls a message: the sender (or, in groups, an owner/admin) within the recall
 /// window. The stored message keeps its seq; status becomes 1 and content a recall
 /// notice. Answered after the change is durable; then MSG_RECALL goes to every member.
 /// Recalling a recalled message answers OK and changes nothing.
-pub async fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
+pub async fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo<Recalled>, cmd: RecallCmd) {
     let prepared = async {
         let conv = ConvRef::parse(&cmd.conv_id)?;
         load_conv(shard, &cmd.conv_id).await?;
@@ -766,7 +771,7 @@ pub async fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
         Ok::<_, ApiError>(Some(msg))
     }
     .await;
-    let ok: Bytes = RecallMessageResponse {}.encode_to_vec().into();
+    let ok = RecallMessageResponse {};
     let msg = match prepared {
         Err(e) => return shard.reply(reply, Err(e)),
         Ok(None) => return shard.reply(reply, Ok(ok)),
@@ -806,19 +811,22 @@ pub async fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo, cmd: RecallCmd) {
 pub fn notify_members(shard: &Rc<Shard>, frame: Bytes, members: &ByShard) {
     for (target, users) in members.iter().enumerate() {
         if !users.is_empty() {
-            shard.post(
-                target,
-                ShardMsg::Notify(Box::new(Notice {
-                    frame: frame.clone(),
-                    users: Recipients::all(users.clone()),
-                })),
-            );
+            let n = Notice {
+                frame: frame.clone(),
+                users: Recipients::all(users.clone()),
+            };
+            shard.post(target, move |shard| {
+                super::user::notify(shard, &n.frame, &n.users)
+            });
         }
     }
 }
 
 /// Durable max seq and last message of each conversation.
-pub async fn handle_info(shard: &Rc<Shard>, convs: &[String]) -> Result<Bytes, ApiError> {
+pub async fn handle_info(
+    shard: &Rc<Shard>,
+    convs: &[String],
+) -> Result<Vec<ConvSummary>, ApiError> {
     let mut items = Vec::with_capacity(convs.len());
     for conv_id in convs {
         let max_seq = on_conv(shard, conv_id, |c| c.durable_seq).await?;
@@ -833,5 +841,5 @@ pub async fn handle_info(shard: &Rc<Shard>, convs: &[String]) -> Result<Bytes, A
             last_msg,
         });
     }
-    Ok(ConvSummaries { items }.encode_to_vec().into())
+    Ok(items)
 }

@@ -13,22 +13,20 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use bytes::Bytes;
 use prost::Message as _;
 
-use super::{check_party, user, Caller, PullCmd};
+use super::Shard;
+use super::{check_party, user, Caller, PullCmd, Response};
 use crate::codes::ApiError;
 use crate::limits;
 use crate::proto::envelope::{kind, notice_frame, now_ms};
 use crate::proto::pb::{
     ConvType, ConversationItem, DeleteConversationRequest, DeleteConversationResponse,
     GetConversationsRequest, GetConversationsResponse, GetUnreadRequest, GetUnreadResponse,
-    MarkReadNotice, MarkReadRequest, MarkReadResponse, PullMessagesResponse, UnreadConversation,
+    MarkReadNotice, MarkReadRequest, MarkReadResponse, UnreadConversation,
     UpdateConvSettingsRequest, UpdateConvSettingsResponse,
 };
-use crate::proto::store_pb::{ConvRow, ConvSummaries, ConvSummary};
-use crate::shard::msg::ShardMsg;
-use crate::shard::Shard;
+use crate::proto::store_pb::{ConvRow, ConvSummary};
 use crate::store::WriteSet;
 
 /// Asks the conversations' shards for their summaries.
@@ -44,14 +42,16 @@ async fn summaries(
         .into_iter()
         .enumerate()
         .filter(|(_, convs)| !convs.is_empty())
-        .map(|(target, convs)| shard.call(target, move |reply| ShardMsg::ConvInfo { reply, convs }))
+        .map(|(target, convs)| {
+            shard.invoke_on(target, move |shard| async move {
+                super::conv::handle_info(&shard, &convs).await
+            })
+        })
         .collect();
     let mut out = HashMap::new();
     for call in calls {
-        let bytes = call.await?;
-        let s = ConvSummaries::decode(&*bytes)
-            .map_err(|e| ApiError::Internal(format!("summaries: {e}")))?;
-        out.extend(s.items.into_iter().map(|i| (i.conv_id.clone(), i)));
+        let items = call.await??;
+        out.extend(items.into_iter().map(|i| (i.conv_id.clone(), i)));
     }
     Ok(out)
 }
@@ -116,7 +116,7 @@ pub async fn get_conversations(
     shard: &Rc<Shard>,
     caller: &Caller,
     req: GetConversationsRequest,
-) -> Result<Bytes, ApiError> {
+) -> Result<Response, ApiError> {
     if req.updated_since < 0 || req.cursor < 0 {
         return Err(ApiError::invalid("updated_since and cursor must be >= 0"));
     }
@@ -155,7 +155,6 @@ pub async fn get_conversations(
         has_more,
         next_cursor,
     }
-    .encode_to_vec()
     .into())
 }
 
@@ -202,7 +201,7 @@ pub async fn mark_read(
     shard: &Rc<Shard>,
     caller: &Caller,
     req: MarkReadRequest,
-) -> Result<Bytes, ApiError> {
+) -> Result<Response, ApiError> {
     check_party(&req.conv_id, &caller.user)?;
     if req.read_seq < 1 {
         return Err(ApiError::invalid("read_seq must be >= 1"));
@@ -243,14 +242,14 @@ pub async fn mark_read(
             .ok_or(ApiError::NotFound("no such conversation"))?
     };
     let unread_count = (max_seq - row.read_seq).clamp(0, i32::MAX as i64) as i32;
-    Ok(MarkReadResponse { unread_count }.encode_to_vec().into())
+    Ok(MarkReadResponse { unread_count }.into())
 }
 
 pub async fn delete(
     shard: &Rc<Shard>,
     caller: &Caller,
     req: DeleteConversationRequest,
-) -> Result<Bytes, ApiError> {
+) -> Result<Response, ApiError> {
     check_party(&req.conv_id, &caller.user)?;
     has_row(shard, &caller.user, &req.conv_id).await?;
     let max_seq = summary(shard, &req.conv_id).await?.max_seq;
@@ -260,14 +259,14 @@ pub async fn delete(
         r.deleted = true;
     })
     .await?;
-    Ok(DeleteConversationResponse {}.encode_to_vec().into())
+    Ok(DeleteConversationResponse {}.into())
 }
 
 pub async fn update_settings(
     shard: &Rc<Shard>,
     caller: &Caller,
     req: UpdateConvSettingsRequest,
-) -> Result<Bytes, ApiError> {
+) -> Result<Response, ApiError> {
     check_party(&req.conv_id, &caller.user)?;
     has_row(shard, &caller.user, &req.conv_id).await?;
     update_row(shard, &caller.user, &req.conv_id, |r| {
@@ -279,7 +278,7 @@ pub async fn update_settings(
         }
     })
     .await?;
-    Ok(UpdateConvSettingsResponse {}.encode_to_vec().into())
+    Ok(UpdateConvSettingsResponse {}.into())
 }
 
 /// Every conversation with unread messages, with up to `per_conv_limit` of them (the
@@ -291,7 +290,7 @@ pub async fn get_unread(
     shard: &Rc<Shard>,
     caller: &Caller,
     req: GetUnreadRequest,
-) -> Result<Bytes, ApiError> {
+) -> Result<Response, ApiError> {
     let limit = match req.per_conv_limit {
         l if l < 0 => return Err(ApiError::invalid("per_conv_limit must be >= 0")),
         0 => limits::UNREAD_PER_CONV_DEFAULT,
@@ -326,17 +325,15 @@ pub async fn get_unread(
         };
         let target = shard.conv_shard(&cmd.conv_id);
         let pulled = shard
-            .call(target, |reply| ShardMsg::Pull {
-                reply,
-                pull: Box::new(cmd),
+            .invoke_on(target, move |shard| async move {
+                super::conv::handle_pull(&shard, &cmd).await
             })
-            .await;
+            .await
+            .and_then(|r| r);
         // A removed group member keeps the unread count of what came before the removal
         // but may no longer read the group: no messages for that row.
         let messages = match pulled {
-            Ok(body) => {
-                let page = PullMessagesResponse::decode(&*body)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok(page) => {
                 // Fewer than asked for with more below: the budget cut it short.
                 if page.has_more && page.messages.len() < limit {
                     has_more = true;
@@ -363,6 +360,5 @@ pub async fn get_unread(
         conversations,
         has_more,
     }
-    .encode_to_vec()
     .into())
 }

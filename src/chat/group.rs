@@ -11,17 +11,15 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use bytes::Bytes;
-use prost::Message as _;
-
 use super::cache;
 use super::conv::{fan_out, on_conv, split_by_shard, ByShard};
+use super::fanout::UserId;
+use super::Shard;
 use crate::codes::ApiError;
 use crate::proto::envelope::now_ms;
 use crate::proto::pb::{CreateGroupResponse, MsgItem, UpdateGroupMembersResponse};
 use crate::proto::store_pb::{GroupMeta, MemberRecord};
-use crate::shard::msg::{ReplyTo, UserId};
-use crate::shard::Shard;
+use crate::shard::msg::ReplyTo;
 use crate::store::WriteSet;
 
 pub const ROLE_MEMBER: i32 = 0;
@@ -155,7 +153,13 @@ struct Change {
     removed: Vec<String>,
 }
 
-fn commit(shard: &Rc<Shard>, reply: ReplyTo, change: Change, device: String, body: Bytes) {
+fn commit<T: Send + 'static>(
+    shard: &Rc<Shard>,
+    reply: ReplyTo<Result<T, ApiError>>,
+    change: Change,
+    device: String,
+    body: T,
+) {
     let Change {
         mut write,
         msg,
@@ -177,14 +181,18 @@ fn commit(shard: &Rc<Shard>, reply: ReplyTo, change: Change, device: String, bod
             }
             Err(e) => {
                 shard.reply(reply, Err(e.into()));
-                shard.reset_after_store_failure();
+                super::reset_after_store_failure(&shard);
             }
         }
     });
 }
 
-pub async fn handle_create(shard: &Rc<Shard>, reply: ReplyTo, cmd: CreateGroupCmd) {
-    shard.reset_after_store_failure();
+pub async fn handle_create(
+    shard: &Rc<Shard>,
+    reply: ReplyTo<Result<CreateGroupResponse, ApiError>>,
+    cmd: CreateGroupCmd,
+) {
+    super::reset_after_store_failure(shard);
     let prepared = on_conv(shard, &cmd.conv_id, |c| {
         if c.group.is_some() || c.next_seq > 1 {
             return Err(ApiError::invalid("group_id is already taken"));
@@ -251,9 +259,7 @@ pub async fn handle_create(shard: &Rc<Shard>, reply: ReplyTo, cmd: CreateGroupCm
     let body = CreateGroupResponse {
         group_id: cmd.group_id,
         conv_id: cmd.conv_id,
-    }
-    .encode_to_vec()
-    .into();
+    };
     let change = Change {
         write,
         msg,
@@ -263,8 +269,12 @@ pub async fn handle_create(shard: &Rc<Shard>, reply: ReplyTo, cmd: CreateGroupCm
     commit(shard, reply, change, cmd.device, body);
 }
 
-pub async fn handle_update(shard: &Rc<Shard>, reply: ReplyTo, cmd: UpdateMembersCmd) {
-    shard.reset_after_store_failure();
+pub async fn handle_update(
+    shard: &Rc<Shard>,
+    reply: ReplyTo<Result<UpdateGroupMembersResponse, ApiError>>,
+    cmd: UpdateMembersCmd,
+) {
+    super::reset_after_store_failure(shard);
     let now = now_ms();
     let prepared = on_conv(shard, &cmd.conv_id, |c| -> Result<_, ApiError> {
         let Some(g) = c.group.as_mut() else {
@@ -382,9 +392,7 @@ pub async fn handle_update(shard: &Rc<Shard>, reply: ReplyTo, cmd: UpdateMembers
         Ok(v) => v,
         Err(e) => return shard.reply(reply, Err(e)),
     };
-    let body: Bytes = UpdateGroupMembersResponse { members: after }
-        .encode_to_vec()
-        .into();
+    let body = UpdateGroupMembersResponse { members: after };
     match change {
         None => shard.reply(reply, Ok(body)),
         Some(change) => commit(shard, reply, change, cmd.device, body),

@@ -7,11 +7,15 @@ pub mod admin;
 pub mod cache;
 pub mod conv;
 pub mod convlist;
+pub mod fanout;
 pub mod filter;
 pub mod group;
 pub mod user;
 
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -19,15 +23,218 @@ use prost::Message as _;
 use crate::codes::ApiError;
 use crate::ids::{self, ConvRef};
 use crate::limits;
+use crate::proto::http::Head;
 use crate::proto::pb::{
-    client_frame::Body, ConvType, CreateGroupRequest, GetMessagesByIdsRequest, PullDirection,
-    PullMessagesRequest, RecallMessageRequest, SendMessageRequest, UpdateGroupMembersRequest,
+    client_frame::Body, ConvType, CreateGroupRequest, CreateGroupResponse,
+    DeleteConversationResponse, GetConversationsResponse, GetMessagesByIdsRequest,
+    GetMessagesByIdsResponse, GetUnreadResponse, HeartbeatResponse, MarkReadResponse,
+    PullDirection, PullMessagesRequest, PullMessagesResponse, RecallMessageRequest,
+    RecallMessageResponse, SendMessageRequest, SendMessageResponse, UpdateConvSettingsResponse,
+    UpdateGroupMembersRequest, UpdateGroupMembersResponse,
 };
-use crate::shard::msg::ShardMsg;
-use crate::shard::Shard;
+use crate::shard::conn::Conn;
+use crate::store::ShardStore;
+use filter::Filter;
 
 pub use conv::ConvState;
 pub use user::UserState;
+
+/// A shard running the chat service: the runtime's shard with [`Chat`] as its state.
+pub type Shard = crate::shard::Shard<Chat>;
+
+/// Bytes staged in the store but not yet durable above which readers pause.
+pub const STORE_UNSYNCED_HIGH: usize = 64 << 20;
+/// Fan-out jobs queued behind conversations above which readers pause.
+pub const FANOUT_QUEUED_HIGH: usize = 4096;
+
+/// The chat service's state on one shard: the users and conversations this shard
+/// owns (their caches) and its store. Reached as `shard.<field>` (the shard derefs to
+/// it); only this shard's thread touches it.
+pub struct Chat {
+    /// The content filter, compiled once at start-up and shared by every shard.
+    pub filter: Arc<Filter>,
+    /// This shard's store (conversations and user rows it owns).
+    pub store: Rc<ShardStore>,
+    /// Users this shard owns that are online or were touched: devices, rows, rate.
+    pub users: RefCell<HashMap<String, UserState>>,
+    /// Conversations this shard owns that were touched: seq counter, in-flight dedupe.
+    pub convs: RefCell<HashMap<String, ConvState>>,
+    /// Bumped whenever conversations are dropped from `convs`: a load that started
+    /// before may have read what is no longer true, and starts over.
+    pub conv_epoch: Cell<u64>,
+    /// Bytes charged for loaded rows and conversations (see [`cache`]), and the
+    /// eviction queue over them.
+    pub cache_bytes: Cell<usize>,
+    pub cache_queue: RefCell<VecDeque<cache::CacheKey>>,
+    /// An eviction pass is scheduled for the end of this loop turn.
+    pub cache_pass_due: Cell<bool>,
+    /// Users whose rows a delivery needs, waiting for the batched loader, and whether
+    /// it runs ([`user`]).
+    pub rows_to_load: RefCell<VecDeque<String>>,
+    pub rows_loader_running: Cell<bool>,
+    /// Fan-out jobs queued behind conversations of this shard.
+    pub fanout_queued: Cell<usize>,
+}
+
+impl Chat {
+    pub fn new(store: Rc<ShardStore>, filter: Arc<Filter>) -> Chat {
+        Chat {
+            filter,
+            store,
+            users: RefCell::new(HashMap::new()),
+            convs: RefCell::new(HashMap::new()),
+            conv_epoch: Cell::new(0),
+            cache_bytes: Cell::new(0),
+            cache_queue: RefCell::new(VecDeque::new()),
+            cache_pass_due: Cell::new(false),
+            rows_to_load: RefCell::new(VecDeque::new()),
+            rows_loader_running: Cell::new(false),
+            fanout_queued: Cell::new(0),
+        }
+    }
+}
+
+impl crate::shard::Service for Chat {
+    fn conn_opened(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Option<Rc<Conn>> {
+        user::register(shard, conn)
+    }
+
+    fn conn_seen(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+        user::seen(shard, conn);
+    }
+
+    fn conn_closed(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+        user::unregister(shard, conn);
+    }
+
+    fn conns(&self) -> Vec<Rc<Conn>> {
+        self.users
+            .borrow()
+            .values()
+            .flat_map(|u| u.conns.iter().cloned())
+            .collect()
+    }
+
+    async fn request(shard: Rc<Shard>, conn: Rc<Conn>, body: Body) -> Result<Bytes, ApiError> {
+        let caller = Caller {
+            user: conn.user.to_string(),
+            device: conn.device.to_string(),
+            admin: false,
+        };
+        execute(&shard, &caller, body).await.map(|r| r.encode())
+    }
+
+    async fn http(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Vec<u8> {
+        crate::api::handle(shard, head, body).await
+    }
+
+    fn is_admin_path(path: &str) -> bool {
+        crate::api::is_admin_path(path)
+    }
+
+    fn behind(&self, low: bool) -> bool {
+        let d = if low { 2 } else { 1 };
+        self.store.unsynced_bytes() > STORE_UNSYNCED_HIGH / d
+            || self.fanout_queued.get() > FANOUT_QUEUED_HIGH / d
+    }
+
+    fn unflushed(&self) -> usize {
+        self.store.unsynced_bytes()
+    }
+
+    fn on_bell(&self) {
+        self.store.wake_local();
+    }
+}
+
+/// After a failed store batch: forget every cached conversation (their seq counters
+/// may have advanced past what is stored), fail the sends that waited on them, and
+/// let the store accept writes.
+pub fn reset_after_store_failure(shard: &Rc<Shard>) {
+    if shard.store.has_failed() {
+        let convs = std::mem::take(&mut *shard.convs.borrow_mut());
+        shard.conv_epoch.set(shard.conv_epoch.get() + 1);
+        shard.store.reset_after_failure();
+        for (_, conv) in convs {
+            cache::release(shard, conv.charged());
+            let queued = conv.queued_fanout();
+            shard
+                .fanout_queued
+                .set(shard.fanout_queued.get().saturating_sub(queued));
+            for waiter in conv.into_waiters() {
+                let err = ApiError::StoreUnavailable("an earlier write failed".into());
+                shard.reply(waiter, Err(err));
+            }
+        }
+    }
+}
+
+/// The answer of a client operation, typed until it is written: encoded once for the
+/// RESPONSE envelope ([`Response::encode`]) or turned into JSON by the HTTP API.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Response {
+    /// Operations that answer nothing (a PushAck asked to answer).
+    Empty,
+    Heartbeat(HeartbeatResponse),
+    Send(SendMessageResponse),
+    Pull(PullMessagesResponse),
+    ByIds(GetMessagesByIdsResponse),
+    Recall(RecallMessageResponse),
+    Conversations(GetConversationsResponse),
+    MarkRead(MarkReadResponse),
+    Delete(DeleteConversationResponse),
+    Settings(UpdateConvSettingsResponse),
+    Unread(GetUnreadResponse),
+    CreateGroup(CreateGroupResponse),
+    UpdateMembers(UpdateGroupMembersResponse),
+}
+
+impl Response {
+    /// The XxxResponse's protobuf bytes (the `body` of a RESPONSE envelope).
+    pub fn encode(&self) -> Bytes {
+        let v = match self {
+            Response::Empty => return Bytes::new(),
+            Response::Heartbeat(r) => r.encode_to_vec(),
+            Response::Send(r) => r.encode_to_vec(),
+            Response::Pull(r) => r.encode_to_vec(),
+            Response::ByIds(r) => r.encode_to_vec(),
+            Response::Recall(r) => r.encode_to_vec(),
+            Response::Conversations(r) => r.encode_to_vec(),
+            Response::MarkRead(r) => r.encode_to_vec(),
+            Response::Delete(r) => r.encode_to_vec(),
+            Response::Settings(r) => r.encode_to_vec(),
+            Response::Unread(r) => r.encode_to_vec(),
+            Response::CreateGroup(r) => r.encode_to_vec(),
+            Response::UpdateMembers(r) => r.encode_to_vec(),
+        };
+        v.into()
+    }
+}
+
+macro_rules! response_from {
+    ($($t:ty => $v:ident),* $(,)?) => {
+        $(impl From<$t> for Response {
+            fn from(r: $t) -> Response {
+                Response::$v(r)
+            }
+        })*
+    };
+}
+
+response_from! {
+    HeartbeatResponse => Heartbeat,
+    SendMessageResponse => Send,
+    PullMessagesResponse => Pull,
+    GetMessagesByIdsResponse => ByIds,
+    RecallMessageResponse => Recall,
+    GetConversationsResponse => Conversations,
+    MarkReadResponse => MarkRead,
+    DeleteConversationResponse => Delete,
+    UpdateConvSettingsResponse => Settings,
+    GetUnreadResponse => Unread,
+    CreateGroupResponse => CreateGroup,
+    UpdateGroupMembersResponse => UpdateMembers,
+}
 
 /// Who is asking: from the connection or the HTTP token.
 #[derive(Debug, Clone)]
@@ -88,20 +295,18 @@ pub struct RecallCmd {
     pub operator: String,
 }
 
-/// Runs one client operation on the caller's user shard. Returns the encoded
+/// Runs one client operation on the caller's user shard. Returns the typed
 /// XxxResponse for the RESPONSE envelope (or the HTTP JSON reply). Its latency and any
 /// refusal are recorded there, for /metrics.
-pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<Bytes, ApiError> {
+pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<Response, ApiError> {
     let owner = shard.user_shard(&caller.user);
     if owner != shard.id {
         let caller = caller.clone();
         return shard
-            .call(owner, move |reply| ShardMsg::Execute {
-                reply,
-                caller,
-                body: Box::new(body),
+            .invoke_on(owner, move |shard| async move {
+                execute(&shard, &caller, body).await
             })
-            .await;
+            .await?;
     }
     let op = crate::metrics::Op::of(&body);
     let started = std::time::Instant::now();
@@ -112,7 +317,7 @@ pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<B
 }
 
 /// Runs one operation on the caller's user shard (this shard).
-async fn run(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<Bytes, ApiError> {
+async fn run(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<Response, ApiError> {
     user::take_tokens(shard, &caller.user, cost(&body))?;
     match body {
         Body::Send(req) => send(shard, caller, req).await,
@@ -124,12 +329,10 @@ async fn run(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<Bytes, Ap
         Body::DeleteConversation(req) => convlist::delete(shard, caller, req).await,
         Body::UpdateSettings(req) => convlist::update_settings(shard, caller, req).await,
         Body::GetUnread(req) => convlist::get_unread(shard, caller, req).await,
-        Body::Heartbeat(_) => Ok(crate::proto::pb::HeartbeatResponse {
+        Body::Heartbeat(_) => Ok(Response::Heartbeat(HeartbeatResponse {
             server_ts: crate::proto::envelope::now_ms(),
-        }
-        .encode_to_vec()
-        .into()),
-        Body::PushAck(_) => Ok(Bytes::new()),
+        })),
+        Body::PushAck(_) => Ok(Response::Empty),
         Body::CreateGroup(req) => create_group(shard, caller, req).await,
         Body::UpdateMembers(req) => update_members(shard, caller, req).await,
     }
@@ -163,7 +366,7 @@ async fn send(
     shard: &Rc<Shard>,
     caller: &Caller,
     req: SendMessageRequest,
-) -> Result<Bytes, ApiError> {
+) -> Result<Response, ApiError> {
     let conv_type =
         ConvType::try_from(req.conv_type).map_err(|_| ApiError::invalid("conv_type"))?;
     ids::check_id("target", &req.target)?;
@@ -225,19 +428,19 @@ async fn send(
         at_users: req.at_users,
     };
     let target = shard.conv_shard(&cmd.conv_id);
-    shard
-        .call(target, |reply| ShardMsg::Send {
-            reply,
-            send: Box::new(cmd),
+    let sent = shard
+        .call(target, move |shard, reply| {
+            conv::handle_send(shard, reply, cmd)
         })
-        .await
+        .await??;
+    Ok(sent.into())
 }
 
 async fn pull(
     shard: &Rc<Shard>,
     caller: &Caller,
     req: PullMessagesRequest,
-) -> Result<Bytes, ApiError> {
+) -> Result<Response, ApiError> {
     check_party(&req.conv_id, &caller.user)?;
     let direction =
         PullDirection::try_from(req.direction).map_err(|_| ApiError::invalid("direction"))?;
@@ -262,12 +465,12 @@ async fn pull(
         max_bytes: limits::reply_budget(shard.cfg.outbound_queue_bytes),
     };
     let target = shard.conv_shard(&cmd.conv_id);
-    shard
-        .call(target, |reply| ShardMsg::Pull {
-            reply,
-            pull: Box::new(cmd),
+    let r = shard
+        .invoke_on(target, move |shard| async move {
+            conv::handle_pull(&shard, &cmd).await
         })
-        .await
+        .await??;
+    Ok(r.into())
 }
 
 /// Parses a conv_id and, for p2p, checks that `user` is a party (group membership is
@@ -286,7 +489,7 @@ async fn by_ids(
     shard: &Rc<Shard>,
     caller: &Caller,
     req: GetMessagesByIdsRequest,
-) -> Result<Bytes, ApiError> {
+) -> Result<Response, ApiError> {
     check_party(&req.conv_id, &caller.user)?;
     if req.msg_ids.is_empty() || req.msg_ids.len() > limits::BY_IDS_MAX {
         return Err(ApiError::invalid(format!(
@@ -312,19 +515,19 @@ async fn by_ids(
         max_bytes: limits::reply_budget(shard.cfg.outbound_queue_bytes),
     };
     let target = shard.conv_shard(&cmd.conv_id);
-    shard
-        .call(target, |reply| ShardMsg::ByIds {
-            reply,
-            cmd: Box::new(cmd),
+    let r = shard
+        .invoke_on(target, move |shard| async move {
+            conv::handle_by_ids(&shard, cmd).await
         })
-        .await
+        .await??;
+    Ok(r.into())
 }
 
 async fn recall(
     shard: &Rc<Shard>,
     caller: &Caller,
     req: RecallMessageRequest,
-) -> Result<Bytes, ApiError> {
+) -> Result<Response, ApiError> {
     check_party(&req.conv_id, &caller.user)?;
     if ulid::Ulid::from_string(&req.msg_id).is_err() {
         return Err(ApiError::invalid("msg_id must be a msg_id (ULID)"));
@@ -335,12 +538,13 @@ async fn recall(
         operator: caller.user.clone(),
     };
     let target = shard.conv_shard(&cmd.conv_id);
-    shard
-        .call(target, |reply| ShardMsg::Recall {
-            reply,
-            cmd: Box::new(cmd),
+    let r = shard
+        .call(target, move |shard, reply| {
+            let shard = shard.clone();
+            monoio::spawn(async move { conv::handle_recall(&shard, reply, cmd).await });
         })
-        .await
+        .await??;
+    Ok(r.into())
 }
 
 /// Checks a list of user ids and removes repeats (first occurrence kept).
@@ -360,7 +564,7 @@ async fn create_group(
     shard: &Rc<Shard>,
     caller: &Caller,
     req: CreateGroupRequest,
-) -> Result<Bytes, ApiError> {
+) -> Result<Response, ApiError> {
     let group_id = if req.group_id.is_empty() {
         format!("g{}", ulid::Ulid::new())
     } else {
@@ -395,19 +599,20 @@ async fn create_group(
         members,
     };
     let target = shard.conv_shard(&cmd.conv_id);
-    shard
-        .call(target, |reply| ShardMsg::CreateGroup {
-            reply,
-            cmd: Box::new(cmd),
+    let r = shard
+        .call(target, move |shard, reply| {
+            let shard = shard.clone();
+            monoio::spawn(async move { group::handle_create(&shard, reply, cmd).await });
         })
-        .await
+        .await??;
+    Ok(r.into())
 }
 
 async fn update_members(
     shard: &Rc<Shard>,
     caller: &Caller,
     req: UpdateGroupMembersRequest,
-) -> Result<Bytes, ApiError> {
+) -> Result<Response, ApiError> {
     ids::check_id("group_id", &req.group_id)?;
     let total = req.add.len() + req.remove.len() + req.add_admins.len();
     if total == 0 {
@@ -431,10 +636,11 @@ async fn update_members(
     };
     user::take_member_quota(shard, &caller.user, cmd.add.len())?;
     let target = shard.conv_shard(&cmd.conv_id);
-    shard
-        .call(target, |reply| ShardMsg::UpdateMembers {
-            reply,
-            cmd: Box::new(cmd),
+    let r = shard
+        .call(target, move |shard, reply| {
+            let shard = shard.clone();
+            monoio::spawn(async move { group::handle_update(&shard, reply, cmd).await });
         })
-        .await
+        .await??;
+    Ok(r.into())
 }

@@ -5,13 +5,13 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::cache;
+use super::fanout::Delivery;
+use super::Shard;
 use crate::codes::ApiError;
 use crate::ids::ConvRef;
 use crate::proto::envelope::now_ms;
 use crate::proto::store_pb::ConvRow;
 use crate::shard::conn::Conn;
-use crate::shard::msg::Delivery;
-use crate::shard::Shard;
 use crate::store::WriteSet;
 
 /// A user this shard owns. Kept small: an online user with one device costs this
@@ -523,7 +523,7 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
 }
 
 /// Writes a notice frame to every online device of these users.
-pub fn notify(shard: &Rc<Shard>, frame: &bytes::Bytes, users: &[crate::shard::msg::UserId]) {
+pub fn notify(shard: &Rc<Shard>, frame: &bytes::Bytes, users: &[super::fanout::UserId]) {
     for user in users {
         for c in devices(shard, user) {
             c.send(shard, frame.clone());

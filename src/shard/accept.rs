@@ -13,7 +13,7 @@ use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 
 use super::conn::{self, Upgrade};
 use super::msg::{HandOver, ShardMsg};
-use super::Shard;
+use super::{Service, Shard};
 use crate::codes::ApiError;
 use crate::proto::http::{self, Head, HttpError};
 use crate::proto::json;
@@ -35,10 +35,10 @@ pub enum Port {
 impl Port {
     /// Whether a request for `path` is served on this listener. Without an admin
     /// listener the public one serves everything.
-    pub fn serves(self, shard: &Shard, path: &str) -> bool {
+    pub fn serves<S: Service>(self, shard: &Shard<S>, path: &str) -> bool {
         match self {
-            Port::Public => shard.cfg.admin_listen.is_none() || !crate::api::is_admin_path(path),
-            Port::Admin => crate::api::is_admin_path(path),
+            Port::Public => shard.cfg.admin_listen.is_none() || !S::is_admin_path(path),
+            Port::Admin => S::is_admin_path(path),
         }
     }
 }
@@ -53,7 +53,7 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Accepts until the shard starts draining; then the listener closes.
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, port: Port) {
+pub async fn accept_loop<S: Service>(shard: Rc<Shard<S>>, listener: TcpListener, port: Port) {
     loop {
         let accepted = monoio::select! {
             r = listener.accept() => r,
@@ -115,7 +115,7 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
     }
 }
 
-async fn serve_http(shard: Rc<Shard>, mut stream: TcpStream, port: Port) {
+async fn serve_http<S: Service>(shard: Rc<Shard<S>>, mut stream: TcpStream, port: Port) {
     let mut buf = Vec::new();
     loop {
         let (head, body) = match read_request(&mut stream, &mut buf).await {
@@ -152,7 +152,7 @@ async fn serve_http(shard: Rc<Shard>, mut stream: TcpStream, port: Port) {
         }
         let keep_alive = head.keep_alive && !shard.draining.get();
         shard.request_started();
-        let reply = crate::api::handle(&shard, &head, &body).await;
+        let reply = S::http(&shard, &head, &body).await;
         shard.request_finished();
         if stream.write_all(reply).await.0.is_err() || !keep_alive || shard.draining.get() {
             return;
@@ -167,7 +167,12 @@ fn error_json(e: &ApiError) -> String {
 }
 
 /// Checks an upgrade request and its token; hands it to the user's shard.
-async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: Head, leftover: Vec<u8>) {
+async fn upgrade<S: Service>(
+    shard: Rc<Shard<S>>,
+    mut stream: TcpStream,
+    head: Head,
+    leftover: Vec<u8>,
+) {
     let checked = check_upgrade(&shard, &head);
     let (claims, key) = match checked {
         Ok(v) => v,
@@ -194,7 +199,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: Head, leftover: 
     let raw = stream.into_raw_fd();
     // SAFETY: `into_raw_fd` gave up the stream's ownership of this descriptor.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    shard.post(
+    shard.ring.send(
         owner,
         ShardMsg::HandOver(Box::new(HandOver {
             fd,
@@ -208,7 +213,10 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: Head, leftover: 
     );
 }
 
-fn check_upgrade(shard: &Shard, head: &Head) -> Result<(crate::auth::Claims, String), ApiError> {
+fn check_upgrade<S: Service>(
+    shard: &Shard<S>,
+    head: &Head,
+) -> Result<(crate::auth::Claims, String), ApiError> {
     if head.method != "GET" {
         return Err(ApiError::invalid("WebSocket upgrade must be GET"));
     }

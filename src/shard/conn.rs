@@ -33,8 +33,7 @@ use monoio::net::TcpStream;
 use prost::Message as _;
 
 use super::msg::HandOver;
-use super::Shard;
-use crate::chat::{self, Caller};
+use super::{Service, Shard};
 use crate::codes::{close, kick, ApiError};
 use crate::proto::envelope::{self, decode_client_frame, FrameError};
 use crate::proto::pb::{client_frame::Body, ClientFrame, HeartbeatResponse};
@@ -98,15 +97,15 @@ impl Conn {
     }
 
     /// Queues a frame; starts the writer if it is not running. Cuts a slow reader.
-    pub fn send(self: &Rc<Self>, shard: &Rc<Shard>, frame: Bytes) {
+    pub fn send<S: Service>(self: &Rc<Self>, shard: &Rc<Shard<S>>, frame: Bytes) {
         self.send_reply(shard, frame, None);
     }
 
     /// [`Conn::send`] for a RESPONSE whose body is a `body_type` (the XxxResponse
     /// name, see [`json::response_type`]), which a JSON connection needs to decode it.
-    fn send_reply(
+    fn send_reply<S: Service>(
         self: &Rc<Self>,
-        shard: &Rc<Shard>,
+        shard: &Rc<Shard<S>>,
         frame: Bytes,
         body_type: Option<&'static str>,
     ) {
@@ -141,7 +140,12 @@ impl Conn {
     }
 
     /// Queues an optional KICKOUT and a close frame, then shuts the socket down.
-    pub fn close(self: &Rc<Self>, shard: &Rc<Shard>, code: u16, kick_reason: Option<&str>) {
+    pub fn close<S: Service>(
+        self: &Rc<Self>,
+        shard: &Rc<Shard<S>>,
+        code: u16,
+        kick_reason: Option<&str>,
+    ) {
         if self.phase.get() != Phase::Open {
             return;
         }
@@ -159,7 +163,7 @@ impl Conn {
 
     /// Files the connection in the wheel at `at` unless it is filed earlier already
     /// (or at all: an entry whose second is `now` is being handled by the ticker).
-    fn file_by(self: &Rc<Self>, shard: &Shard, at: u32) {
+    fn file_by<S: Service>(self: &Rc<Self>, shard: &Shard<S>, at: u32) {
         let mut timers = shard.timers.borrow_mut();
         let filed = self.filed_at.get();
         if at < filed || filed <= timers.now() {
@@ -189,7 +193,7 @@ impl Conn {
         self.out.borrow_mut().push_back(frame);
     }
 
-    fn start_writer(self: &Rc<Self>, shard: &Rc<Shard>) {
+    fn start_writer<S: Service>(self: &Rc<Self>, shard: &Rc<Shard<S>>) {
         if !self.writing.replace(true) {
             monoio::spawn(write_loop(self.clone(), shard.clone()));
         }
@@ -197,7 +201,7 @@ impl Conn {
 }
 
 /// Drains the queue: one write per batch of frames.
-async fn write_loop(conn: Rc<Conn>, shard: Rc<Shard>) {
+async fn write_loop<S: Service>(conn: Rc<Conn>, shard: Rc<Shard<S>>) {
     let Some(mut w) = conn.writer.borrow_mut().take() else {
         conn.writing.set(false);
         return;
@@ -242,7 +246,7 @@ async fn write_loop(conn: Rc<Conn>, shard: Rc<Shard>) {
 }
 
 /// Called on the owning shard for a connection another shard accepted.
-pub fn adopt(shard: &Rc<Shard>, h: HandOver) {
+pub fn adopt<S: Service>(shard: &Rc<Shard<S>>, h: HandOver) {
     shard
         .counters
         .handovers
@@ -281,7 +285,7 @@ pub struct Upgrade {
 
 /// Answers 101, registers the connection (replacing one of the same device) and runs
 /// its reader until it closes.
-pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, up: Upgrade) {
+pub async fn upgrade<S: Service>(shard: Rc<Shard<S>>, mut stream: TcpStream, up: Upgrade) {
     let Upgrade {
         user,
         device,
@@ -334,10 +338,10 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, up: Upgrade) {
         let at = now + timers.timeout();
         conn.filed_at.set(timers.insert(Rc::downgrade(&conn), at));
     }
-    if let Some(old) = chat::user::register(&shard, &conn) {
+    if let Some(old) = S::conn_opened(&shard, &conn) {
         old.close(&shard, close::KICKED, Some(kick::REPLACED));
     }
-    chat::user::seen(&shard, &conn);
+    S::conn_seen(&shard, &conn);
     if shard.draining.get() {
         // Handed over just as shutdown began.
         conn.close(&shard, close::GOING_AWAY, None);
@@ -354,10 +358,15 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, up: Upgrade) {
 }
 
 /// Reads until the connection ends, then unregisters it.
-async fn run(shard: Rc<Shard>, conn: Rc<Conn>, rd: OwnedReadHalf<TcpStream>, leftover: Vec<u8>) {
+async fn run<S: Service>(
+    shard: Rc<Shard<S>>,
+    conn: Rc<Conn>,
+    rd: OwnedReadHalf<TcpStream>,
+    leftover: Vec<u8>,
+) {
     read_loop(&shard, &conn, rd, leftover).await;
     conn.abort();
-    chat::user::unregister(&shard, &conn);
+    S::conn_closed(&shard, &conn);
     shard.push_acks.borrow_mut().forget(conn.id);
     shard
         .counters
@@ -371,7 +380,7 @@ async fn run(shard: Rc<Shard>, conn: Rc<Conn>, rd: OwnedReadHalf<TcpStream>, lef
 
 /// Waits until fewer than `max_requests_in_flight` requests of `conn` are served.
 /// The waker sits in the shard's map only while the reader waits.
-async fn requests_below_limit(shard: &Rc<Shard>, conn: &Conn) {
+async fn requests_below_limit<S: Service>(shard: &Rc<Shard<S>>, conn: &Conn) {
     let max = shard.cfg.max_requests_in_flight;
     std::future::poll_fn(|cx| {
         if conn.in_flight.get() < max || conn.phase.get() != Phase::Open {
@@ -453,8 +462,8 @@ fn recv_now(fd: RawFd, buf: &mut Vec<u8>) -> Read {
 /// and handles every complete frame at once. No read is ever in flight with a buffer of
 /// its own, so 100,000 connections waking together (a heartbeat wave, a close storm)
 /// still use one buffer per shard; only a partial frame is kept per connection.
-async fn read_loop(
-    shard: &Rc<Shard>,
+async fn read_loop<S: Service>(
+    shard: &Rc<Shard<S>>,
     conn: &Rc<Conn>,
     rd: OwnedReadHalf<TcpStream>,
     mut pending: Vec<u8>,
@@ -548,9 +557,9 @@ impl Input {
     /// After input was handled: refreshes activity and the unfinished-message clock,
     /// and keeps the shard's frame memory within its cap (closing this connection with
     /// 1013 when it would pass it).
-    fn account(
+    fn account<S: Service>(
         &mut self,
-        shard: &Rc<Shard>,
+        shard: &Rc<Shard<S>>,
         conn: &Rc<Conn>,
         pending: &mut Vec<u8>,
         progressed: bool,
@@ -589,8 +598,8 @@ impl Input {
 /// frame (or, when the connection has its maximum of requests in flight, the frames
 /// not yet handled). Stops (and drops the rest) at the first frame that closes the
 /// connection. Returns whether a complete message or control frame was handled.
-fn process(
-    shard: &Rc<Shard>,
+fn process<S: Service>(
+    shard: &Rc<Shard<S>>,
     conn: &Rc<Conn>,
     data: &mut Vec<u8>,
     asm: &mut ws::Assembler,
@@ -634,7 +643,7 @@ fn process(
     progressed
 }
 
-fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: ws::Message) -> bool {
+fn on_message<S: Service>(shard: &Rc<Shard<S>>, conn: &Rc<Conn>, msg: ws::Message) -> bool {
     match msg {
         ws::Message::Binary(payload) if !conn.json => {
             // Acks are most of what a client sends: read them in place.
@@ -653,7 +662,7 @@ fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: ws::Message) -> bool {
             false
         }
         ws::Message::Ping(p) => {
-            chat::user::seen(shard, conn);
+            S::conn_seen(shard, conn);
             conn.send(shard, ws::frame(ws::PONG, &p));
             true
         }
@@ -665,8 +674,8 @@ fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: ws::Message) -> bool {
     }
 }
 
-fn on_client_frame(
-    shard: &Rc<Shard>,
+fn on_client_frame<S: Service>(
+    shard: &Rc<Shard<S>>,
     conn: &Rc<Conn>,
     decoded: Result<ClientFrame, FrameError>,
 ) -> bool {
@@ -693,7 +702,7 @@ fn on_client_frame(
             }
         }
         Some(Body::Heartbeat(_)) => {
-            chat::user::seen(shard, conn);
+            S::conn_seen(shard, conn);
             if req_id != 0 {
                 let body = HeartbeatResponse {
                     server_ts: envelope::now_ms(),
@@ -710,12 +719,7 @@ fn on_client_frame(
             conn.in_flight.set(conn.in_flight.get() + 1);
             shard.request_started();
             monoio::spawn(async move {
-                let caller = Caller {
-                    user: conn.user.to_string(),
-                    device: conn.device.to_string(),
-                    admin: false,
-                };
-                let r = chat::execute(&shard, &caller, body).await;
+                let r = S::request(shard.clone(), conn.clone(), body).await;
                 if req_id != 0 {
                     conn.send_reply(&shard, envelope::response_frame(req_id, r), body_type);
                 }
@@ -738,7 +742,13 @@ fn on_client_frame(
 /// shard's [`AckTable`](super::acks::AckTable) (nothing is stored, nothing allocated
 /// after the conversation's first ack); answered only when the frame has a req_id. An
 /// ack naming no valid conversation is dropped.
-fn on_push_ack(shard: &Rc<Shard>, conn: &Rc<Conn>, req_id: u64, conv_id: &str, seq: i64) {
+fn on_push_ack<S: Service>(
+    shard: &Rc<Shard<S>>,
+    conn: &Rc<Conn>,
+    req_id: u64,
+    conv_id: &str,
+    seq: i64,
+) {
     if crate::ids::is_valid_conv_id(conv_id) {
         shard.push_acks.borrow_mut().ack(conn.id, conv_id, seq);
     }
@@ -750,7 +760,7 @@ fn on_push_ack(shard: &Rc<Shard>, conn: &Rc<Conn>, req_id: u64, conv_id: &str, s
 /// Once a second on each shard: closes connections that stayed silent past the
 /// heartbeat timeout or hold a message unfinished past `frame_timeout`, aborts
 /// closing connections whose linger ran out, and fails calls that got no answer.
-pub async fn heartbeat_ticker(shard: Rc<Shard>) {
+pub async fn heartbeat_ticker<S: Service>(shard: Rc<Shard<S>>) {
     let mut tick = monoio::time::interval(std::time::Duration::from_secs(1));
     let frame_timeout = shard.cfg.frame_timeout.as_secs() as u32;
     loop {

@@ -2,6 +2,13 @@
 //! monoio io_uring loop. Shards share nothing mutable; they talk through the typed
 //! messages of [`msg::ShardMsg`] over the SPSC rings of [`ring`].
 //!
+//! The runtime knows connections, rings, timers and backpressure, not what the
+//! messages mean: a [`Service`] sits on top (the chat service, `crate::chat::Chat`),
+//! one value of it per shard, reached as the shard's own state (`Shard<S>` derefs to
+//! `S`, like seastar's `sharded<T>::local()`). Work for another shard is a closure run
+//! there with that shard's state ([`Shard::post`], [`Shard::call`],
+//! [`Shard::invoke_on`]); its answer comes back as the typed value the caller waits for.
+//!
 //! Routing is one function per kind of key, used everywhere: [`shard_of_user`] and
 //! [`shard_of_conv`]. A call to the current shard takes the local path (no ring).
 
@@ -13,9 +20,11 @@ pub mod ring;
 pub mod shutdown;
 pub mod timer;
 
+use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
+use std::ops::Deref;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
@@ -24,16 +33,51 @@ use std::task::{Poll, Waker};
 pub use crate::rt::yield_now;
 use std::time::Duration;
 
+use bytes::Bytes;
 use local_sync::oneshot;
 
 use crate::auth::Verifier;
-use crate::chat::filter::Filter;
-use crate::chat::{self, ConvState, UserState};
 use crate::codes::ApiError;
 use crate::config::Config;
-use crate::store::ShardStore;
-use msg::{Reply, ReplyTo, ShardMsg};
+use crate::proto::http::Head;
+use crate::proto::pb::client_frame::Body;
+use conn::Conn;
+use msg::{ReplyTo, ShardMsg};
 use ring::Endpoint;
+
+/// What runs on top of the runtime, one value per shard. The runtime calls these
+/// hooks; everything else the service does through jobs it posts to shards.
+pub trait Service: Sized + 'static {
+    /// A WebSocket connection of a user this shard owns is open: file it with the
+    /// user's devices. Returns the connection of the same (user, device) it replaces
+    /// (the runtime closes that one with KICKOUT `replaced`).
+    fn conn_opened(shard: &Rc<Shard<Self>>, conn: &Rc<Conn>) -> Option<Rc<Conn>>;
+    /// A complete message or control frame arrived on `conn`: it is alive.
+    fn conn_seen(shard: &Rc<Shard<Self>>, conn: &Rc<Conn>);
+    /// `conn` ended.
+    fn conn_closed(shard: &Rc<Shard<Self>>, conn: &Rc<Conn>);
+    /// Every open connection of this shard (graceful shutdown closes them).
+    fn conns(&self) -> Vec<Rc<Conn>>;
+    /// Serves one client request of `conn`: the encoded XxxResponse for the RESPONSE
+    /// envelope, or the error to put there.
+    fn request(
+        shard: Rc<Shard<Self>>,
+        conn: Rc<Conn>,
+        body: Body,
+    ) -> impl Future<Output = Result<Bytes, ApiError>>;
+    /// Serves one HTTP request (any path but `/ws`): the whole HTTP response.
+    fn http(shard: &Rc<Shard<Self>>, head: &Head, body: &[u8]) -> impl Future<Output = Vec<u8>>;
+    /// Whether `path` belongs on the admin listener when there is one.
+    fn is_admin_path(path: &str) -> bool;
+    /// Whether the service's own queues are past their marks (half the marks with
+    /// `low`): readers stop taking new requests until they are not.
+    fn behind(&self, low: bool) -> bool;
+    /// Bytes the service accepted but has not made durable yet (shutdown waits for 0).
+    fn unflushed(&self) -> usize;
+    /// This shard's bell rang (another thread has news): wake what of the service
+    /// waits on other threads (e.g. the store's completions).
+    fn on_bell(&self);
+}
 
 /// The shard that owns a user's connections and conversation rows.
 pub fn shard_of_user(user: &str, shards: usize) -> usize {
@@ -51,10 +95,6 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Messages waiting in a shard's ring outboxes above which its readers pause.
 pub const RING_BACKLOG_HIGH: usize = ring::BACKLOG_HIGH;
-/// Bytes staged in the store but not yet durable above which readers pause.
-pub const STORE_UNSYNCED_HIGH: usize = 64 << 20;
-/// Fan-out jobs queued behind conversations above which readers pause.
-pub const FANOUT_QUEUED_HIGH: usize = 4096;
 
 /// What every shard of the process shares: atomics only, never locked.
 #[derive(Default)]
@@ -76,22 +116,30 @@ struct Pressure {
     watching: Cell<bool>,
 }
 
-/// The reply to a [`Shard::call`], once it arrives.
-pub struct Call(oneshot::Receiver<Reply>);
+/// The answer to a [`Shard::call`], once it arrives: the callee's `R`, or an error
+/// when the call got no answer (the target dropped it, or [`CALL_TIMEOUT`] passed).
+pub struct Call<R>(oneshot::Receiver<R>);
 
-impl Future for Call {
-    type Output = Reply;
+impl<R> Future for Call<R> {
+    type Output = Result<R, ApiError>;
 
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Reply> {
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Result<R, ApiError>> {
         match std::pin::Pin::new(&mut self.0).poll(cx) {
-            Poll::Ready(Ok(r)) => Poll::Ready(r),
-            Poll::Ready(Err(_)) => {
-                Poll::Ready(Err(ApiError::Internal("the call was dropped".into())))
-            }
+            Poll::Ready(Ok(r)) => Poll::Ready(Ok(r)),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(ApiError::Internal(format!(
+                "no answer from the other shard (dropped, or none within {}s)",
+                CALL_TIMEOUT.as_secs()
+            )))),
             Poll::Pending => Poll::Pending,
         }
     }
 }
+
+/// A call waiting for its answer: hands the boxed answer to the caller's `Call<R>`.
+type Pending = Box<dyn FnOnce(Box<dyn Any + Send>)>;
 
 /// Counters of one shard, read by /metrics.
 #[derive(Default)]
@@ -119,41 +167,21 @@ impl Counters {
     }
 }
 
-/// One shard's state. Only its own thread touches it; every field says what it owns.
-pub struct Shard {
+/// One shard's runtime state and its service `S`. Only its own thread touches it;
+/// every field says what it owns.
+pub struct Shard<S> {
     pub id: usize,
     /// Number of shards.
     pub n: usize,
     pub cfg: Arc<Config>,
-    /// The content filter, compiled once at start-up and shared by every shard.
-    pub filter: Arc<Filter>,
     pub verifier: Verifier,
-    /// This shard's store (conversations and user rows it owns).
-    pub store: Rc<ShardStore>,
     /// This shard's ends of the rings.
-    pub ring: Rc<Endpoint>,
-    /// Users this shard owns that are online or were touched: devices, rows, rate.
-    pub users: RefCell<HashMap<String, UserState>>,
-    /// Conversations this shard owns that were touched: seq counter, in-flight dedupe.
-    pub convs: RefCell<HashMap<String, ConvState>>,
-    /// Bumped whenever conversations are dropped from `convs`: a load that started
-    /// before may have read what is no longer true, and starts over.
-    pub conv_epoch: Cell<u64>,
-    /// Bytes charged for loaded rows and conversations (see `chat::cache`), and the
-    /// eviction queue over them.
-    pub cache_bytes: Cell<usize>,
-    pub cache_queue: RefCell<std::collections::VecDeque<chat::cache::CacheKey>>,
-    /// An eviction pass is scheduled for the end of this loop turn.
-    pub cache_pass_due: Cell<bool>,
-    /// Users whose rows a delivery needs, waiting for the batched loader, and whether
-    /// it runs (`chat::user`).
-    pub rows_to_load: RefCell<std::collections::VecDeque<String>>,
-    pub rows_loader_running: Cell<bool>,
+    pub ring: Rc<Endpoint<ShardMsg<S>>>,
     /// What all shards share (connection count, shutdown flag).
     pub global: Arc<Global>,
-    /// Calls this shard made that wait for a reply, by token, with the wheel second
-    /// after which they are answered with an error ([`CALL_TIMEOUT`]).
-    calls: RefCell<HashMap<u64, (oneshot::Sender<Reply>, u32)>>,
+    /// Calls this shard made that wait for an answer, by token, with the wheel second
+    /// after which they are dropped ([`CALL_TIMEOUT`]).
+    calls: RefCell<HashMap<u64, (Pending, u32)>>,
     next_token: Cell<u64>,
     /// Heartbeat deadlines of this shard's connections.
     pub timers: RefCell<timer::Wheel>,
@@ -163,8 +191,6 @@ pub struct Shard {
     /// Bytes of unfinished incoming messages held by this shard's connections
     /// (capped by `frame_memory_bytes`).
     pub frame_memory: Cell<usize>,
-    /// Fan-out jobs queued behind conversations of this shard.
-    pub fanout_queued: Cell<usize>,
     /// Requests being served for this shard's connections and HTTP clients.
     pub requests_in_flight: Cell<usize>,
     /// Readers waiting for one of their connection's requests to finish, by conn id.
@@ -178,34 +204,34 @@ pub struct Shard {
     /// Tasks to wake when draining begins (the accept loop).
     drain_wakers: RefCell<Vec<Waker>>,
     pub counters: Counters,
+    /// The service on top: this shard's part of it.
+    svc: S,
 }
 
-impl Shard {
+impl<S> Deref for Shard<S> {
+    type Target = S;
+
+    /// The service's state of this shard.
+    fn deref(&self) -> &S {
+        &self.svc
+    }
+}
+
+impl<S: Service> Shard<S> {
     pub fn new(
         id: usize,
         cfg: Arc<Config>,
-        filter: Arc<Filter>,
         secret: &[u8],
-        store: Rc<ShardStore>,
-        ring: Endpoint,
+        ring: Endpoint<ShardMsg<S>>,
         global: Arc<Global>,
-    ) -> Rc<Shard> {
+        svc: S,
+    ) -> Rc<Shard<S>> {
         let timeout_ticks = cfg.heartbeat_timeout.as_secs().max(1) as u32;
         Rc::new(Shard {
             id,
             n: cfg.shards,
-            filter,
             verifier: Verifier::new(secret),
-            store,
             ring: Rc::new(ring),
-            users: RefCell::new(HashMap::new()),
-            convs: RefCell::new(HashMap::new()),
-            conv_epoch: Cell::new(0),
-            cache_bytes: Cell::new(0),
-            cache_queue: RefCell::new(std::collections::VecDeque::new()),
-            cache_pass_due: Cell::new(false),
-            rows_to_load: RefCell::new(std::collections::VecDeque::new()),
-            rows_loader_running: Cell::new(false),
             global,
             calls: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
@@ -213,7 +239,6 @@ impl Shard {
             next_conn_id: Cell::new(1),
             read_bufs: RefCell::new(Vec::new()),
             frame_memory: Cell::new(0),
-            fanout_queued: Cell::new(0),
             requests_in_flight: Cell::new(0),
             paused_readers: RefCell::new(HashMap::new()),
             push_acks: RefCell::new(acks::AckTable::default()),
@@ -222,6 +247,7 @@ impl Shard {
             drain_wakers: RefCell::new(Vec::new()),
             counters: Counters::default(),
             cfg,
+            svc,
         })
     }
 
@@ -233,137 +259,89 @@ impl Shard {
         shard_of_conv(conv_id, self.n)
     }
 
-    /// Sends a one-way message; to this shard it is handled right away.
-    pub fn post(self: &Rc<Self>, target: usize, msg: ShardMsg) {
+    /// Runs `job` on shard `target` with its state, one way; on this shard it runs
+    /// right away.
+    pub fn post(self: &Rc<Self>, target: usize, job: impl FnOnce(&Rc<Shard<S>>) + Send + 'static) {
         if target == self.id {
-            self.handle(msg);
+            job(self);
         } else {
-            self.ring.send(target, msg);
+            self.ring.send(target, ShardMsg::Run(Box::new(job)));
         }
     }
 
-    /// Sends a command and waits for its reply.
-    pub fn call(self: &Rc<Self>, target: usize, make: impl FnOnce(ReplyTo) -> ShardMsg) -> Call {
-        let (tx, rx) = oneshot::channel();
+    /// Runs `job` on shard `target` with where to send its answer; `job` (or whoever
+    /// it hands the [`ReplyTo`] to) answers with [`Shard::reply`], now or later.
+    pub fn call<R: Send + 'static>(
+        self: &Rc<Self>,
+        target: usize,
+        job: impl FnOnce(&Rc<Shard<S>>, ReplyTo<R>) + Send + 'static,
+    ) -> Call<R> {
+        let (tx, rx) = oneshot::channel::<R>();
         let token = self.next_token.get();
         self.next_token.set(token + 1);
         let deadline = self.timers.borrow().now() + CALL_TIMEOUT.as_secs() as u32;
-        self.calls.borrow_mut().insert(token, (tx, deadline));
-        self.post(
-            target,
-            make(ReplyTo {
-                shard: self.id,
-                token,
-            }),
-        );
+        let pending: Pending = Box::new(move |value: Box<dyn Any + Send>| {
+            if let Ok(value) = value.downcast::<R>() {
+                let _ = tx.send(*value);
+            }
+        });
+        self.calls.borrow_mut().insert(token, (pending, deadline));
+        let reply = ReplyTo::new(self.id, token);
+        self.post(target, move |shard| job(shard, reply));
         Call(rx)
     }
 
+    /// Runs the future `f` makes on shard `target` and answers with its output
+    /// (seastar's `invoke_on`).
+    pub fn invoke_on<R, F, Fut>(self: &Rc<Self>, target: usize, f: F) -> Call<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(Rc<Shard<S>>) -> Fut + Send + 'static,
+        Fut: Future<Output = R> + 'static,
+    {
+        self.call(target, move |shard, reply| {
+            let shard = shard.clone();
+            monoio::spawn(async move {
+                let r = f(shard.clone()).await;
+                shard.reply(reply, r);
+            });
+        })
+    }
+
     /// Answers a call, locally or through the ring.
-    pub fn reply(self: &Rc<Self>, to: ReplyTo, reply: Reply) {
+    pub fn reply<R: Send + 'static>(self: &Rc<Self>, to: ReplyTo<R>, value: R) {
         if to.shard == self.id {
-            self.answer_call(to.token, reply);
+            self.answer_call(to.token, Box::new(value));
         } else {
             self.ring.send(
                 to.shard,
                 ShardMsg::Reply {
                     token: to.token,
-                    reply,
+                    value: Box::new(value),
                 },
             );
         }
     }
 
     /// Handles one message addressed to this shard. Never blocks: work that waits
-    /// (durable writes) runs in a task of its own.
-    pub fn handle(self: &Rc<Self>, msg: ShardMsg) {
+    /// runs in a task of its own.
+    pub fn handle(self: &Rc<Self>, msg: ShardMsg<S>) {
         match msg {
             ShardMsg::HandOver(h) => conn::adopt(self, *h),
-            ShardMsg::Execute {
-                reply,
-                caller,
-                body,
-            } => {
-                let shard = self.clone();
-                monoio::spawn(async move {
-                    let r = chat::execute(&shard, &caller, *body).await;
-                    shard.reply(reply, r);
-                });
-            }
-            ShardMsg::Send { reply, send } => chat::conv::handle_send(self, reply, *send),
-            ShardMsg::Pull { reply, pull } => {
-                let shard = self.clone();
-                monoio::spawn(async move {
-                    let r = chat::conv::handle_pull(&shard, &pull).await;
-                    shard.reply(reply, r);
-                });
-            }
-            ShardMsg::ByIds { reply, cmd } => {
-                let shard = self.clone();
-                monoio::spawn(async move {
-                    let r = chat::conv::handle_by_ids(&shard, *cmd).await;
-                    shard.reply(reply, r);
-                });
-            }
-            ShardMsg::Recall { reply, cmd } => {
-                let shard = self.clone();
-                monoio::spawn(async move { chat::conv::handle_recall(&shard, reply, *cmd).await });
-            }
-            ShardMsg::CreateGroup { reply, cmd } => {
-                let shard = self.clone();
-                monoio::spawn(async move { chat::group::handle_create(&shard, reply, *cmd).await });
-            }
-            ShardMsg::UpdateMembers { reply, cmd } => {
-                let shard = self.clone();
-                monoio::spawn(async move { chat::group::handle_update(&shard, reply, *cmd).await });
-            }
-            ShardMsg::ConvInfo { reply, convs } => {
-                let shard = self.clone();
-                monoio::spawn(async move {
-                    let r = chat::conv::handle_info(&shard, &convs).await;
-                    shard.reply(reply, r);
-                });
-            }
-            ShardMsg::Deliver(d) => chat::user::deliver(self, &d),
-            ShardMsg::Notify(n) => chat::user::notify(self, &n.frame, &n.users),
-            ShardMsg::Kick {
-                reply,
-                user,
-                device,
-                reason,
-            } => {
-                let n = chat::admin::kick_local(self, &user, &device, &reason);
-                self.reply(reply, Ok(bytes::Bytes::copy_from_slice(&n.to_be_bytes())));
-            }
-            ShardMsg::Broadcast {
-                reply,
-                frame,
-                users,
-            } => {
-                let n = chat::admin::broadcast_local(self, &frame, users.as_deref());
-                self.reply(reply, Ok(bytes::Bytes::copy_from_slice(&n.to_be_bytes())));
-            }
-            ShardMsg::Presence { reply, users } => {
-                let r = chat::admin::presence_local(self, &users);
-                self.reply(reply, r);
-            }
-            ShardMsg::Ping { reply } => self.reply(reply, Ok(bytes::Bytes::new())),
-            ShardMsg::Metrics { reply } => {
-                self.reply(reply, Ok(crate::metrics::snapshot(self).encode()));
-            }
-            ShardMsg::Reply { token, reply } => self.answer_call(token, reply),
+            ShardMsg::Run(job) => job(self),
+            ShardMsg::Reply { token, value } => self.answer_call(token, value),
         }
     }
 
-    fn answer_call(&self, token: u64, reply: Reply) {
+    fn answer_call(&self, token: u64, value: Box<dyn Any + Send>) {
         let pending = self.calls.borrow_mut().remove(&token);
-        if let Some((tx, _)) = pending {
-            let _ = tx.send(reply);
+        if let Some((answer, _)) = pending {
+            answer(value);
         }
     }
 
-    /// Answers, with an error, every call whose deadline passed (run once a second by
-    /// the ticker; the map holds only calls in flight).
+    /// Drops every call whose deadline passed (run once a second by the ticker; the
+    /// map holds only calls in flight): their callers get an error.
     pub fn expire_calls(&self) {
         let now = self.timers.borrow().now();
         let expired: Vec<u64> = self
@@ -374,23 +352,17 @@ impl Shard {
             .map(|(token, _)| *token)
             .collect();
         for token in expired {
-            let err = ApiError::Internal(format!(
-                "no answer from the owning shard within {}s",
-                CALL_TIMEOUT.as_secs()
-            ));
             tracing::warn!(shard = self.id, token, "a call to another shard timed out");
-            self.answer_call(token, Err(err));
+            self.calls.borrow_mut().remove(&token);
         }
     }
 
-    /// Whether this shard is behind (ring outboxes, unsynced store bytes or queued
-    /// fan-out past their marks): readers stop taking new requests until it is not.
-    /// `low` uses half the marks, so readers resume with room to spare.
+    /// Whether this shard is behind (ring outboxes or the service's queues past
+    /// their marks): readers stop taking new requests until it is not. `low` uses
+    /// half the marks, so readers resume with room to spare.
     fn behind(&self, low: bool) -> bool {
         let d = if low { 2 } else { 1 };
-        self.ring.backlog() > RING_BACKLOG_HIGH / d
-            || self.store.unsynced_bytes() > STORE_UNSYNCED_HIGH / d
-            || self.fanout_queued.get() > FANOUT_QUEUED_HIGH / d
+        self.ring.backlog() > RING_BACKLOG_HIGH / d || self.svc.behind(low)
     }
 
     /// Waits until the shard has caught up (see `Shard::behind`); at once if it has.
@@ -459,26 +431,6 @@ impl Shard {
         .await
     }
 
-    /// After a failed store batch: forget every cached conversation (their seq
-    /// counters may have advanced past what is stored) and let the store accept writes.
-    pub fn reset_after_store_failure(self: &Rc<Self>) {
-        if self.store.has_failed() {
-            let convs = std::mem::take(&mut *self.convs.borrow_mut());
-            self.conv_epoch.set(self.conv_epoch.get() + 1);
-            self.store.reset_after_failure();
-            for (_, conv) in convs {
-                chat::cache::release(self, conv.charged());
-                let queued = conv.queued_fanout();
-                self.fanout_queued
-                    .set(self.fanout_queued.get().saturating_sub(queued));
-                for waiter in conv.into_waiters() {
-                    let err = ApiError::StoreUnavailable("an earlier write failed".into());
-                    self.reply(waiter, Err(err));
-                }
-            }
-        }
-    }
-
     /// Counts a request in flight for one of this shard's clients.
     pub fn request_started(&self) {
         self.requests_in_flight
@@ -511,7 +463,7 @@ impl Shard {
 /// The one task per shard that watches queues while something waits for them to
 /// drain: checks every millisecond, wakes the waiters of each condition once it
 /// holds, and ends when nobody waits.
-async fn watch_pressure(shard: Rc<Shard>) {
+async fn watch_pressure<S: Service>(shard: Rc<Shard<S>>) {
     loop {
         monoio::time::sleep(Duration::from_millis(1)).await;
         let p = &shard.pressure;
@@ -536,34 +488,70 @@ async fn watch_pressure(shard: Rc<Shard>) {
 mod tests {
     use super::*;
 
+    /// A service with nothing but a "behind" switch: the runtime needs no chat.
+    #[derive(Default)]
+    struct Idle {
+        behind: Cell<bool>,
+    }
+
+    impl Service for Idle {
+        fn conn_opened(_: &Rc<Shard<Self>>, _: &Rc<Conn>) -> Option<Rc<Conn>> {
+            None
+        }
+        fn conn_seen(_: &Rc<Shard<Self>>, _: &Rc<Conn>) {}
+        fn conn_closed(_: &Rc<Shard<Self>>, _: &Rc<Conn>) {}
+        fn conns(&self) -> Vec<Rc<Conn>> {
+            Vec::new()
+        }
+        async fn request(_: Rc<Shard<Self>>, _: Rc<Conn>, _: Body) -> Result<Bytes, ApiError> {
+            Ok(Bytes::new())
+        }
+        async fn http(_: &Rc<Shard<Self>>, _: &Head, _: &[u8]) -> Vec<u8> {
+            Vec::new()
+        }
+        fn is_admin_path(_: &str) -> bool {
+            false
+        }
+        fn behind(&self, _low: bool) -> bool {
+            self.behind.get()
+        }
+        fn unflushed(&self) -> usize {
+            0
+        }
+        fn on_bell(&self) {}
+    }
+
+    fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>> {
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("io_uring runtime")
+    }
+
+    fn one_shard() -> Rc<Shard<Idle>> {
+        let parts = ring::mesh(1).expect("mesh").pop().expect("parts");
+        let cfg = Arc::new(Config {
+            shards: 1,
+            ..Config::default()
+        });
+        Shard::new(
+            0,
+            cfg,
+            b"secret-secret-secret",
+            parts.into_endpoint(),
+            Arc::default(),
+            Idle::default(),
+        )
+    }
+
     /// 10,000 readers paused while the shard is behind cost one poll each to pause and
     /// one to resume: no timer per reader, no polling while they wait.
     #[test]
     fn paused_readers_wait_in_a_list_and_all_resume() {
         const READERS: usize = 10_000;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .enable_timer()
-            .build()
-            .expect("io_uring runtime");
-        rt.block_on(async move {
-            let parts = ring::mesh(1).expect("mesh").pop().expect("parts");
-            let store = ShardStore::open(dir.path(), 0, parts.bell()).expect("store");
-            let cfg = Arc::new(Config {
-                data_dir: dir.path().to_path_buf(),
-                shards: 1,
-                ..Config::default()
-            });
-            let shard = Shard::new(
-                0,
-                cfg,
-                Arc::default(),
-                b"secret-secret-secret",
-                store,
-                parts.into_endpoint(),
-                Arc::default(),
-            );
-            shard.fanout_queued.set(FANOUT_QUEUED_HIGH + 1);
+        runtime().block_on(async move {
+            let shard = one_shard();
+            shard.behind.set(true);
             let polls = Rc::new(Cell::new(0usize));
             let resumed = Rc::new(Cell::new(0usize));
             for _ in 0..READERS {
@@ -581,10 +569,32 @@ mod tests {
             monoio::time::sleep(Duration::from_millis(50)).await;
             assert_eq!(resumed.get(), 0, "nobody reads while the shard is behind");
             assert_eq!(polls.get(), READERS, "waiting readers are not polled");
-            shard.fanout_queued.set(0);
+            shard.behind.set(false);
             monoio::time::sleep(Duration::from_millis(50)).await;
             assert_eq!(resumed.get(), READERS, "every reader resumes");
             assert_eq!(polls.get(), 2 * READERS, "one more poll each to resume");
+        });
+    }
+
+    /// A call's answer is the callee's typed value; one that is never answered fails
+    /// once its deadline passes.
+    #[test]
+    fn calls_answer_typed_values_and_expire() {
+        runtime().block_on(async move {
+            let shard = one_shard();
+            let n: Result<Vec<u32>, ApiError> =
+                shard.invoke_on(0, |_| async { vec![1u32, 2, 3] }).await;
+            assert_eq!(n.ok(), Some(vec![1, 2, 3]));
+            let later = shard.call(0, |_, _never_answered: ReplyTo<u8>| {});
+            shard.timers.borrow_mut().advance();
+            for _ in 0..CALL_TIMEOUT.as_secs() {
+                shard.timers.borrow_mut().advance();
+            }
+            shard.expire_calls();
+            assert!(
+                later.await.is_err(),
+                "an unanswered call fails at its deadline"
+            );
         });
     }
 }

@@ -17,7 +17,6 @@ use std::task::Poll;
 
 use atomic_waker::AtomicWaker;
 
-use super::msg::ShardMsg;
 use crate::rt::bell::Bell;
 
 /// Ring capacity (messages) per ordered pair of shards.
@@ -41,19 +40,19 @@ pub struct Signal {
 }
 
 /// One shard's ends of the mesh. Lives on that shard's thread.
-pub struct Endpoint {
+pub struct Endpoint<M> {
     pub id: usize,
-    to: Vec<Option<RefCell<rtrb::Producer<ShardMsg>>>>,
-    from: Vec<Option<RefCell<rtrb::Consumer<ShardMsg>>>>,
+    to: Vec<Option<RefCell<rtrb::Producer<M>>>>,
+    from: Vec<Option<RefCell<rtrb::Consumer<M>>>>,
     signals: Vec<Arc<Signal>>,
-    outbox: RefCell<Vec<VecDeque<ShardMsg>>>,
+    outbox: RefCell<Vec<VecDeque<M>>>,
     flushing: Vec<Cell<bool>>,
     backlog: Cell<usize>,
 }
 
 /// Builds the endpoints of all `n` shards (on the main thread; each is then moved to
 /// its shard's thread). Fails only when an eventfd cannot be created.
-pub fn mesh(n: usize) -> std::io::Result<Vec<EndpointParts>> {
+pub fn mesh<M>(n: usize) -> std::io::Result<Vec<EndpointParts<M>>> {
     let signals = (0..n)
         .map(|_| {
             Ok(Arc::new(Signal {
@@ -65,7 +64,7 @@ pub fn mesh(n: usize) -> std::io::Result<Vec<EndpointParts>> {
             }))
         })
         .collect::<std::io::Result<Vec<Arc<Signal>>>>()?;
-    let mut parts: Vec<EndpointParts> = (0..n)
+    let mut parts: Vec<EndpointParts<M>> = (0..n)
         .map(|id| EndpointParts {
             id,
             to: (0..n).map(|_| None).collect(),
@@ -86,14 +85,14 @@ pub fn mesh(n: usize) -> std::io::Result<Vec<EndpointParts>> {
 }
 
 /// The `Send` pieces of an endpoint, before it reaches its thread.
-pub struct EndpointParts {
+pub struct EndpointParts<M> {
     id: usize,
-    to: Vec<Option<rtrb::Producer<ShardMsg>>>,
-    from: Vec<Option<rtrb::Consumer<ShardMsg>>>,
+    to: Vec<Option<rtrb::Producer<M>>>,
+    from: Vec<Option<rtrb::Consumer<M>>>,
     signals: Vec<Arc<Signal>>,
 }
 
-impl EndpointParts {
+impl<M> EndpointParts<M> {
     pub fn id(&self) -> usize {
         self.id
     }
@@ -103,7 +102,7 @@ impl EndpointParts {
         self.signals[self.id].bell.clone()
     }
 
-    pub fn into_endpoint(self) -> Endpoint {
+    pub fn into_endpoint(self) -> Endpoint<M> {
         let n = self.to.len();
         Endpoint {
             id: self.id,
@@ -117,7 +116,7 @@ impl EndpointParts {
     }
 }
 
-impl Endpoint {
+impl<M: 'static> Endpoint<M> {
     /// Messages waiting in outboxes because rings were full.
     pub fn backlog(&self) -> usize {
         self.backlog.get()
@@ -133,7 +132,7 @@ impl Endpoint {
     }
 
     /// Sends to another shard, in order, without blocking. `target != self.id`.
-    pub fn send(self: &Rc<Self>, target: usize, msg: ShardMsg) {
+    pub fn send(self: &Rc<Self>, target: usize, msg: M) {
         let queued = !self.outbox.borrow()[target].is_empty();
         let msg = if queued {
             Err(msg)
@@ -152,7 +151,7 @@ impl Endpoint {
         }
     }
 
-    fn try_push(&self, target: usize, msg: ShardMsg) -> Result<(), ShardMsg> {
+    fn try_push(&self, target: usize, msg: M) -> Result<(), M> {
         match &self.to[target] {
             Some(p) => p
                 .borrow_mut()
@@ -180,7 +179,7 @@ impl Endpoint {
     }
 
     /// Waits for messages and hands each to `handle`; never returns.
-    pub async fn consume(self: Rc<Self>, mut handle: impl FnMut(ShardMsg)) {
+    pub async fn consume(self: Rc<Self>, mut handle: impl FnMut(M)) {
         let me = &self.signals[self.id];
         loop {
             let mut got = 0;
@@ -225,7 +224,7 @@ impl Endpoint {
 }
 
 /// Moves queued messages into a full ring as space frees up.
-async fn flush_outbox(ep: Rc<Endpoint>, target: usize) {
+async fn flush_outbox<M: 'static>(ep: Rc<Endpoint<M>>, target: usize) {
     loop {
         loop {
             let Some(msg) = ep.outbox.borrow_mut()[target].pop_front() else {
@@ -267,7 +266,6 @@ async fn flush_outbox(ep: Rc<Endpoint>, target: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::msg::ReplyTo;
     use std::time::Duration;
 
     fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>> {
@@ -278,7 +276,7 @@ mod tests {
     }
 
     /// Runs the shard's bell listener, as the server does.
-    fn listen(ep: &Rc<Endpoint>) {
+    fn listen(ep: &Rc<Endpoint<u64>>) {
         let ep = ep.clone();
         let bell = ep.signals[ep.id].bell.clone();
         monoio::spawn(async move {
@@ -302,12 +300,10 @@ mod tests {
                 let mut next = 0u64;
                 let done = std::cell::Cell::new(false);
                 let consume = ep.clone().consume(|msg| {
-                    if let ShardMsg::Ping { reply } = msg {
-                        assert_eq!(reply.token, next, "out of order");
-                        next += 1;
-                        if next == N {
-                            done.set(true);
-                        }
+                    assert_eq!(msg, next, "out of order");
+                    next += 1;
+                    if next == N {
+                        done.set(true);
                     }
                 });
                 let watch = async {
@@ -327,8 +323,7 @@ mod tests {
                 let ep = Rc::new(producer_parts.into_endpoint());
                 listen(&ep);
                 for token in 0..N {
-                    let reply = ReplyTo { shard: 0, token };
-                    ep.send(1, ShardMsg::Ping { reply });
+                    ep.send(1, token);
                 }
                 // Keep the runtime (and its outbox flusher) alive, busy: a loop that
                 // never parks must still hear the consumer's space wake-ups.

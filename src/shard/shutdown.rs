@@ -19,14 +19,14 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::conn::Conn;
-use super::Shard;
+use super::{Service, Shard};
 use crate::codes::close;
 
 /// How often the phases look at their progress.
 const STEP: Duration = Duration::from_millis(10);
 
 /// Runs the phases above on this shard; returns when they are done or the grace ran out.
-pub async fn drain(shard: Rc<Shard>, conns: Vec<Rc<Conn>>) {
+pub async fn drain<S: Service>(shard: Rc<Shard<S>>, conns: Vec<Rc<Conn>>) {
     let grace = shard.cfg.shutdown_grace;
     let started = Instant::now();
     let close_by = started + grace / 2;
@@ -57,7 +57,7 @@ pub async fn drain(shard: Rc<Shard>, conns: Vec<Rc<Conn>>) {
         monoio::time::sleep(STEP).await;
     }
     let flush_by = Instant::now().max(end) + Duration::from_secs(2);
-    while shard.store.unsynced_bytes() > 0 && Instant::now() < flush_by {
+    while shard.unflushed() > 0 && Instant::now() < flush_by {
         monoio::time::sleep(STEP).await;
     }
     tracing::info!(
