@@ -126,8 +126,8 @@ pub fn metric_values(shard: &Shard) -> [u64; 14] {
         c.connections.get(),
         c.connections_total.get(),
         c.handovers.get(),
-        c.messages_stored.get(),
-        c.pushes.get(),
+        shard.stats.messages_stored.get(),
+        shard.stats.pushes.get(),
         c.slow_reader_cuts.get(),
         c.heartbeat_timeouts.get(),
         rounds,
@@ -136,7 +136,7 @@ pub fn metric_values(shard: &Shard) -> [u64; 14] {
         shard.cache_bytes.get() as u64,
         shard.users.borrow().len() as u64,
         shard.convs.borrow().len() as u64,
-        c.cache_evictions.get(),
+        shard.stats.cache_evictions.get(),
     ]
 }
 

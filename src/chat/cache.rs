@@ -95,7 +95,7 @@ pub fn evict_over_budget(shard: &Rc<Shard>) {
         };
         match visit {
             Visit::Keep => shard.cache_queue.borrow_mut().push_back(key),
-            Visit::Evicted => crate::shard::Counters::bump(&shard.counters.cache_evictions),
+            Visit::Evicted => crate::shard::Counters::bump(&shard.stats.cache_evictions),
             Visit::Gone => {}
         }
     }

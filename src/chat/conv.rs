@@ -493,9 +493,9 @@ fn store_new(shard: &Rc<Shard>, reply: ReplyTo<Sent>, cmd: SendCmd) {
                     c.durable_seq = c.durable_seq.max(seq);
                 }
                 shard
-                    .counters
+                    .stats
                     .messages_stored
-                    .set(shard.counters.messages_stored.get() + 1);
+                    .set(shard.stats.messages_stored.get() + 1);
                 let body = sent(&msg.msg_id, &msg.conv_id, seq, send_time);
                 shard.reply(reply, Ok(body.clone()));
                 for w in waiters {

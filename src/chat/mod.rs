@@ -74,6 +74,16 @@ pub struct Chat {
     pub rows_loader_running: Cell<bool>,
     /// Fan-out jobs queued behind conversations of this shard.
     pub fanout_queued: Cell<usize>,
+    /// Counters of the chat service, read by /metrics.
+    pub stats: Stats,
+}
+
+/// Counters of one shard's chat service, read by /metrics.
+#[derive(Default)]
+pub struct Stats {
+    pub messages_stored: Cell<u64>,
+    pub pushes: Cell<u64>,
+    pub cache_evictions: Cell<u64>,
 }
 
 impl Chat {
@@ -90,6 +100,7 @@ impl Chat {
             rows_to_load: RefCell::new(VecDeque::new()),
             rows_loader_running: Cell::new(false),
             fanout_queued: Cell::new(0),
+            stats: Stats::default(),
         }
     }
 }

@@ -513,7 +513,7 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
             if *c.user == *d.except_user && *c.device == *d.except_device {
                 continue;
             }
-            shard.counters.pushes.set(shard.counters.pushes.get() + 1);
+            shard.stats.pushes.set(shard.stats.pushes.get() + 1);
             c.send(shard, d.frame.clone());
         }
     }

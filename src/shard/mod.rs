@@ -147,11 +147,8 @@ pub struct Counters {
     pub connections: Cell<u64>,
     pub connections_total: Cell<u64>,
     pub handovers: Cell<u64>,
-    pub messages_stored: Cell<u64>,
-    pub pushes: Cell<u64>,
     pub slow_reader_cuts: Cell<u64>,
     pub heartbeat_timeouts: Cell<u64>,
-    pub cache_evictions: Cell<u64>,
     /// Latency histograms, refusals by code, cuts by reason.
     pub recorded: crate::metrics::Recorded,
 }
