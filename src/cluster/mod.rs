@@ -16,6 +16,7 @@
 //! requests that travel over [`link`] and decides what a shard does when the slot
 //! map changes.
 
+pub mod link;
 pub mod membership;
 pub mod slots;
 
