@@ -1,10 +1,10 @@
 //! A subscribed Redis connection of its own, driven from the shard's io_uring loop
-//! like [`RedisConn`](super::RedisConn): the receiving side of the cluster channels
+//! like [`RedisConn`]: the receiving side of the cluster channels
 //! (`connect:events:kick`, `connect:events:broadcast`, `imshard:nodes:changed`, and
 //! later the per-user / per-group delivery channels of DESIGN.md).
 //!
 //! A subscribed connection can carry no ordinary calls, so publishing is not here:
-//! `PUBLISH` goes over the shard's normal [`RedisConn`](super::RedisConn) (see
+//! `PUBLISH` goes over the shard's normal [`RedisConn`] (see
 //! [`publish`]), batched with its other commands of the loop turn.
 //!
 //! # What [`PubSubConn`] guarantees
