@@ -23,6 +23,10 @@
 //!   ([`store::offloop`]); it knows nothing of shards or chat. [`store::redis`]: a
 //!   Redis connection per shard on its io_uring loop, scripts and presence, which the
 //!   Redis backend builds on.
+//! - [`cluster`]: cluster mode's building blocks: [`cluster::membership`] (a node's
+//!   lease in Redis, the live set and its epoch), [`cluster::slots`] (`slot_of`, owner
+//!   node by rendezvous hashing), [`cluster::link`] (node-to-node requests, one hop).
+//!   The subscribed Redis connection is [`store::redis::pubsub`].
 //! - [`rt`]: loop primitives: [`rt::bell`], the eventfd through which other threads
 //!   (shards, the store's threads) wake a busy loop; [`rt::yield_now`].
 //! - [`web`]: the browser chat page at `/demo` (static files in the binary).
@@ -33,6 +37,7 @@
 pub mod api;
 pub mod auth;
 pub mod chat;
+pub mod cluster;
 pub mod codes;
 pub mod config;
 pub mod ids;

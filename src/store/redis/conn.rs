@@ -28,7 +28,7 @@ use monoio::net::TcpStream;
 use super::RedisError;
 
 /// Bytes asked of each socket read. A reply bigger than this is parsed across reads.
-const READ_CHUNK: usize = 64 * 1024;
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
 
 /// A write buffer that grew past this (one huge pipeline) is not kept for reuse.
 const KEEP_WRITE_BUFFER: usize = 1024 * 1024;
@@ -90,16 +90,16 @@ fn redact(url: &str) -> String {
 
 /// What the URL names.
 #[derive(Clone)]
-struct Target {
-    host: String,
-    port: u16,
+pub(crate) struct Target {
+    pub(crate) host: String,
+    pub(crate) port: u16,
     db: i64,
     username: Option<String>,
     password: Option<String>,
 }
 
 impl Target {
-    fn parse(url: &str) -> Result<Target, RedisError> {
+    pub(crate) fn parse(url: &str) -> Result<Target, RedisError> {
         let info = url
             .into_connection_info()
             .map_err(|e| RedisError::BadUrl(format!("{}: {e}", redact(url))))?;
@@ -481,15 +481,22 @@ async fn drive(shared: Rc<Shared>) {
 
 /// A wait between 50% and 100% of `d`, so the shards of a node (and the nodes of a
 /// cluster) do not all reconnect in the same instant.
-fn jitter(d: Duration) -> Duration {
+pub(crate) fn jitter(d: Duration) -> Duration {
     d.mul_f64(rand::random_range(0.5..=1.0))
 }
 
-/// One connection attempt: TCP connect, then `AUTH`/`SELECT`, within the connect
-/// timeout. A refused handshake is [`RedisError::Handshake`], anything else
-/// [`RedisError::Unavailable`].
+/// One connection attempt of `shared`'s connection.
 async fn connect_once(shared: &Shared) -> Result<TcpStream, RedisError> {
-    let target = &shared.target;
+    connect_target(&shared.target, shared.config.connect_timeout).await
+}
+
+/// One connection attempt: TCP connect, then `AUTH`/`SELECT`, within
+/// `connect_timeout`. A refused handshake is [`RedisError::Handshake`], anything else
+/// [`RedisError::Unavailable`]. Shared with the pub/sub connection.
+pub(crate) async fn connect_target(
+    target: &Target,
+    connect_timeout: Duration,
+) -> Result<TcpStream, RedisError> {
     let unavailable = |what: &str, e: &dyn std::fmt::Display| {
         RedisError::Unavailable(format!("{what} {}:{}: {e}", target.host, target.port))
     };
@@ -541,11 +548,11 @@ async fn connect_once(shared: &Shared) -> Result<TcpStream, RedisError> {
         }
         Ok(stream)
     };
-    match monoio::time::timeout(shared.config.connect_timeout, attempt).await {
+    match monoio::time::timeout(connect_timeout, attempt).await {
         Ok(r) => r,
         Err(_) => Err(unavailable(
             "connect",
-            &format!("no answer within {:?}", shared.config.connect_timeout),
+            &format!("no answer within {connect_timeout:?}"),
         )),
     }
 }
@@ -621,7 +628,7 @@ async fn read_loop(
 
 /// Feeds `bytes` to the parser and calls `each` with every complete reply; a reply
 /// cut short stays in the parser for the next call.
-fn parse_all(
+pub(crate) fn parse_all(
     parser: &mut Parser,
     bytes: &[u8],
     mut each: impl FnMut(Value) -> Result<(), String>,
@@ -660,17 +667,17 @@ impl Read for Feed<'_> {
 /// A wake-up for one waiting task on this thread; a wake with no waiter is kept
 /// until the next wait.
 #[derive(Default)]
-struct Signal {
+pub(crate) struct Signal {
     waker: Cell<Option<Waker>>,
     raised: Cell<bool>,
 }
 
 impl Signal {
-    fn register(&self, waker: &Waker) {
+    pub(crate) fn register(&self, waker: &Waker) {
         self.waker.set(Some(waker.clone()));
     }
 
-    fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.raised.set(true);
         if let Some(w) = self.waker.take() {
             w.wake();
@@ -678,7 +685,7 @@ impl Signal {
     }
 
     /// Resolves at the next `wake` (or at once if one came since the last wait).
-    async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         std::future::poll_fn(|cx| {
             if self.raised.replace(false) {
                 Poll::Ready(())

@@ -10,6 +10,9 @@
 //! - [`conn`]: [`RedisConn`], one connection with its driver task, pipelining and
 //!   reconnect.
 //! - [`script`]: [`run_script`], a Lua script by `EVALSHA`, falling back to `EVAL`.
+//! - [`pubsub`]: [`PubSubConn`], a subscribed connection of its own (channels held by
+//!   the owner, re-subscribed on reconnect, which it reports); `PUBLISH` goes over a
+//!   [`RedisConn`] ([`publish`]).
 //! - [`presence`]: the `user:online:{uuid}` ZSETs: [`PresenceBatch`] (changes sent as
 //!   one pipeline), [`PresenceWriter`] (a shard's changes of one loop turn, sent at the
 //!   end of the turn) and [`online_devices`].
@@ -51,9 +54,9 @@
 //!   `CLIENT REPLY` (the driver sends `AUTH`/`SELECT` itself on every connection).
 //!
 //! Not done here: TLS and unix sockets (refused as [`RedisError::BadUrl`]), RESP3,
-//! pub/sub (a subscribed connection cannot carry calls; it will be a connection of its
-//! own), Redis Cluster redirections (`MOVED`/`ASK` come back as server errors; keys
-//! carry hash tags so a cluster client can be added). A host name in the URL is
+//! subscribing (a subscribed connection cannot carry calls: it is a connection of its
+//! own, [`pubsub`]), Redis Cluster redirections (`MOVED`/`ASK` come back as server
+//! errors; keys carry hash tags so a cluster client can be added). A host name in the URL is
 //! resolved by the system resolver on the shard's thread at each connection attempt:
 //! give an IP address where that matters. Queued calls are bounded by time (the call
 //! timeout), not by count.
@@ -64,10 +67,12 @@
 pub mod backend;
 pub mod conn;
 pub mod presence;
+pub mod pubsub;
 pub mod script;
 
 pub use conn::{RedisConfig, RedisConn, RedisStats};
 pub use presence::{online_devices, online_key, PresenceBatch, PresenceWriter};
+pub use pubsub::{publish, PubSubConn, PubSubEvent, PubSubStats};
 pub use script::{run_script, LuaScript};
 
 use std::time::Duration;
