@@ -4,7 +4,11 @@
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["src/proto/imshard.proto", "src/proto/store.proto"];
+    let files = [
+        "src/proto/imshard.proto",
+        "src/proto/store.proto",
+        "src/proto/node.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -15,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.bytes([
         ".imshard.v1.MessageEnvelope.data",
         ".imshard.v1.Response.body",
+        ".imshard.node.v1.ChannelPush.frame",
     ]);
     // JSON API: field names equal the proto names, enums as numbers (they are i32
     // fields), missing fields take their proto default, wrong types are refused.

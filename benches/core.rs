@@ -349,6 +349,7 @@ fn bench_ring(c: &mut Criterion) {
             except_user: "alice_00042".into(),
             except_device: "phone".into(),
             left: Vec::new(),
+            push: true,
         };
         // As `chat::conv::deliver` posts it: a job that runs `user::deliver` there.
         let job: imshard::shard::msg::Job<Chat> =
@@ -525,6 +526,7 @@ fn bench_fanout(c: &mut Criterion) {
                                 except_user: "user_000000".into(),
                                 except_device: "phone".into(),
                                 left: Vec::new(),
+                                push: true,
                             })
                         })
                         .collect();

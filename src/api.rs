@@ -49,7 +49,7 @@ async fn healthz(shard: &Rc<Shard>, ka: bool) -> Vec<u8> {
 
 /// Every metric: name, Prometheus type, help. One value per shard each, in this order
 /// (see [`metric_values`]).
-pub const METRICS: [(&str, &str, &str); 14] = [
+pub const METRICS: [(&str, &str, &str); 22] = [
     ("imshard_connections", "gauge", "open WebSocket connections"),
     (
         "imshard_connections_total",
@@ -116,12 +116,54 @@ pub const METRICS: [(&str, &str, &str); 14] = [
         "counter",
         "cached rows and conversation states evicted",
     ),
+    (
+        "imshard_cluster_nodes",
+        "gauge",
+        "cluster mode: live nodes in this shard's slot map (0 on a single node)",
+    ),
+    (
+        "imshard_cluster_active",
+        "gauge",
+        "cluster mode: 1 while this node holds its lease and may own conversations",
+    ),
+    (
+        "imshard_node_requests_forwarded_total",
+        "counter",
+        "cluster mode: operations sent to their owner node",
+    ),
+    (
+        "imshard_node_requests_served_total",
+        "counter",
+        "cluster mode: operations served for other nodes",
+    ),
+    (
+        "imshard_publishes_total",
+        "counter",
+        "cluster mode: pushes and notices published on the channels",
+    ),
+    (
+        "imshard_channel_messages_total",
+        "counter",
+        "cluster mode: pushes and notices received on this shard's channels",
+    ),
+    (
+        "imshard_channels",
+        "gauge",
+        "cluster mode: channels this shard subscribes to (its users and their groups)",
+    ),
+    (
+        "imshard_resyncs_total",
+        "counter",
+        "cluster mode: RESYNC notices after a subscription came back",
+    ),
 ];
 
 /// This shard's values for [`METRICS`] (the last one in microseconds).
-pub fn metric_values(shard: &Shard) -> [u64; 14] {
+pub fn metric_values(shard: &Shard) -> [u64; 22] {
     let c = &shard.counters;
     let (rounds, slow, micros) = shard.store.sync_stats();
+    let node = shard.node.get();
+    let routes = node.and_then(|n| n.routes.get());
     [
         c.connections.get(),
         c.connections_total.get(),
@@ -137,6 +179,14 @@ pub fn metric_values(shard: &Shard) -> [u64; 14] {
         shard.users.borrow().len() as u64,
         shard.convs.borrow().len() as u64,
         shard.stats.cache_evictions.get(),
+        node.map_or(0, |n| n.map.borrow().nodes().len() as u64),
+        node.map_or(0, |n| n.active.get() as u64),
+        node.map_or(0, |n| n.forwarded.get()),
+        node.map_or(0, |n| n.served.get()),
+        routes.map_or(0, |r| r.published.sent.get()),
+        routes.map_or(0, |r| r.received.get()),
+        routes.map_or(0, |r| r.held() as u64),
+        routes.map_or(0, |r| r.resyncs.get()),
     ]
 }
 
@@ -329,6 +379,8 @@ async fn admin_api(
     match (method, route) {
         ("POST", "kick") => {
             let ev = kick_body(body)?;
+            // Cluster mode: every other node kicks on the channel.
+            let published = publish_event(shard, chat::admin::KICK_CHANNEL, &ev).await?;
             let target = shard.user_shard(&ev.user_uuid);
             let n = shard
                 .call(target, move |shard, reply| {
@@ -337,11 +389,22 @@ async fn admin_api(
                     shard.reply(reply, n)
                 })
                 .await?;
-            Ok(serde_json::json!({ "kicked": n }))
+            Ok(match published {
+                Some(nodes) => serde_json::json!({ "kicked": n, "published_to": nodes }),
+                None => serde_json::json!({ "kicked": n }),
+            })
         }
         ("POST", "broadcast") => {
             let (users, envelope) = broadcast_body(body)?;
             let frame = crate::proto::envelope::envelope_frame(&envelope);
+            let event = pb::BroadcastEvent {
+                user_uuids: users.clone(),
+                message: Some(envelope),
+            };
+            if chat::node::clustered(shard) {
+                chat::admin::note_own_broadcast(shard, &prost::Message::encode_to_vec(&event));
+            }
+            let published = publish_event(shard, chat::admin::BROADCAST_CHANNEL, &event).await?;
             let calls: Vec<_> = if users.is_empty() {
                 (0..shard.n)
                     .map(|t| {
@@ -368,7 +431,10 @@ async fn admin_api(
             for c in calls {
                 delivered += c.await?;
             }
-            Ok(serde_json::json!({ "delivered": delivered }))
+            Ok(match published {
+                Some(nodes) => serde_json::json!({ "delivered": delivered, "published_to": nodes }),
+                None => serde_json::json!({ "delivered": delivered }),
+            })
         }
         ("GET", "presence") => {
             let list = head.query_param("uuids").unwrap_or_default();
@@ -382,6 +448,17 @@ async fn admin_api(
             }
             for u in &users {
                 crate::ids::check_id("uuids", u)?;
+            }
+            if shard.store.keeps_presence() {
+                // Devices on every node: the presence ZSETs.
+                let window = shard.cfg.heartbeat_timeout.as_millis() as i64;
+                if let Some(found) = shard.store.online_devices(&users, window).await? {
+                    let mut online = serde_json::Map::new();
+                    for (user, devices) in users.into_iter().zip(found) {
+                        online.insert(user, serde_json::json!(devices));
+                    }
+                    return Ok(serde_json::json!({ "online": online }));
+                }
             }
             let calls: Vec<_> = group_by_user_shard(shard, users)
                 .into_iter()
@@ -478,4 +555,22 @@ pub fn broadcast_body(body: &[u8]) -> Result<(Vec<String>, pb::MessageEnvelope),
             req_id: 0,
         },
     ))
+}
+
+/// Cluster mode: publishes an admin event on its channel for the other nodes (this
+/// node acts on it directly and ignores its own copy's effect: the connections are
+/// already gone or written to). How many subscribers got it; `None` on a single node.
+async fn publish_event(
+    shard: &Rc<Shard>,
+    channel: &str,
+    event: &impl prost::Message,
+) -> Result<Option<u64>, ApiError> {
+    if !chat::node::clustered(shard) {
+        return Ok(None);
+    }
+    let n = shard
+        .store
+        .publish_counted(channel.as_bytes(), &event.encode_to_vec())
+        .await?;
+    Ok(Some(n))
 }

@@ -35,6 +35,9 @@ pub enum ApiError {
     /// 50301: the server cannot take this now (at `max_connections`, shutting down);
     /// nothing was done. Retry later, elsewhere if there is another node.
     Unavailable(&'static str),
+    /// The error another node of the cluster answered a forwarded request with: its
+    /// code and text, passed on unchanged.
+    FromNode { code: i32, message: String },
 }
 
 pub const OK: i32 = 0;
@@ -57,6 +60,7 @@ impl ApiError {
             ApiError::RateLimited | ApiError::QuotaExceeded(_) => 42901,
             ApiError::Internal(_) => 50001,
             ApiError::StoreUnavailable(_) | ApiError::Unavailable(_) => 50301,
+            ApiError::FromNode { code, .. } => *code,
         }
     }
 
@@ -70,7 +74,7 @@ impl ApiError {
         matches!(
             self,
             ApiError::RateLimited | ApiError::StoreUnavailable(_) | ApiError::Unavailable(_)
-        )
+        ) || matches!(self, ApiError::FromNode { code, .. } if *code == 42901 || *code == 50301)
     }
 }
 
@@ -91,6 +95,7 @@ impl fmt::Display for ApiError {
             ApiError::Internal(w) => write!(f, "internal error: {w}"),
             ApiError::StoreUnavailable(w) => write!(f, "store unavailable: {w}"),
             ApiError::Unavailable(w) => write!(f, "unavailable: {w}"),
+            ApiError::FromNode { message, .. } => f.write_str(message),
         }
     }
 }

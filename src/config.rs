@@ -104,6 +104,20 @@ macro_rules! config_keys {
         }
 
         impl Config {
+    /// Whether this node is one of a cluster (`node_id` set).
+    pub fn clustered(&self) -> bool {
+        !self.node_id.is_empty()
+    }
+
+    /// The node-to-node address: `node_listen`, or listen's host with its port + 1000.
+    pub fn node_addr(&self) -> SocketAddr {
+        self.node_listen.unwrap_or_else(|| {
+            let mut a = self.listen;
+            a.set_port(a.port().wrapping_add(1000));
+            a
+        })
+    }
+
             /// Merges flags/env (already combined by clap) over the file over the
             /// defaults, then checks the result.
             pub fn from_serve_args(a: &ServeArgs) -> Result<Config, ConfigError> {
@@ -225,6 +239,15 @@ config_keys! {
         redis_wait_replicas: u32 = 0, parse_num::<u32>,
             "N", "IMSHARD_REDIS_WAIT_REPLICAS", "0", "replicas",
             "with `--store redis`: a write is answered only after this many replicas acknowledged it (Redis `WAIT`, within redis_timeout; else 50301); 0 = the primary alone";
+        node_id: String = String::new(), parse_text,
+            "ID", "IMSHARD_NODE_ID", "(none: a single node)", "1-64 of [A-Za-z0-9_.@-]",
+            "cluster mode (needs `--store redis`): this node's name; nodes on one Redis with distinct ids form one cluster";
+        node_listen: Option<SocketAddr> = None, parse_optional_addr,
+            "ADDR", "IMSHARD_NODE_LISTEN", "(listen's host, listen's port + 1000)", "HOST:PORT or PORT",
+            "cluster mode: the node-to-node address (every shard listens, SO_REUSEPORT); other nodes reach this node there";
+        cluster_lease: Duration = Duration::from_secs(6), parse_duration,
+            "DURATION", "IMSHARD_CLUSTER_LEASE", "6s", "duration, 300ms-10s",
+            "cluster mode: a node that has not renewed its lease in Redis for this long is out of the cluster and its conversations move to the others";
         cache_bytes: usize = 256 << 20, parse_bytes,
             "BYTES", "IMSHARD_CACHE_BYTES", "256MiB", "bytes for the whole process",
             "memory for cached conversation rows, conversation states and group member lists (split over the shards); the least recently used idle entries are evicted past it";
@@ -533,6 +556,18 @@ impl Config {
         }
         if self.max_connections == 0 {
             return bad("max_connections must be at least 1".into());
+        }
+        if !self.node_id.is_empty() {
+            if let Err(e) = crate::cluster::NodeId::new(self.node_id.clone()) {
+                return bad(format!("node_id: {e}"));
+            }
+            if self.store != StoreKind::Redis {
+                return bad("node_id (cluster mode) needs store = redis".into());
+            }
+            if !(Duration::from_millis(300)..=Duration::from_secs(10)).contains(&self.cluster_lease)
+            {
+                return bad("cluster_lease must be 300ms-10s".into());
+            }
         }
         if self.frame_timeout < Duration::from_secs(1) {
             return bad("frame_timeout must be at least 1s".into());

@@ -292,6 +292,11 @@ async fn shard_main(
         monoio::spawn(accept::accept_loop(shard.clone(), admin, Port::Admin));
     }
     monoio::spawn(conn::heartbeat_ticker(shard.clone()));
+    if shard.cfg.clustered() {
+        if let Err(e) = start_cluster(&shard) {
+            return fail(e);
+        }
+    }
     {
         let shard = shard.clone();
         monoio::spawn(async move {
@@ -488,4 +493,116 @@ fn wait_for_signal() -> i32 {
     // SAFETY: valid set and out-pointer.
     unsafe { libc::sigwait(&set, &mut sig) };
     sig
+}
+
+/// Cluster mode on one shard (`node_id` set): its view of the cluster, its push
+/// channels, its end of the node link (every shard listens on `node_addr`,
+/// SO_REUSEPORT); shard 0 also holds the node's lease and the control channels (the
+/// live set's changes, `connect:events:kick`, `connect:events:broadcast`) and tells
+/// every shard of each change.
+fn start_cluster(shard: &std::rc::Rc<Shard>) -> Result<(), String> {
+    use crate::chat::node::{self, NodeCtx};
+    use crate::cluster::link::{LinkConfig, LinkServer, Links};
+    use crate::cluster::membership::{Membership, MembershipConfig, MembershipEvent};
+    use crate::cluster::slots::SlotMap;
+    use crate::cluster::NodeId;
+
+    let me = NodeId::new(shard.cfg.node_id.clone())?;
+    let ctx = NodeCtx {
+        me: me.clone(),
+        map: std::cell::RefCell::new(Arc::new(SlotMap::new(0, Vec::new()))),
+        active: std::cell::Cell::new(false),
+        links: Links::new(me.clone(), LinkConfig::default()),
+        forwarded: std::cell::Cell::new(0),
+        served: std::cell::Cell::new(0),
+        routes: std::cell::OnceCell::new(),
+        link_server: std::cell::OnceCell::new(),
+        membership: std::cell::OnceCell::new(),
+        control: std::cell::OnceCell::new(),
+        own_broadcasts: std::cell::RefCell::new(Vec::new()),
+    };
+    if shard.node.set(ctx).is_err() {
+        return Err("cluster mode started twice".into());
+    }
+    let Some(ctx) = shard.node.get() else {
+        return Err("cluster mode did not start".into());
+    };
+    let routes = crate::chat::routes::Routes::start(shard).map_err(|e| e.to_string())?;
+    let _ = ctx.routes.set(routes);
+    let addr = shard.cfg.node_addr();
+    let listener =
+        accept::bind(addr).map_err(|e| format!("cannot listen on {addr} (node link): {e}"))?;
+    let handler_shard = shard.clone();
+    let server = LinkServer::start(
+        listener,
+        me.clone(),
+        LinkConfig::default(),
+        move |payload, responder| node::serve(&handler_shard, payload, responder),
+    )
+    .map_err(|e| format!("node link: {e}"))?;
+    let _ = ctx.link_server.set(server);
+    if shard.id != 0 {
+        return Ok(());
+    }
+    let conn = shard
+        .store
+        .redis_handle()
+        .ok_or("cluster mode needs --store redis")?;
+    let mut config = MembershipConfig::new(me, addr);
+    config.lease = shard.cfg.cluster_lease;
+    let weak = std::rc::Rc::downgrade(shard);
+    let membership = Membership::start(conn, config, move |ev| {
+        let Some(shard) = weak.upgrade() else { return };
+        match ev {
+            MembershipEvent::Active => post_active(&shard, true),
+            MembershipEvent::SteppedDown { reason } => {
+                tracing::warn!(%reason, "this node stepped down: it owns nothing until its lease is back");
+                post_active(&shard, false);
+            }
+            MembershipEvent::Changed { epoch, .. } => {
+                let Some(live) = shard
+                    .node
+                    .get()
+                    .and_then(|c| c.membership.get())
+                    .map(|m| m.live())
+                else {
+                    return;
+                };
+                tracing::info!(epoch, nodes = live.nodes.len(), "cluster membership changed");
+                let map = Arc::new(SlotMap::new(epoch, live.ids().cloned()));
+                let peers: Vec<_> = live.nodes.iter().map(|n| (n.id.clone(), n.addr)).collect();
+                for t in 0..shard.n {
+                    let (map, peers) = (map.clone(), peers.clone());
+                    shard.post(t, move |s| node::apply_map(s, map, peers));
+                }
+            }
+        }
+    })
+    .map_err(|e| format!("cluster membership: {e}"))?;
+    let _ = ctx.membership.set(membership);
+    let weak = std::rc::Rc::downgrade(shard);
+    let control = shard
+        .store
+        .channels(&shard.cfg.redis_url, shard.cfg.redis_timeout, move |ev| {
+            if let Some(shard) = weak.upgrade() {
+                crate::chat::admin::on_control(&shard, ev);
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    control.subscribe(
+        crate::cluster::membership::NODES_CHANGED_CHANNEL
+            .as_bytes()
+            .to_vec(),
+    );
+    control.subscribe(crate::chat::admin::KICK_CHANNEL.as_bytes().to_vec());
+    control.subscribe(crate::chat::admin::BROADCAST_CHANNEL.as_bytes().to_vec());
+    let _ = ctx.control.set(control);
+    Ok(())
+}
+
+/// Tells every shard whether this node holds its lease.
+fn post_active(shard: &std::rc::Rc<Shard>, active: bool) {
+    for t in 0..shard.n {
+        shard.post(t, move |s| crate::chat::node::set_active(s, active));
+    }
 }

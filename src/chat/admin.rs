@@ -7,8 +7,13 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use super::Shard;
+use prost::Message as _;
+
 use crate::codes::{close, kick, ApiError};
 use crate::limits::MAX_KICK_REASON_BYTES;
+use crate::proto::envelope::envelope_frame;
+use crate::proto::pb::{BroadcastEvent, KickEvent};
+use crate::store::channels::ChannelEvent;
 
 /// The KICKOUT reason of an admin kick: the given one, or `admin` when empty. At most
 /// [`MAX_KICK_REASON_BYTES`] bytes and no control characters (it also goes into the
@@ -74,6 +79,111 @@ pub fn presence_local(shard: &Rc<Shard>, users: &[String]) -> BTreeMap<String, V
         out.insert(u.clone(), devices);
     }
     out
+}
+
+/// The channel an admin kick is published on (docs/PROTOCOL.md, cluster events).
+pub const KICK_CHANNEL: &str = "connect:events:kick";
+/// The channel an admin broadcast is published on.
+pub const BROADCAST_CHANNEL: &str = "connect:events:broadcast";
+
+/// Notes (on shard 0) that this node published `payload` on the broadcast channel
+/// after writing it to its own connections.
+pub fn note_own_broadcast(shard: &Rc<Shard>, payload: &[u8]) {
+    let hash = xxhash_rust::xxh3::xxh3_64(payload);
+    shard.post(0, move |s| {
+        if let Some(ctx) = s.node.get() {
+            let mut own = ctx.own_broadcasts.borrow_mut();
+            let now = std::time::Instant::now();
+            own.retain(|(_, at)| now.duration_since(*at) < std::time::Duration::from_secs(30));
+            own.push((hash, now));
+        }
+    });
+}
+
+/// Whether `payload` is this node's own broadcast coming back (forgotten once seen).
+fn is_own_broadcast(shard: &Shard, payload: &[u8]) -> bool {
+    let Some(ctx) = shard.node.get() else {
+        return false;
+    };
+    let hash = xxhash_rust::xxh3::xxh3_64(payload);
+    let mut own = ctx.own_broadcasts.borrow_mut();
+    match own.iter().position(|(h, _)| *h == hash) {
+        Some(i) => {
+            own.swap_remove(i);
+            true
+        }
+        None => false,
+    }
+}
+
+/// A message on shard 0's control subscription (cluster mode): a change of the live
+/// set, a KickEvent or a BroadcastEvent (protobuf), from any node or any other
+/// publisher. Each node acts on the connections it holds.
+pub fn on_control(shard: &Rc<Shard>, ev: ChannelEvent) {
+    let ChannelEvent::Message { channel, payload } = ev else {
+        if let Some(m) = shard.node.get().and_then(|c| c.membership.get()) {
+            // After a break: read the live set again at once.
+            m.refresh_now();
+        }
+        return;
+    };
+    match &channel[..] {
+        c if c == crate::cluster::membership::NODES_CHANGED_CHANNEL.as_bytes() => {
+            if let Some(m) = shard.node.get().and_then(|c| c.membership.get()) {
+                m.refresh_now();
+            }
+        }
+        c if c == KICK_CHANNEL.as_bytes() => match KickEvent::decode(payload) {
+            Ok(ev) => {
+                let reason = match kick_reason(&ev.reason) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a KickEvent with a bad reason: dropped");
+                        return;
+                    }
+                };
+                let target = shard.user_shard(&ev.user_uuid);
+                shard.post(target, move |s| {
+                    kick_local(s, &ev.user_uuid, &ev.device_id, &reason);
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "a message on {KICK_CHANNEL} is not a KickEvent"),
+        },
+        c if c == BROADCAST_CHANNEL.as_bytes() && is_own_broadcast(shard, &payload) => {}
+        c if c == BROADCAST_CHANNEL.as_bytes() => match BroadcastEvent::decode(payload) {
+            Ok(ev) => {
+                let Some(envelope) = ev.message else {
+                    tracing::warn!("a BroadcastEvent without a message: dropped");
+                    return;
+                };
+                let frame = envelope_frame(&envelope);
+                for t in 0..shard.n {
+                    let users: Option<Vec<String>> = if ev.user_uuids.is_empty() {
+                        None
+                    } else {
+                        let mine: Vec<String> = ev
+                            .user_uuids
+                            .iter()
+                            .filter(|u| shard.user_shard(u) == t)
+                            .cloned()
+                            .collect();
+                        if mine.is_empty() {
+                            continue;
+                        }
+                        Some(mine)
+                    };
+                    let frame = frame.clone();
+                    shard.post(t, move |s| {
+                        broadcast_local(s, &frame, users.as_deref());
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a message on {BROADCAST_CHANNEL} is not a BroadcastEvent")
+            }
+        },
+        _ => {}
+    }
 }
 
 #[cfg(test)]

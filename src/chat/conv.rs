@@ -423,7 +423,7 @@ fn store_new(shard: &Rc<Shard>, reply: ReplyTo<Sent>, cmd: SendCmd) {
     let has_key = !cmd.client_msg_id.is_empty();
     let dedupe_key = (cmd.sender.clone(), cmd.client_msg_id.clone());
     let assigned = with_conv(shard, &cmd.conv_id, |c| {
-        let members = match (&c.group, cmd.conv_type) {
+        let members = match (&c.group, cmd.conv_type()) {
             (_, ConvType::P2p) => Rc::new(split_by_shard(
                 shard.n,
                 cmd.members.iter().map(|m| UserId::from(m.as_str())),
@@ -501,7 +501,7 @@ fn store_new(shard: &Rc<Shard>, reply: ReplyTo<Sent>, cmd: SendCmd) {
                 for w in waiters {
                     shard.reply(w, Ok(body.clone()));
                 }
-                fan_out(&shard, &msg, members, Vec::new(), &cmd.sender_device);
+                fan_out(&shard, &msg, members, Vec::new(), &[], &cmd.sender_device);
             }
             Err(e) => {
                 let err = ApiError::from(e);
@@ -521,10 +521,23 @@ pub(crate) fn fan_out(
     msg: &MsgItem,
     targets: ByShard,
     left: Vec<String>,
+    joined: &[String],
     sender_device: &str,
 ) {
+    let frame = push_frame(msg);
+    // Cluster mode: the push goes out once on the channels, to the nodes holding a
+    // recipient's device; the deliveries below update rows only.
+    super::routes::publish_push(
+        shard,
+        &msg.conv_id,
+        &frame,
+        &msg.from_uuid,
+        sender_device,
+        joined,
+        &left,
+    );
     let job = FanoutJob {
-        frame: push_frame(msg),
+        frame,
         conv_id: msg.conv_id.clone(),
         seq: msg.seq,
         send_time: msg.send_time,
@@ -565,6 +578,25 @@ fn recipients(targets: &ByShard) -> usize {
 
 /// Posts one Deliver of `job` to `target` for `users`.
 fn deliver(shard: &Rc<Shard>, job: &FanoutJob, target: usize, users: Recipients) {
+    let clustered = super::node::clustered(shard);
+    let users = if clustered {
+        // Rows of users other nodes own go there; ours stay.
+        let here = super::node::rows_elsewhere(
+            shard,
+            &users,
+            &job.conv_id,
+            job.seq,
+            job.send_time,
+            &job.sender,
+            &job.left,
+        );
+        if here.is_empty() {
+            return;
+        }
+        Recipients::from(here)
+    } else {
+        users
+    };
     let d = Delivery {
         frame: job.frame.clone(),
         conv_id: job.conv_id.clone(),
@@ -574,6 +606,7 @@ fn deliver(shard: &Rc<Shard>, job: &FanoutJob, target: usize, users: Recipients)
         except_user: job.sender.clone(),
         except_device: job.sender_device.clone(),
         left: job.left.clone(),
+        push: !clustered,
     };
     shard.post(target, move |shard| super::user::deliver(shard, &d));
 }
@@ -633,7 +666,14 @@ pub async fn handle_pull(
         let lo = floor.max(1);
         let msgs = shard
             .store
-            .messages(&pull.conv_id, lo, hi, pull.limit, true, pull.max_bytes)
+            .messages(
+                &pull.conv_id,
+                lo,
+                hi,
+                pull.limit as usize,
+                true,
+                pull.max_bytes as usize,
+            )
             .await?;
         let more = msgs.first().is_some_and(|m| m.seq > lo);
         (msgs, more)
@@ -645,9 +685,9 @@ pub async fn handle_pull(
                 &pull.conv_id,
                 lo,
                 max_seq,
-                pull.limit,
+                pull.limit as usize,
                 false,
-                pull.max_bytes,
+                pull.max_bytes as usize,
             )
             .await?;
         let more = msgs.last().is_some_and(|m| m.seq < max_seq);
@@ -717,7 +757,7 @@ pub async fn handle_by_ids(
             cmd.msg_ids,
             cmd.clear_seq + 1,
             durable,
-            cmd.max_bytes,
+            cmd.max_bytes as usize,
         )
         .await?;
     Ok(GetMessagesByIdsResponse { messages })
@@ -803,12 +843,18 @@ pub async fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo<Recalled>, cmd: Rec
         seq: msg.seq,
     };
     let frame = notice_frame(kind::MSG_RECALL, &notice);
-    notify_members(shard, frame, &members);
+    notify_members(shard, &msg.conv_id, frame, &members);
 }
 
 /// Sends a notice frame to every member's shard (one message per shard, the member
 /// lists shared by reference).
-pub fn notify_members(shard: &Rc<Shard>, frame: Bytes, members: &ByShard) {
+pub fn notify_members(shard: &Rc<Shard>, conv_id: &str, frame: Bytes, members: &ByShard) {
+    if super::node::clustered(shard) {
+        // On the conversation's channels, to the nodes holding a member's device.
+        let users: Vec<UserId> = members.iter().flat_map(|l| l.iter().cloned()).collect();
+        super::routes::publish_notice(shard, &frame, Some(conv_id), &users, None);
+        return;
+    }
     for (target, users) in members.iter().enumerate() {
         if !users.is_empty() {
             let n = Notice {

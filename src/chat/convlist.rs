@@ -34,25 +34,9 @@ async fn summaries(
     shard: &Rc<Shard>,
     conv_ids: Vec<String>,
 ) -> Result<HashMap<String, ConvSummary>, ApiError> {
-    let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); shard.n];
-    for c in conv_ids {
-        by_shard[shard.conv_shard(&c)].push(c);
-    }
-    let calls: Vec<_> = by_shard
-        .into_iter()
-        .enumerate()
-        .filter(|(_, convs)| !convs.is_empty())
-        .map(|(target, convs)| {
-            shard.invoke_on(target, move |shard| async move {
-                super::conv::handle_info(&shard, &convs).await
-            })
-        })
-        .collect();
-    let mut out = HashMap::new();
-    for call in calls {
-        let items = call.await??;
-        out.extend(items.into_iter().map(|i| (i.conv_id.clone(), i)));
-    }
+    let items = super::node::conv_info(shard, conv_ids).await?;
+    let mut out = HashMap::with_capacity(items.len());
+    out.extend(items.into_iter().map(|i| (i.conv_id.clone(), i)));
     Ok(out)
 }
 
@@ -230,9 +214,16 @@ pub async fn mark_read(
                 read_seq: row.read_seq,
             },
         );
-        for c in user::devices(shard, &caller.user) {
-            if *c.device != *caller.device {
-                c.send(shard, frame.clone());
+        if super::node::clustered(shard) {
+            // The user's other devices may be on other nodes.
+            let me = [super::fanout::UserId::from(caller.user.as_str())];
+            let except = Some((caller.user.as_str(), caller.device.as_str()));
+            super::routes::publish_notice(shard, &frame, None, &me, except);
+        } else {
+            for c in user::devices(shard, &caller.user) {
+                if *c.device != *caller.device {
+                    c.send(shard, frame.clone());
+                }
             }
         }
         row
@@ -318,18 +309,12 @@ pub async fn get_unread(
             conv_id: conversation.conv_id.clone(),
             user: caller.user.clone(),
             anchor_seq: 0,
-            limit,
+            limit: limit as u32,
             backward: true,
             clear_seq: conversation.read_seq.max(conversation.clear_seq),
-            max_bytes: budget - used,
+            max_bytes: (budget - used) as u64,
         };
-        let target = shard.conv_shard(&cmd.conv_id);
-        let pulled = shard
-            .invoke_on(target, move |shard| async move {
-                super::conv::handle_pull(&shard, &cmd).await
-            })
-            .await
-            .and_then(|r| r);
+        let pulled = super::node::pull(shard, cmd).await;
         // A removed group member keeps the unread count of what came before the removal
         // but may no longer read the group: no messages for that row.
         let messages = match pulled {

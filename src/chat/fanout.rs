@@ -21,6 +21,10 @@ pub struct Delivery {
     pub except_device: String,
     /// Users this message removes from a group: their rows stop at this seq.
     pub left: Vec<String>,
+    /// Write the frame to the recipients' devices here. False in cluster mode, where
+    /// pushes travel on the pub/sub channels (`chat::routes`) and a delivery only
+    /// updates rows.
+    pub push: bool,
 }
 
 /// A notice for users of one shard.

@@ -93,28 +93,8 @@ pub async fn load(shard: &Shard, conv_id: &str) -> Result<Option<Box<GroupState>
     Ok(Some(Box::new(g)))
 }
 
-/// A checked CreateGroup, for the group conversation's shard.
-#[derive(Debug)]
-pub struct CreateGroupCmd {
-    pub conv_id: String,
-    pub group_id: String,
-    pub name: String,
-    pub owner: String,
-    pub device: String,
-    /// Every member, the owner included, without repeats.
-    pub members: Vec<String>,
-}
-
-/// A checked UpdateGroupMembers, for the group conversation's shard.
-#[derive(Debug)]
-pub struct UpdateMembersCmd {
-    pub conv_id: String,
-    pub operator: String,
-    pub device: String,
-    pub add: Vec<String>,
-    pub remove: Vec<String>,
-    pub add_admins: Vec<String>,
-}
+/// Checked group commands, for the group conversation's shard (see `node.proto`).
+pub use crate::proto::node_pb::{CreateGroupCmd, UpdateMembersCmd};
 
 /// The first ids of a list, for a system message.
 fn capped(list: &[String]) -> &[String] {
@@ -151,6 +131,8 @@ struct Change {
     msg: MsgItem,
     fanout: ByShard,
     removed: Vec<String>,
+    /// Users this change makes members (cluster mode subscribes their nodes).
+    joined: Vec<String>,
 }
 
 fn commit<T: Send + 'static>(
@@ -165,6 +147,7 @@ fn commit<T: Send + 'static>(
         msg,
         fanout,
         removed,
+        joined,
     } = change;
     write.message(&msg);
     // In staging order with the group's other messages (see `conv::handle_send`).
@@ -177,7 +160,7 @@ fn commit<T: Send + 'static>(
                     c.durable_seq = c.durable_seq.max(msg.seq);
                 }
                 shard.reply(reply, Ok(body));
-                fan_out(&shard, &msg, fanout, removed, &device);
+                fan_out(&shard, &msg, fanout, removed, &joined, &device);
             }
             Err(e) => {
                 shard.reply(reply, Err(e.into()));
@@ -265,6 +248,7 @@ pub async fn handle_create(
         msg,
         fanout: by_shard,
         removed: Vec::new(),
+        joined: cmd.members.clone(),
     };
     commit(shard, reply, change, cmd.device, body);
 }
@@ -384,6 +368,7 @@ pub async fn handle_update(
             msg,
             fanout: Rc::new(fanout),
             removed,
+            joined: added.clone(),
         };
         Ok((Some(change), after))
     })

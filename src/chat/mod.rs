@@ -10,6 +10,8 @@ pub mod convlist;
 pub mod fanout;
 pub mod filter;
 pub mod group;
+pub mod node;
+pub mod routes;
 pub mod user;
 
 use std::cell::{Cell, RefCell};
@@ -76,6 +78,8 @@ pub struct Chat {
     pub fanout_queued: Cell<usize>,
     /// Counters of the chat service, read by /metrics.
     pub stats: Stats,
+    /// Cluster mode: this node's view of the cluster (unset on a single node).
+    pub node: std::cell::OnceCell<node::NodeCtx>,
 }
 
 /// Counters of one shard's chat service, read by /metrics.
@@ -101,13 +105,16 @@ impl Chat {
             rows_loader_running: Cell::new(false),
             fanout_queued: Cell::new(0),
             stats: Stats::default(),
+            node: std::cell::OnceCell::new(),
         }
     }
 }
 
 impl crate::shard::Service for Chat {
     fn conn_opened(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Option<Rc<Conn>> {
-        user::register(shard, conn)
+        let replaced = user::register(shard, conn);
+        routes::user_connected(shard, &conn.user);
+        replaced
     }
 
     fn conn_seen(shard: &Rc<Shard>, conn: &Rc<Conn>) {
@@ -116,6 +123,9 @@ impl crate::shard::Service for Chat {
 
     fn conn_closed(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         user::unregister(shard, conn);
+        if user::devices(shard, &conn.user).is_empty() {
+            routes::user_disconnected(shard, &conn.user);
+        }
     }
 
     fn conns(&self) -> Vec<Rc<Conn>> {
@@ -255,67 +265,33 @@ pub struct Caller {
     pub admin: bool,
 }
 
-/// A checked send, for the conversation's shard.
-#[derive(Debug)]
-pub struct SendCmd {
-    pub conv_id: String,
-    pub conv_type: ConvType,
-    pub sender: String,
-    pub sender_device: String,
-    /// Everyone who gets the message (and a conversation row): both parties for p2p.
-    pub members: Vec<String>,
-    pub client_msg_id: String,
-    pub msg_type: i32,
-    pub content: String,
-    pub reply_to_msg_id: String,
-    pub at_users: Vec<String>,
-}
-
-/// A checked pull, for the conversation's shard.
-#[derive(Debug)]
-pub struct PullCmd {
-    pub conv_id: String,
-    pub user: String,
-    pub anchor_seq: i64,
-    pub limit: usize,
-    pub backward: bool,
-    /// The caller's clear_seq: nothing at or below it is returned.
-    pub clear_seq: i64,
-    /// Stop adding messages once they hold this many bytes (at least one is returned):
-    /// the reply must fit the caller's outbound queue ([`limits::reply_budget`]).
-    pub max_bytes: usize,
-}
-
-/// Messages by id, for the conversation's shard.
-#[derive(Debug)]
-pub struct ByIdsCmd {
-    pub conv_id: String,
-    pub user: String,
-    pub msg_ids: Vec<String>,
-    pub clear_seq: i64,
-    /// Stop before the message that would pass this many bytes (at least one is
-    /// returned); see [`limits::reply_budget`].
-    pub max_bytes: usize,
-}
-
-/// A recall, for the conversation's shard.
-#[derive(Debug)]
-pub struct RecallCmd {
-    pub conv_id: String,
-    pub msg_id: String,
-    pub operator: String,
-}
+/// The checked commands the user's shard hands to a conversation's shard: the same
+/// values between shards of a node and, encoded (`node.proto`), between nodes.
+pub use crate::proto::node_pb::{ByIdsCmd, PullCmd, RecallCmd, SendCmd};
 
 /// Runs one client operation on the caller's user shard. Returns the typed
 /// XxxResponse for the RESPONSE envelope (or the HTTP JSON reply). Its latency and any
 /// refusal are recorded there, for /metrics.
 pub async fn execute(shard: &Rc<Shard>, caller: &Caller, body: Body) -> Result<Response, ApiError> {
+    match node::owner(shard, &caller.user)? {
+        node::Owner::Here => execute_on_node(shard, caller, body).await,
+        node::Owner::Node(n) => node::execute_at(shard, &n, caller, body).await,
+    }
+}
+
+/// [`execute`] on this node, whatever the cluster's view (a forwarded operation runs
+/// here): on the caller's user shard.
+pub async fn execute_on_node(
+    shard: &Rc<Shard>,
+    caller: &Caller,
+    body: Body,
+) -> Result<Response, ApiError> {
     let owner = shard.user_shard(&caller.user);
     if owner != shard.id {
         let caller = caller.clone();
         return shard
             .invoke_on(owner, move |shard| async move {
-                execute(&shard, &caller, body).await
+                execute_on_node(&shard, &caller, body).await
             })
             .await?;
     }
@@ -428,7 +404,7 @@ async fn send(
     };
     let cmd = SendCmd {
         conv_id,
-        conv_type,
+        conv_type: conv_type.into(),
         sender: caller.user.clone(),
         sender_device: caller.device.clone(),
         members,
@@ -438,13 +414,7 @@ async fn send(
         reply_to_msg_id: req.reply_to_msg_id,
         at_users: req.at_users,
     };
-    let target = shard.conv_shard(&cmd.conv_id);
-    let sent = shard
-        .call(target, move |shard, reply| {
-            conv::handle_send(shard, reply, cmd)
-        })
-        .await??;
-    Ok(sent.into())
+    Ok(node::send(shard, cmd).await?.into())
 }
 
 async fn pull(
@@ -470,18 +440,12 @@ async fn pull(
         conv_id: req.conv_id,
         user: caller.user.clone(),
         anchor_seq: req.anchor_seq,
-        limit,
+        limit: limit as u32,
         backward: direction == PullDirection::Backward,
         clear_seq,
-        max_bytes: limits::reply_budget(shard.cfg.outbound_queue_bytes),
+        max_bytes: limits::reply_budget(shard.cfg.outbound_queue_bytes) as u64,
     };
-    let target = shard.conv_shard(&cmd.conv_id);
-    let r = shard
-        .invoke_on(target, move |shard| async move {
-            conv::handle_pull(&shard, &cmd).await
-        })
-        .await??;
-    Ok(r.into())
+    Ok(node::pull(shard, cmd).await?.into())
 }
 
 /// Parses a conv_id and, for p2p, checks that `user` is a party (group membership is
@@ -523,15 +487,9 @@ async fn by_ids(
         user: caller.user.clone(),
         msg_ids: req.msg_ids,
         clear_seq,
-        max_bytes: limits::reply_budget(shard.cfg.outbound_queue_bytes),
+        max_bytes: limits::reply_budget(shard.cfg.outbound_queue_bytes) as u64,
     };
-    let target = shard.conv_shard(&cmd.conv_id);
-    let r = shard
-        .invoke_on(target, move |shard| async move {
-            conv::handle_by_ids(&shard, cmd).await
-        })
-        .await??;
-    Ok(r.into())
+    Ok(node::by_ids(shard, cmd).await?.into())
 }
 
 async fn recall(
@@ -548,14 +506,7 @@ async fn recall(
         msg_id: req.msg_id,
         operator: caller.user.clone(),
     };
-    let target = shard.conv_shard(&cmd.conv_id);
-    let r = shard
-        .call(target, move |shard, reply| {
-            let shard = shard.clone();
-            monoio::spawn(async move { conv::handle_recall(&shard, reply, cmd).await });
-        })
-        .await??;
-    Ok(r.into())
+    Ok(node::recall(shard, cmd).await?.into())
 }
 
 /// Checks a list of user ids and removes repeats (first occurrence kept).
@@ -609,14 +560,7 @@ async fn create_group(
         device: caller.device.clone(),
         members,
     };
-    let target = shard.conv_shard(&cmd.conv_id);
-    let r = shard
-        .call(target, move |shard, reply| {
-            let shard = shard.clone();
-            monoio::spawn(async move { group::handle_create(&shard, reply, cmd).await });
-        })
-        .await??;
-    Ok(r.into())
+    Ok(node::create_group(shard, cmd).await?.into())
 }
 
 async fn update_members(
@@ -646,12 +590,5 @@ async fn update_members(
         add_admins: unique_ids("add_admins", req.add_admins)?,
     };
     user::take_member_quota(shard, &caller.user, cmd.add.len())?;
-    let target = shard.conv_shard(&cmd.conv_id);
-    let r = shard
-        .call(target, move |shard, reply| {
-            let shard = shard.clone();
-            monoio::spawn(async move { group::handle_update(&shard, reply, cmd).await });
-        })
-        .await??;
-    Ok(r.into())
+    Ok(node::update_members(shard, cmd).await?.into())
 }

@@ -509,6 +509,9 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
         if start_load {
             queue_rows_load(shard, user);
         }
+        if !d.push {
+            continue;
+        }
         for c in devices(shard, user) {
             if *c.user == *d.except_user && *c.device == *d.except_device {
                 continue;

@@ -15,6 +15,8 @@ pub mod kind {
     pub const MSG_RECALL: &str = "MSG_RECALL";
     pub const MSG_MARK_READ: &str = "MSG_MARK_READ";
     pub const KICKOUT: &str = "KICKOUT";
+    /// Extension (cluster mode): pushes may have been missed; pull by seq.
+    pub const RESYNC: &str = "RESYNC";
 }
 
 /// Unix milliseconds now.

@@ -21,7 +21,14 @@ pub mod imshard {
             include!(concat!(env!("OUT_DIR"), "/imshard.store.v1.rs"));
         }
     }
+    pub mod node {
+        /// What nodes of a cluster ask each other (from `node.proto`).
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/imshard.node.v1.rs"));
+        }
+    }
 }
 
+pub use imshard::node::v1 as node_pb;
 pub use imshard::store::v1 as store_pb;
 pub use imshard::v1 as pb;

@@ -269,6 +269,15 @@ impl ShardStore {
         }
     }
 
+    /// The Redis connection of this shard's store (the Redis backend only), for the
+    /// cluster channels of [`super::channels`].
+    pub(crate) fn redis_conn(&self) -> Option<&super::redis::RedisConn> {
+        match &self.backend {
+            Backend::Redis(r) => Some(&r.conn),
+            Backend::Embedded(_) => None,
+        }
+    }
+
     /// Whether presence is kept (on Redis).
     pub fn keeps_presence(&self) -> bool {
         self.presence.is_some()

@@ -38,6 +38,7 @@
 //! batch is durable when its `MULTI`/`EXEC` answered (on disk with Redis's
 //! `appendfsync always`), and reads go over the shard's own connection.
 
+pub mod channels;
 pub mod embedded;
 pub mod offloop;
 pub mod redis;

@@ -58,8 +58,11 @@ impl Server {
             "--jwt-secret".into(),
             SECRET.into(),
         ];
-        // One parameter runs the whole suite on either store.
+        // One parameter runs the whole suite on either store (a test that names its
+        // store itself, like the cluster tests, keeps it).
+        let chosen = extra.contains(&"--store");
         let redis = match std::env::var("IMSHARD_TEST_STORE").as_deref() {
+            _ if chosen => None,
             Ok("redis") => {
                 let r = redis_server::RedisServer::start_with(&[
                     "--appendonly",

@@ -97,6 +97,27 @@ impl RedisServer {
         }
     }
 
+    /// `PUBLISH channel payload` on a connection of its own (RESP written by hand, so
+    /// the tests publish as any other client would); the number of receivers.
+    pub fn publish(&self, channel: &str, payload: &[u8]) -> i64 {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut cmd = Vec::new();
+        cmd.extend_from_slice(b"*3\r\n$7\r\nPUBLISH\r\n");
+        cmd.extend_from_slice(format!("${}\r\n{channel}\r\n", channel.len()).as_bytes());
+        cmd.extend_from_slice(format!("${}\r\n", payload.len()).as_bytes());
+        cmd.extend_from_slice(payload);
+        cmd.extend_from_slice(b"\r\n");
+        s.write_all(&cmd).expect("write PUBLISH");
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).expect("read PUBLISH reply");
+        let text = String::from_utf8_lossy(&buf[..n]);
+        text.trim_start_matches(':')
+            .trim()
+            .parse()
+            .expect("an integer reply")
+    }
+
     /// `kill -9` and wait for it to be gone.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -1,0 +1,397 @@
+//! Cluster mode: three real `imshard` nodes on one real `redis-server`, each with two
+//! shards, speaking real WebSocket and HTTP on loopback. A user may connect to any
+//! node; conversations are owned by one node (slot map over the live set) and
+//! everything of the contract works across nodes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis_server::RedisServer;
+use common::{free_port, Client, Server};
+use imshard::cluster::slots::SlotMap;
+use imshard::cluster::NodeId;
+use imshard::proto::pb::{self, client_frame::Body, ConvType, PullDirection};
+use prost::Message as _;
+
+const LEASE: &str = "2s";
+
+struct Cluster {
+    redis: RedisServer,
+    nodes: Vec<Server>,
+    ids: Vec<String>,
+}
+
+fn start_node(redis: &RedisServer, id: &str) -> Server {
+    let link = format!("127.0.0.1:{}", free_port());
+    Server::start(
+        2,
+        &[
+            "--store",
+            "redis",
+            "--redis-url",
+            &redis.url(),
+            "--node-id",
+            id,
+            "--node-listen",
+            &link,
+            "--cluster-lease",
+            LEASE,
+        ],
+    )
+}
+
+impl Cluster {
+    /// Three nodes, each seeing all three and holding its lease.
+    fn start() -> Option<Cluster> {
+        let redis = RedisServer::start()?;
+        let ids: Vec<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
+        let nodes: Vec<Server> = ids.iter().map(|id| start_node(&redis, id)).collect();
+        let c = Cluster { redis, nodes, ids };
+        c.wait_formed(3);
+        Some(c)
+    }
+
+    /// Waits until every running node's shards see `n` live nodes and hold the lease.
+    fn wait_formed(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let formed = self.nodes.iter().all(|s| {
+                s.metric("imshard_cluster_nodes") == n * s.shards as u64
+                    && s.metric("imshard_cluster_active") == s.shards as u64
+            });
+            if formed {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not form");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The node (index) that owns `key` with these nodes live.
+    fn owner(&self, live: &[&str], key: &str) -> usize {
+        let map = SlotMap::new(0, live.iter().map(|i| NodeId::new(*i).expect("id")));
+        let owner = map.owner_of_conv(key).expect("owner").as_str().to_string();
+        self.ids
+            .iter()
+            .position(|i| *i == owner)
+            .expect("known node")
+    }
+}
+
+/// A user id whose rows the node `want` owns (so tests can place owners).
+fn user_owned_by(c: &Cluster, want: usize, prefix: &str) -> String {
+    let live = ["n1", "n2", "n3"];
+    (0..10_000)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|u| c.owner(&live, u) == want)
+        .expect("a user for that node")
+}
+
+fn p2p(a: &str, b: &str) -> String {
+    imshard::ids::p2p_conv_id(a, b)
+}
+
+#[test]
+fn a_user_on_one_node_gets_a_message_sent_on_another() {
+    let Some(c) = Cluster::start() else { return };
+    // alice's rows live on n2, bob's on n3, and both connect elsewhere: alice to n1,
+    // bob to n3... and the conversation is owned by whichever node its slot says.
+    let alice = user_owned_by(&c, 1, "alice");
+    let bob = user_owned_by(&c, 2, "bob");
+    let mut a = c.nodes[0].connect(&alice, "phone");
+    let mut b = c.nodes[2].connect(&bob, "phone");
+    let mut a2 = c.nodes[1].connect(&alice, "laptop");
+    // Subscriptions are made on connect: give them a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = b
+        .send_p2p(&alice, "c1", "hello across nodes")
+        .expect("send");
+    assert_eq!(sent.seq, 1);
+    let push = a.next_push().expect("alice's phone on n1 gets the push");
+    assert_eq!(push.content, "hello across nodes");
+    assert_eq!(push.seq, 1);
+    let push2 = a2.next_push().expect("alice's laptop on n2 gets it too");
+    assert_eq!(push2.msg_id, sent.msg_id);
+    // A resend with the same client_msg_id from another node is deduplicated.
+    let mut b2 = c.nodes[0].connect(&bob, "tablet");
+    let again = b2
+        .send_p2p(&alice, "c1", "hello across nodes")
+        .expect("resend");
+    assert_eq!(again.msg_id, sent.msg_id);
+    let conv = p2p(&alice, &bob);
+    // Mark read on n1 reaches alice's other device on n2.
+    let mr = a.request(Body::MarkRead(pb::MarkReadRequest {
+        conv_id: conv.clone(),
+        read_seq: 1,
+    }));
+    assert_eq!(mr.code, 0, "{}", mr.message);
+    assert!(
+        a2.next_of("MSG_MARK_READ").is_some(),
+        "read mark reaches the other node"
+    );
+    // Alice replies from n1; seqs continue.
+    let r = a.send_p2p(&bob, "c2", "hi bob").expect("reply");
+    assert_eq!(r.seq, 2);
+    assert_eq!(b.next_push().expect("bob gets the reply").seq, 2);
+    // Pull, conversation list and unread from any node.
+    let page = a2.pull(&conv, 0, 10, PullDirection::Forward).expect("pull");
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    let list = b2.request(Body::GetConversations(
+        pb::GetConversationsRequest::default(),
+    ));
+    assert_eq!(list.code, 0, "{}", list.message);
+    let list = pb::GetConversationsResponse::decode(&*list.body).expect("list");
+    assert_eq!(list.conversations.len(), 1);
+    assert_eq!(list.conversations[0].max_seq, 2);
+    // Recall from bob on n3 reaches alice on n1.
+    let rc = b.request(Body::Recall(pb::RecallMessageRequest {
+        conv_id: conv.clone(),
+        msg_id: sent.msg_id.clone(),
+    }));
+    assert_eq!(rc.code, 0, "{}", rc.message);
+    assert!(a.next_of("MSG_RECALL").is_some(), "recall reaches n1");
+    // Work moved between nodes.
+    let forwarded: u64 = c
+        .nodes
+        .iter()
+        .map(|s| s.metric("imshard_node_requests_forwarded_total"))
+        .sum();
+    let served: u64 = c
+        .nodes
+        .iter()
+        .map(|s| s.metric("imshard_node_requests_served_total"))
+        .sum();
+    assert!(
+        forwarded > 0 && served > 0,
+        "forwarded {forwarded}, served {served}"
+    );
+}
+
+#[test]
+fn group_members_on_every_node_and_a_node_without_members_hears_nothing() {
+    let Some(c) = Cluster::start() else { return };
+    let (u1, u2, u3) = ("gm_one", "gm_two", "gm_three");
+    let mut c1 = c.nodes[0].connect(u1, "d");
+    let mut c2 = c.nodes[1].connect(u2, "d");
+    std::thread::sleep(Duration::from_millis(300));
+    let created = c2.request(Body::CreateGroup(pb::CreateGroupRequest {
+        group_id: "gx".into(),
+        name: "across".into(),
+        members: vec![u1.into(), u3.into()],
+    }));
+    assert_eq!(created.code, 0, "{}", created.message);
+    // u1 hears of the group being created (its node subscribes to the group).
+    let first = c1.next_push().expect("u1 gets the created message");
+    assert_eq!(first.seq, 1);
+    // The third member connects to n3 after the group exists.
+    let mut c3 = c.nodes[2].connect(u3, "d");
+    std::thread::sleep(Duration::from_millis(300));
+    let heard_before: u64 = c.nodes[2].metric("imshard_channel_messages_total");
+    let r = c1.request(Body::Send(pb::SendMessageRequest {
+        conv_type: ConvType::Group as i32,
+        target: "gx".into(),
+        client_msg_id: "g1".into(),
+        content: "to everyone".into(),
+        ..Default::default()
+    }));
+    assert_eq!(r.code, 0, "{}", r.message);
+    assert_eq!(c2.next_push().expect("u2 on n2").content, "to everyone");
+    assert_eq!(c3.next_push().expect("u3 on n3").content, "to everyone");
+    assert!(c.nodes[2].metric("imshard_channel_messages_total") > heard_before);
+    // A group whose members are all on n1 and n2: n3 receives nothing for it.
+    let mut c1b = c.nodes[0].connect("solo_a", "d");
+    let mut c2b = c.nodes[1].connect("solo_b", "d");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = c1b.request(Body::CreateGroup(pb::CreateGroupRequest {
+        group_id: "gy".into(),
+        name: "two nodes".into(),
+        members: vec!["solo_b".into()],
+    }));
+    assert_eq!(r.code, 0, "{}", r.message);
+    assert!(c2b.next_push().is_some());
+    std::thread::sleep(Duration::from_millis(200));
+    let n3_before = c.nodes[2].metric("imshard_channel_messages_total");
+    for i in 0..20 {
+        let r = c1b.request(Body::Send(pb::SendMessageRequest {
+            conv_type: ConvType::Group as i32,
+            target: "gy".into(),
+            client_msg_id: format!("y{i}"),
+            content: format!("m{i}"),
+            ..Default::default()
+        }));
+        assert_eq!(r.code, 0, "{}", r.message);
+        assert_eq!(
+            c2b.next_push().expect("solo_b gets it").content,
+            format!("m{i}")
+        );
+    }
+    assert_eq!(
+        c.nodes[2].metric("imshard_channel_messages_total"),
+        n3_before,
+        "a node with no member of the group receives nothing for it"
+    );
+    drop(c1b);
+}
+
+#[test]
+fn kick_broadcast_and_presence_across_nodes() {
+    let Some(c) = Cluster::start() else { return };
+    let mut k = c.nodes[2].connect("kicked_user", "phone");
+    let mut others: Vec<Client> = (0..3)
+        .map(|i| c.nodes[i].connect(&format!("listener{i}"), "d"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let admin = c.nodes[0].admin_token();
+    // Presence on n1 sees the device on n3.
+    let (st, body) = c.nodes[0]
+        .http(
+            "GET",
+            "/api/v1/admin/presence?uuids=kicked_user,nobody",
+            Some(&admin),
+            "",
+        )
+        .expect("presence");
+    assert_eq!(st, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        v["data"]["online"]["kicked_user"],
+        serde_json::json!(["phone"]),
+        "{body}"
+    );
+    assert_eq!(
+        v["data"]["online"]["nobody"],
+        serde_json::json!([]),
+        "{body}"
+    );
+    // Broadcast on n2 reaches everyone on every node, once.
+    let (st, body) = c.nodes[1]
+        .http(
+            "POST",
+            "/api/v1/admin/broadcast",
+            Some(&admin),
+            r#"{"message": {"type": "SYSTEM_NOTICE", "data": "aGk="}}"#,
+        )
+        .expect("broadcast");
+    assert_eq!(st, 200, "{body}");
+    for o in others.iter_mut() {
+        let env = o.next_of("SYSTEM_NOTICE").expect("the broadcast arrives");
+        assert_eq!(&env.data[..], b"hi");
+        o.set_timeout(Duration::from_millis(500));
+        assert!(o.next_of("SYSTEM_NOTICE").is_none(), "only once");
+        o.set_timeout(Duration::from_secs(10));
+    }
+    // Kick on n1 with a reason; the device is on n3.
+    let (st, body) = c.nodes[0]
+        .http(
+            "POST",
+            "/api/v1/admin/kick",
+            Some(&admin),
+            r#"{"user_uuid": "kicked_user", "device_id": "ALL", "reason": "banned"}"#,
+        )
+        .expect("kick");
+    assert_eq!(st, 200, "{body}");
+    let env = k.next_of("KICKOUT").expect("kicked across nodes");
+    let notice = pb::KickoutNotice::decode(&*env.data).expect("notice");
+    assert_eq!(notice.reason, "banned");
+    // Any publisher may kick: a KickEvent published straight on the channel.
+    let mut kk = c.nodes[1].connect("kicked_two", "tab");
+    std::thread::sleep(Duration::from_millis(200));
+    let ev = pb::KickEvent {
+        user_uuid: "kicked_two".into(),
+        device_id: "tab".into(),
+        reason: String::new(),
+    };
+    c.redis.publish("connect:events:kick", &ev.encode_to_vec());
+    let env = kk.next_of("KICKOUT").expect("kicked by a raw publish");
+    assert_eq!(
+        pb::KickoutNotice::decode(&*env.data).expect("n").reason,
+        "admin"
+    );
+}
+
+#[test]
+fn a_node_killed_mid_load_loses_nothing_and_seqs_stay_contiguous() {
+    let Some(mut c) = Cluster::start() else {
+        return;
+    };
+    // A conversation owned by n3, users connected to n1 and n2.
+    let live = ["n1", "n2", "n3"];
+    let (alice, bob) = (0..10_000)
+        .map(|i| (format!("ka{i}"), format!("kb{i}")))
+        .find(|(a, b)| {
+            c.owner(&live, &p2p(a, b)) == 2 && c.owner(&live, a) != 2 && c.owner(&live, b) != 2
+        })
+        .expect("a conversation owned by n3");
+    let conv = p2p(&alice, &bob);
+    let mut a = c.nodes[0].connect(&alice, "d");
+    let mut acked: Vec<(String, i64)> = Vec::new();
+    let mut next = 0;
+    let send = |a: &mut Client, acked: &mut Vec<(String, i64)>, i: usize| -> bool {
+        let cmid = format!("k{i}");
+        match a.send_p2p(&bob, &cmid, &format!("m{i}")) {
+            Ok(r) => {
+                acked.push((r.msg_id, r.seq));
+                true
+            }
+            Err(code) => {
+                assert!(
+                    code == 50301,
+                    "only 50301 while the cluster changes, got {code}"
+                );
+                false
+            }
+        }
+    };
+    while next < 30 {
+        assert!(send(&mut a, &mut acked, next));
+        next += 1;
+    }
+    c.nodes[2].kill9();
+    let nodes_left = c.nodes.remove(2);
+    drop(nodes_left);
+    // Keep sending (each message retried with its client_msg_id until stored) while the
+    // dead node's lease runs out and its slots move.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while next < 60 {
+        if send(&mut a, &mut acked, next) {
+            next += 1;
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "sends did not recover after the node died"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    c.wait_formed(2);
+    let page = a.pull(&conv, 0, 100, PullDirection::Forward).expect("pull");
+    let seqs: Vec<i64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=60).collect::<Vec<i64>>(),
+        "contiguous, no loss, no duplicate"
+    );
+    for (msg_id, seq) in &acked {
+        let m = &page.messages[(*seq - 1) as usize];
+        assert_eq!(
+            &m.msg_id, msg_id,
+            "an acknowledged message is where it was acked"
+        );
+    }
+    let contents: Vec<String> = page.messages.iter().map(|m| m.content.clone()).collect();
+    assert_eq!(
+        contents,
+        (0..60).map(|i| format!("m{i}")).collect::<Vec<_>>()
+    );
+    // The killed node rejoins.
+    c.nodes.push(start_node(&c.redis, "n3"));
+    c.wait_formed(3);
+    let r = a
+        .send_p2p(&bob, "after-rejoin", "back")
+        .expect("send after the rejoin");
+    assert_eq!(r.seq, 61);
+}
