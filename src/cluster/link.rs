@@ -762,6 +762,20 @@ struct ServerConnState {
 }
 
 impl LinkServer {
+    /// Binds `addr` without `SO_REUSEPORT` (monoio's default turns it on, which would
+    /// let two nodes on one host silently share a port and each other's requests),
+    /// then [`LinkServer::start`]s.
+    pub fn bind(
+        addr: SocketAddr,
+        me: NodeId,
+        config: LinkConfig,
+        handler: impl FnMut(Bytes, Responder) + 'static,
+    ) -> std::io::Result<LinkServer> {
+        let opts = monoio::net::ListenerOpts::new().reuse_port(false);
+        let listener = TcpListener::bind_with_config(addr, &opts)?;
+        LinkServer::start(listener, me, config, handler)
+    }
+
     /// Serves `listener` as node `me`; `handler` gets every request.
     pub fn start(
         listener: TcpListener,
