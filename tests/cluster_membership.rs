@@ -115,7 +115,9 @@ fn stepped_down(e: &MembershipEvent) -> bool {
     matches!(e, MembershipEvent::SteppedDown { .. })
 }
 
-const SHORT: Duration = Duration::from_millis(600);
+/// Renew every 500 ms, renew timeout 250 ms, active for 1.25 s after a renew: short
+/// enough for quick tests, long enough not to flap on a loaded 2-core box.
+const SHORT: Duration = Duration::from_millis(1500);
 
 #[test]
 fn join_same_epoch_leave_and_expiry() {
@@ -220,13 +222,14 @@ fn redis_gone_means_step_down_and_back() {
                 && n1.sees(&["n1"]))
             .await
         );
-        let actives = n1
-            .log
-            .borrow()
-            .iter()
-            .filter(|(_, e)| *e == MembershipEvent::Active)
-            .count();
-        assert_eq!(actives, 2);
+        let log = n1.log.borrow();
+        let down = log.iter().position(|(_, e)| stepped_down(e)).unwrap();
+        assert!(
+            log[down..]
+                .iter()
+                .any(|(_, e)| *e == MembershipEvent::Active),
+            "active again after the restart: {log:?}"
+        );
     });
 }
 
