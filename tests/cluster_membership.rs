@@ -19,6 +19,7 @@ use bytes::Bytes;
 use imshard::cluster::membership::{
     Membership, MembershipConfig, MembershipError, MembershipEvent, NODES_CHANGED_CHANNEL,
 };
+use imshard::cluster::slots::SlotMap;
 use imshard::cluster::NodeId;
 use imshard::store::redis::{PubSubConn, PubSubEvent, RedisConfig, RedisConn};
 use redis_server::RedisServer;
@@ -146,6 +147,14 @@ fn join_same_epoch_leave_and_expiry() {
             })
             .await
         );
+        // Same live set, same slot owners on every node.
+        let map = |n: &Node| {
+            let live = n.m.live();
+            SlotMap::new(live.epoch, live.ids().cloned())
+        };
+        assert_eq!(map(&n1), map(&n2));
+        assert_eq!(map(&n1), map(&n3));
+        assert_eq!(map(&n1).nodes().len(), 3);
         let live = n1.m.live();
         let info = live.get(&NodeId::new("n2").unwrap()).unwrap();
         assert_eq!(info.addr, "127.0.0.1:7002".parse().unwrap());
