@@ -200,6 +200,23 @@ mod tests {
     }
 
     #[test]
+    fn random_payloads_are_errors_not_panics() {
+        use rand::{Rng, RngCore, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let mut payload = vec![0u8; rng.random_range(0..48)];
+            rng.fill_bytes(&mut payload);
+            for ch in [KICK_CHANNEL, BROADCAST_CHANNEL] {
+                if let Ok(ClusterEvent::Kick(k)) =
+                    decode_event(ch.as_bytes(), payload.clone().into())
+                {
+                    assert!(is_valid_id(&k.user_uuid));
+                }
+            }
+        }
+    }
+
+    #[test]
     fn other_channels() {
         assert_eq!(
             decode_event(NODES_CHANGED_CHANNEL.as_bytes(), Bytes::from_static(b"n1")),
