@@ -37,6 +37,11 @@
 //!    `shard_of_conv(c, shards)` as today; if it is another node B, shard s sends it
 //!    with its own [`link::Links`] to B, whose [`link::LinkServer`] hands it to B's
 //!    owner shard and answers; if no node is active for it, the answer is 50301.
+//!    B listens on one advertised address: whichever shard accepts a link passes
+//!    each request through the rings to `shard_of_conv` (one ring hop inside B; a
+//!    port per shard, advertised with the shard count, would save it: measure
+//!    first). A slot gained on a join waits
+//!    [`membership::MembershipConfig::handover_delay`] before it is served.
 //! 4. Fencing in the store's batch script catches the moments when two nodes both
 //!    believe they own a slot.
 //!
