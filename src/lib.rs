@@ -25,7 +25,8 @@
 //!   Redis backend builds on.
 //! - [`cluster`]: cluster mode's building blocks: [`cluster::membership`] (a node's
 //!   lease in Redis, the live set and its epoch), [`cluster::slots`] (`slot_of`, owner
-//!   node by rendezvous hashing), [`cluster::link`] (node-to-node requests, one hop).
+//!   node by rendezvous hashing), [`cluster::link`] (node-to-node requests, one hop),
+//!   [`cluster::events`] (the kick / broadcast / membership channels).
 //!   The subscribed Redis connection is [`store::redis::pubsub`].
 //! - [`rt`]: loop primitives: [`rt::bell`], the eventfd through which other threads
 //!   (shards, the store's threads) wake a busy loop; [`rt::yield_now`].

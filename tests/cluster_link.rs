@@ -54,30 +54,33 @@ impl Node {
         let name = name.to_string();
         let thread = std::thread::spawn(move || {
             run(async move {
-                let listener = monoio::net::TcpListener::bind(addr).expect("bind link");
                 let parked: Rc<RefCell<Vec<Responder>>> = Rc::default();
-                let server = LinkServer::start(listener, id(&name), config(), move |payload, r| {
-                    match &payload[..] {
-                        b"never" => parked.borrow_mut().push(r),
-                        b"drop" => drop(r),
-                        b"slow" => {
-                            monoio::spawn(async move {
-                                monoio::time::sleep(Duration::from_millis(300)).await;
-                                r.reply(b"slow done");
-                            });
-                        }
-                        b"whoami" => {
-                            let from = r.from().to_string();
-                            r.reply(from.as_bytes());
-                        }
-                        p => {
-                            let mut v = b"re:".to_vec();
-                            v.extend_from_slice(p);
-                            r.reply(&v);
-                        }
-                    }
-                })
-                .expect("link server");
+                let server =
+                    LinkServer::bind(
+                        addr,
+                        id(&name),
+                        config(),
+                        move |payload, r| match &payload[..] {
+                            b"never" => parked.borrow_mut().push(r),
+                            b"drop" => drop(r),
+                            b"slow" => {
+                                monoio::spawn(async move {
+                                    monoio::time::sleep(Duration::from_millis(300)).await;
+                                    r.reply(b"slow done");
+                                });
+                            }
+                            b"whoami" => {
+                                let from = r.from().to_string();
+                                r.reply(from.as_bytes());
+                            }
+                            p => {
+                                let mut v = b"re:".to_vec();
+                                v.extend_from_slice(p);
+                                r.reply(&v);
+                            }
+                        },
+                    )
+                    .expect("link server");
                 tx.send(server.local_addr()).unwrap();
                 while !flag.load(Ordering::SeqCst) {
                     monoio::time::sleep(Duration::from_millis(5)).await;
@@ -246,5 +249,40 @@ fn a_stale_address_now_held_by_another_node_is_refused() {
         // The address is corrected: it works.
         links.set_peers([(id("c"), c.addr)]);
         assert_eq!(links.request(&id("c"), b"x").await.unwrap(), &b"re:x"[..]);
+    });
+}
+
+#[test]
+fn dropping_the_server_closes_listener_and_connections() {
+    run(async {
+        let server = LinkServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            id("b"),
+            config(),
+            |payload, r| r.reply(&payload),
+        )
+        .expect("link server");
+        let addr = server.local_addr();
+        // Nobody else may listen on the same port while it runs (no SO_REUSEPORT).
+        assert!(LinkServer::bind(addr, id("x"), config(), |_, _| {}).is_err());
+        let links = Links::new(id("a"), config());
+        links.set_peers([(id("b"), addr)]);
+        assert_eq!(links.request(&id("b"), b"x").await.unwrap(), &b"x"[..]);
+        assert_eq!(server.connections(), 1);
+        drop(server);
+        let e = links.request(&id("b"), b"y").await.unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                LinkError::Disconnected { .. } | LinkError::Unreachable { .. }
+            ),
+            "{e:?}"
+        );
+        monoio::time::sleep(Duration::from_millis(150)).await;
+        let e = links.request(&id("b"), b"z").await.unwrap_err();
+        assert!(
+            matches!(&e, LinkError::Unreachable { reason, .. } if reason.contains("refused")),
+            "the listener is closed: {e:?}"
+        );
     });
 }

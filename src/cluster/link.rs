@@ -171,15 +171,15 @@ impl std::error::Error for LinkError {}
 
 /// One decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame {
-    pub kind: u8,
-    pub id: u64,
-    pub payload: Bytes,
+struct Frame {
+    kind: u8,
+    id: u64,
+    payload: Bytes,
 }
 
 /// Appends one frame to `out`.
 fn encode(out: &mut Vec<u8>, kind: u8, id: u64, payload: &[u8]) {
-    let len = (1 + 8 + payload.len()) as u32;
+    let len = (FRAME_HEADER - 4 + payload.len()) as u32;
     out.extend_from_slice(&len.to_be_bytes());
     out.push(kind);
     out.extend_from_slice(&id.to_be_bytes());
@@ -193,13 +193,12 @@ fn decode(buf: &mut BytesMut, max_payload: usize) -> Result<Option<Frame>, Strin
         return Ok(None);
     }
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    if len < 9 {
+    let Some(payload_len) = len.checked_sub(FRAME_HEADER - 4) else {
         return Err(format!("frame length {len} is shorter than a header"));
-    }
-    if len - 9 > max_payload {
+    };
+    if payload_len > max_payload {
         return Err(format!(
-            "frame of {} payload bytes is over the {max_payload}-byte limit",
-            len - 9
+            "frame of {payload_len} payload bytes is over the {max_payload}-byte limit"
         ));
     }
     if buf.len() < 4 + len {
@@ -723,7 +722,7 @@ async fn write_loop<O: Outbox>(
 
 /// The handler of incoming requests: gets the payload and the [`Responder`] to
 /// answer with (now or later, from any task of this thread).
-pub type Handler = Box<dyn FnMut(Bytes, Responder)>;
+type Handler = Box<dyn FnMut(Bytes, Responder)>;
 
 /// Accepts links from other nodes on one listener and hands their requests to a
 /// handler, on this shard's loop. Dropping it stops accepting and closes every
@@ -762,6 +761,20 @@ struct ServerConnState {
 }
 
 impl LinkServer {
+    /// Binds `addr` without `SO_REUSEPORT` (monoio's default turns it on, which would
+    /// let two nodes on one host silently share a port and each other's requests),
+    /// then [`LinkServer::start`]s.
+    pub fn bind(
+        addr: SocketAddr,
+        me: NodeId,
+        config: LinkConfig,
+        handler: impl FnMut(Bytes, Responder) + 'static,
+    ) -> std::io::Result<LinkServer> {
+        let opts = monoio::net::ListenerOpts::new().reuse_port(false);
+        let listener = TcpListener::bind_with_config(addr, &opts)?;
+        LinkServer::start(listener, me, config, handler)
+    }
+
     /// Serves `listener` as node `me`; `handler` gets every request.
     pub fn start(
         listener: TcpListener,
@@ -1070,6 +1083,28 @@ mod tests {
         assert!(decode(&mut buf, 100)
             .unwrap_err()
             .contains("over the 100-byte limit"));
+    }
+
+    #[test]
+    fn random_bytes_never_panic_and_never_overrun() {
+        use rand::{Rng, RngCore, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for _ in 0..20_000 {
+            let mut input = vec![0u8; rng.random_range(0..64)];
+            rng.fill_bytes(&mut input);
+            if rng.random_bool(0.5) && input.len() >= 4 {
+                // A plausible length prefix, so whole frames come out too.
+                let len = rng.random_range(0..input.len() as u32);
+                input[..4].copy_from_slice(&len.to_be_bytes());
+            }
+            let mut buf = BytesMut::from(&input[..]);
+            let mut taken = 0;
+            while let Ok(Some(f)) = decode(&mut buf, 32) {
+                taken += FRAME_HEADER + f.payload.len();
+                assert!(f.payload.len() <= 32);
+            }
+            assert!(taken + buf.len() == input.len());
+        }
     }
 
     #[test]

@@ -41,10 +41,24 @@
 //!     Redis' clock run at rates within `m / L` (17%) of each other over one lease
 //!     and Redis' wall clock is not stepped forward by more than `m`.
 //!   - Two renews in a row may fail (at `L/3` and `2L/3`); one sent by `L - m` and
-//!     succeeding keeps the node active without a gap.
+//!     succeeding keeps the node active without a gap. A renew not answered within
+//!     `L/6` ([`MembershipConfig::renew_timeout`]) counts as failed.
 //!   - What the margin cannot cover: a write the node sent while active that reaches
 //!     Redis after its lease expired. The store's fencing script (stored max seq
 //!     checked on every batch) refuses such a write when a new owner wrote first.
+//! - **A node acts on a current live set**: every renew returns the current epoch;
+//!   when it is newer than the live set the node holds, the node reads the set at
+//!   once and [`Membership::is_active`] is false until it has. So within
+//!   `L/3 + L/6` of any change, every node has either seen the new epoch (and acts
+//!   as an owner again only once it read the new set) or had a renew fail, and then
+//!   it steps down at most `L - m` after the change (its last successful renew was
+//!   sent before it).
+//! - **Handover on a join** (the previous owner is still live): the node that gains
+//!   a slot serves it only [`MembershipConfig::handover_delay`] (`L - m`) after it
+//!   read the change; by then the previous owner has read it too (and forwards) or
+//!   has stepped down. Slots of a node that *left* or expired can be served at once:
+//!   their previous owner stepped down first (above). The delay is the chat layer's
+//!   to apply; fencing covers a write that was in flight across it.
 //! - **Failure detection**: a node that dies is removed by the first read after its
 //!   expiry (by any node); that read bumps the epoch and publishes the change, so
 //!   every subscribed node learns it within about `L + L/3` of the last renew.
@@ -52,7 +66,11 @@
 //!   active first, then removes its entry (only its own instance's), bumps the epoch
 //!   and publishes, so the others move its slots at once instead of after `L`.
 //!
-//! Not guaranteed: that all nodes switch to a new epoch at the same instant (each
+//! Not guaranteed: anything, if Redis loses acknowledged writes (a restart without
+//! persistence, a failover to a replica that had not received the renew): a node
+//! may then be dropped from the live set while it counts itself active, for up to
+//! one renew period (its next renew rejoins it); fencing still keeps seqs exact.
+//! That all nodes switch to a new epoch at the same instant (each
 //! reads when told or every `L/3`); a node that cannot reach Redis keeps its last live
 //! set (it is then inactive itself, so it owns nothing, and forwards by a possibly
 //! stale map). Redis is the single source of truth: if Redis is down, no node is
@@ -220,6 +238,19 @@ impl MembershipConfig {
     pub fn active_for(&self) -> Duration {
         self.lease - self.lease / 6
     }
+
+    /// A renew with no answer after this (`L/6`) counts as failed.
+    pub fn renew_timeout(&self) -> Duration {
+        self.lease / 6
+    }
+
+    /// How long a node waits, after reading a live set in which it gains a slot
+    /// from a node that is still live (a join), before serving that slot, so that
+    /// the previous owner has read the change or stepped down: `L - L/6` (see the
+    /// module doc).
+    pub fn handover_delay(&self) -> Duration {
+        self.active_for()
+    }
 }
 
 /// A live node as the live set lists it.
@@ -311,6 +342,9 @@ struct Shared {
     leave: LuaScript,
     /// Until when this node may own slots (monotonic); `None` = not active.
     active_until: Cell<Option<Instant>>,
+    /// The membership epoch the last successful renew returned: a live set older
+    /// than this is stale (a change happened that this node has not read yet).
+    renew_epoch: Cell<u64>,
     /// Whether `Active` was the last of `Active`/`SteppedDown` reported.
     reported_active: Cell<bool>,
     live: RefCell<Rc<LiveSet>>,
@@ -347,6 +381,7 @@ impl Membership {
             read: LuaScript::new(READ),
             leave: LuaScript::new(LEAVE),
             active_until: Cell::new(None),
+            renew_epoch: Cell::new(0),
             reported_active: Cell::new(false),
             live: RefCell::new(Rc::new(LiveSet::default())),
             last_error: RefCell::new(None),
@@ -367,7 +402,8 @@ impl Membership {
         })
     }
 
-    /// Whether this node holds its lease now and may own slots. Reads the clock.
+    /// Whether this node may own slots now: it holds its lease (reads the clock) and
+    /// its live set is not older than the epoch its last renew saw.
     pub fn is_active(&self) -> bool {
         self.shared.is_active()
     }
@@ -458,6 +494,7 @@ impl Shared {
                 .active_until
                 .get()
                 .is_some_and(|until| Instant::now() < until)
+            && self.live.borrow().epoch >= self.renew_epoch.get()
     }
 
     fn emit(&self, event: MembershipEvent) {
@@ -474,32 +511,46 @@ impl Shared {
         }
     }
 
-    /// One renew. On success extends `active_until` from `sent`.
+    /// One renew, bounded by `L/6`. On success extends `active_until` from `sent`
+    /// and, when the epoch moved past the live set, reads it at once.
     async fn renew(&self) -> Result<(), MembershipError> {
         let sent = Instant::now();
         let lease_ms = self.config.lease.as_millis().to_string();
-        let reply = run_script(
-            &self.conn,
-            &self.register,
-            &keys(),
-            &[
-                self.config.node_id.as_str().as_bytes(),
-                self.info.as_bytes(),
-                lease_ms.as_bytes(),
-                NODES_CHANGED_CHANNEL.as_bytes(),
-            ],
+        let args: [&[u8]; 4] = [
+            self.config.node_id.as_str().as_bytes(),
+            self.info.as_bytes(),
+            lease_ms.as_bytes(),
+            NODES_CHANGED_CHANNEL.as_bytes(),
+        ];
+        let bound = self.config.renew_timeout();
+        let reply = monoio::time::timeout(
+            bound,
+            run_script(&self.conn, &self.register, &keys(), &args),
         )
-        .await?;
-        match reply {
-            Value::Array(v) if v.len() == 2 => {}
+        .await
+        .map_err(|_| MembershipError::Redis(RedisError::Timeout(bound)))??;
+        let epoch = match reply {
+            Value::Array(v) if v.len() == 2 => match v[1] {
+                Value::Int(e) => e.max(0) as u64,
+                _ => {
+                    return Err(MembershipError::UnexpectedReply(format!(
+                        "register epoch {:?}",
+                        v[1]
+                    )))
+                }
+            },
             other => {
                 return Err(MembershipError::UnexpectedReply(format!(
                     "register answered {other:?}"
                 )))
             }
-        }
+        };
         if self.leaving.get() {
             return Ok(());
+        }
+        self.renew_epoch.set(self.renew_epoch.get().max(epoch));
+        if epoch > self.live.borrow().epoch {
+            self.read_wake.wake();
         }
         let until = sent + self.config.active_for();
         self.active_until.set(Some(until));

@@ -8,6 +8,8 @@
 //!   over the live set); the owner shard inside it is `shard::shard_of_conv`.
 //! - [`link`]: the node-to-node transport: an opaque request to node X, its reply,
 //!   one hop, batched per loop turn.
+//! - [`events`]: the channels every node holds (kick, broadcast, membership
+//!   changes) and their payloads decoded into checked events.
 //!
 //! The subscribed Redis connection the cluster channels arrive on (kick, broadcast,
 //! `imshard:nodes:changed`, later the delivery channels) is
@@ -20,9 +22,13 @@
 //!
 //! # How they compose (what integration wires up)
 //! 1. One shard per node runs [`membership::Membership`] and a
-//!    [`crate::store::redis::PubSubConn`] holding
-//!    [`membership::NODES_CHANGED_CHANNEL`], whose messages call
-//!    [`membership::Membership::refresh_now`].
+//!    [`crate::store::redis::PubSubConn`] holding the channels of
+//!    [`events::subscribe_cluster_channels`]: a
+//!    [`events::ClusterEvent::NodesChanged`] calls
+//!    [`membership::Membership::refresh_now`]; kicks and broadcasts go to the shards
+//!    that hold the users' connections. After a
+//!    [`crate::store::redis::PubSubEvent::Resubscribed`], the node also reads the
+//!    live set, and its clients are told to resync by seq (DESIGN.md).
 //! 2. On every [`membership::MembershipEvent::Changed`] that shard builds a
 //!    [`slots::SlotMap`] from the live set and hands it (and the peers' addresses,
 //!    for [`link::Links::set_peers`]) to every shard through the rings.
@@ -31,6 +37,11 @@
 //!    `shard_of_conv(c, shards)` as today; if it is another node B, shard s sends it
 //!    with its own [`link::Links`] to B, whose [`link::LinkServer`] hands it to B's
 //!    owner shard and answers; if no node is active for it, the answer is 50301.
+//!    B listens on one advertised address: whichever shard accepts a link passes
+//!    each request through the rings to `shard_of_conv` (one ring hop inside B; a
+//!    port per shard, advertised with the shard count, would save it: measure
+//!    first). A slot gained on a join waits
+//!    [`membership::MembershipConfig::handover_delay`] before it is served.
 //! 4. Fencing in the store's batch script catches the moments when two nodes both
 //!    believe they own a slot.
 //!
@@ -59,6 +70,7 @@
 //! *every* node or to whichever nodes hold a channel: kick, broadcast, membership
 //! changes, routed deliveries.
 
+pub mod events;
 pub mod link;
 pub mod membership;
 pub mod slots;

@@ -135,7 +135,7 @@ struct State {
     /// Channels Redis confirmed on the live connection.
     confirmed: HashSet<Bytes>,
     /// Held channels not yet sent on the live connection (empty while disconnected:
-    /// the connection's first write subscribes to all of `held`).
+    /// the driver's first write on a new connection subscribes to all of `held`).
     to_subscribe: HashSet<Bytes>,
     /// Channels dropped from `held` whose `UNSUBSCRIBE` is not yet sent.
     to_unsubscribe: HashSet<Bytes>,
@@ -146,6 +146,8 @@ struct State {
     /// Confirmations of the re-subscription still to come on this connection; the
     /// `Resubscribed` event goes out when it reaches zero.
     resubscribe_pending: usize,
+    /// Channels in the re-subscription of this connection (reported).
+    resubscribe_total: usize,
     /// This connection is a reconnect (so `Resubscribed` is reported).
     reconnected: bool,
 }
@@ -173,6 +175,7 @@ impl PubSubConn {
                 ping_due: false,
                 ping_unanswered: false,
                 resubscribe_pending: 0,
+                resubscribe_total: 0,
                 reconnected: false,
             }),
             on_event: RefCell::new(Box::new(on_event)),
@@ -361,7 +364,8 @@ impl Shared {
                     st.confirmed.insert(channel);
                     if st.resubscribe_pending > 0 {
                         st.resubscribe_pending -= 1;
-                        (st.resubscribe_pending == 0 && st.reconnected).then_some(st.held.len())
+                        (st.resubscribe_pending == 0 && st.reconnected)
+                            .then_some(st.resubscribe_total)
                     } else {
                         None
                     }
@@ -396,35 +400,58 @@ async fn drive(shared: Rc<Shared>) {
     let mut connected_before = false;
     while !shared.closed.get() {
         match connect_target(&shared.target, shared.config.connect_timeout).await {
-            Ok(stream) if !shared.closed.get() => {
+            Ok(mut stream) if !shared.closed.get() => {
                 backoff = min;
-                let (epoch, nothing_held) = {
+                // The re-subscription is the connection's first write, from a snapshot
+                // of the held set taken together with the count of confirmations to
+                // wait for; changes made from here on go through the writer, after it.
+                let (epoch, resubscribe) = {
                     let mut st = shared.state.borrow_mut();
                     let st = &mut *st;
                     st.epoch += 1;
                     st.socket = Some(stream.as_raw_fd());
-                    st.to_subscribe = st.held.clone();
+                    st.to_subscribe.clear();
                     st.to_unsubscribe.clear();
                     st.resubscribe_pending = st.held.len();
+                    st.resubscribe_total = st.held.len();
                     st.reconnected = connected_before;
-                    (st.epoch, st.held.is_empty())
+                    let mut buf = Vec::new();
+                    if !st.held.is_empty() {
+                        let mut c = ::redis::cmd("SUBSCRIBE");
+                        for ch in &st.held {
+                            c.arg(&ch[..]);
+                        }
+                        c.write_packed_command(&mut buf);
+                    }
+                    (st.epoch, buf)
                 };
                 if connected_before {
                     shared.count(|s| s.reconnects += 1);
-                    if nothing_held {
+                    if resubscribe.is_empty() {
                         shared.emit(PubSubEvent::Resubscribed { channels: 0 });
                     }
                 }
                 connected_before = true;
-                tracing::info!(host = %shared.target.host, port = shared.target.port, "redis pub/sub connected");
-                let (reader, writer) = stream.into_split();
-                monoio::spawn(write_loop(shared.clone(), writer, epoch));
-                monoio::spawn(health_loop(shared.clone(), epoch));
-                let reason = read_loop(&shared, reader, epoch).await;
-                if !shared.closed.get() {
-                    tracing::warn!(%reason, "redis pub/sub connection lost");
+                let written = if resubscribe.is_empty() {
+                    Ok(())
+                } else {
+                    shared.count(|s| s.writes += 1);
+                    stream.write_all(resubscribe).await.0.map(drop)
+                };
+                match written {
+                    Ok(()) => {
+                        tracing::info!(host = %shared.target.host, port = shared.target.port, "redis pub/sub connected");
+                        let (reader, writer) = stream.into_split();
+                        monoio::spawn(write_loop(shared.clone(), writer, epoch));
+                        monoio::spawn(health_loop(shared.clone(), epoch));
+                        let reason = read_loop(&shared, reader, epoch).await;
+                        if !shared.closed.get() {
+                            tracing::warn!(%reason, "redis pub/sub connection lost");
+                        }
+                        shared.fail(epoch, reason);
+                    }
+                    Err(e) => shared.fail(epoch, format!("write: {e}")),
                 }
-                shared.fail(epoch, reason);
             }
             Ok(_) => {}
             Err(e) => {
@@ -442,9 +469,8 @@ async fn drive(shared: Rc<Shared>) {
 }
 
 /// Sends the subscription changes and pings gathered since the last write, one write
-/// per wake-up, until connection `epoch` ends. The first write of a connection
-/// carries the `SUBSCRIBE` of everything held, which is why the resubscription's
-/// confirmations are the first ones to come back.
+/// per wake-up, until connection `epoch` ends. It starts after the driver wrote the
+/// re-subscription, so those confirmations are the first to come back.
 async fn write_loop(
     shared: Rc<Shared>,
     mut writer: monoio::io::OwnedWriteHalf<TcpStream>,
