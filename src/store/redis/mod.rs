@@ -8,7 +8,10 @@
 //!
 //! # Layout
 //! - [`conn`]: [`RedisConn`], one connection with its driver task, pipelining and
-//!   reconnect.
+//!   reconnect; [`RedisConn::queue`] queues commands at once and hands back a
+//!   [`Pending`] to await later, so a caller keeps several calls in flight in order.
+//! - [`backend`]: the store on Redis: key layout, reads, and the writer that sends the
+//!   shard's batches as fenced rounds, several in flight.
 //! - [`script`]: [`run_script`], a Lua script by `EVALSHA`, falling back to `EVAL`.
 //! - [`presence`]: the `user:online:{uuid}` ZSETs: [`PresenceBatch`] (changes sent as
 //!   one pipeline), [`PresenceWriter`] (a shard's changes of one loop turn, sent at the
@@ -66,7 +69,7 @@ pub mod conn;
 pub mod presence;
 pub mod script;
 
-pub use conn::{RedisConfig, RedisConn, RedisStats};
+pub use conn::{Pending, RedisConfig, RedisConn, RedisStats};
 pub use presence::{online_devices, online_key, PresenceBatch, PresenceWriter};
 pub use script::{run_script, LuaScript};
 
