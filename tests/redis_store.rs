@@ -400,6 +400,46 @@ mod fencing {
 
     type Report = (u64, Result<(), RoundError>);
 
+    #[test]
+    fn dedupe_records_live_in_day_buckets_that_expire() {
+        let Some(redis) = RedisServer::start() else {
+            return;
+        };
+        let now = imshard::store::redis::presence::now_ms();
+        let record = |msg_id: &str, send_time: i64| imshard::proto::store_pb::DedupeRecord {
+            msg_id: msg_id.to_string(),
+            seq: 1,
+            send_time,
+        };
+        let put = |cmid: &str, rec: &imshard::proto::store_pb::DedupeRecord| Put {
+            ks: Ks::Dedupe,
+            key: keys::triple("dd", "alice", cmid),
+            value: Some(prost::Message::encode_to_vec(rec)),
+        };
+        run(async {
+            let be = backend(&redis).await;
+            let today = record("m-today", now);
+            let yesterday = record("m-yesterday", now - 86_400_000);
+            let old = record("m-old", now - 2 * 86_400_000);
+            be.write_once(vec![put("t", &today), put("y", &yesterday), put("o", &old)])
+                .await
+                .expect("write");
+            let asked = ["t", "y", "o", "none"]
+                .iter()
+                .map(|c| ("alice".to_string(), c.to_string()))
+                .collect();
+            let got = be.dedupe_many("dd", asked).await.expect("read");
+            assert_eq!(got, vec![Some(today), Some(yesterday), None, None]);
+        });
+        let day = now / 86_400_000;
+        let ttl = super::redis_raw(&redis, &format!("TTL im:{{dd}}:d:{day}"));
+        let secs: i64 = ttl.trim().trim_start_matches(':').parse().expect("TTL");
+        assert!(
+            secs > 86_400 && secs <= 2 * 86_400,
+            "today's bucket expires after tomorrow: {secs}"
+        );
+    }
+
     /// Records what the writer reports.
     #[derive(Clone, Default)]
     struct Sink {

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `im:{conv}:m` | hash | seq (decimal) -> MsgItem; seqs are 1..=max without gaps, so `HLEN` is the max seq |
 //! | `im:{conv}:i` | hash | msg_id -> seq (8 bytes, big-endian) |
-//! | `im:{conv}:d:sender\0client_msg_id` | string, 24 h TTL | DedupeRecord |
+//! | `im:{conv}:d:<day>` | hash, expires at the end of day + 1 | sender `\0` client_msg_id -> DedupeRecord, in the bucket of the day (UTC, `send_time / 86,400,000`) it was sent: a record lives 24-48 h; reads look in today's and yesterday's bucket and the message code keeps only records of the last 24 h |
 //! | `im:{user}:r` | hash | conv_id -> ConvRow |
 //! | `im:{conv}:g` | string | GroupMeta |
 //! | `im:{conv}:gm` | hash | user -> MemberRecord |
@@ -71,8 +71,15 @@ use crate::store::{keys, Ks, Put, StoreError};
 /// A batch staged by the shard: its id and its writes.
 type Batch = (u64, Vec<Put>);
 
-/// The dedupe window, as a key TTL.
-const DEDUPE_TTL_SECS: u64 = (crate::limits::DEDUPE_WINDOW_MS / 1000) as u64;
+/// A dedupe bucket holds the records of one day (UTC), and expires when the next day
+/// ends: every record lives at least the dedupe window.
+const DAY_MS: i64 = 86_400_000;
+const _: () = assert!(crate::limits::DEDUPE_WINDOW_MS <= DAY_MS);
+
+/// The dedupe bucket of a record sent at `send_time_ms`.
+fn dedupe_day(send_time_ms: i64) -> i64 {
+    send_time_ms.div_euclid(DAY_MS)
+}
 
 /// A shard's Redis store: its connection and the batches waiting for the writer.
 pub struct RedisBackend {
@@ -258,14 +265,35 @@ impl RedisBackend {
         conv: &str,
         keys_asked: Vec<(String, String)>,
     ) -> Result<Vec<Option<DedupeRecord>>, StoreError> {
-        let mut cmd = redis::cmd("MGET");
-        for (sender, id) in &keys_asked {
-            cmd.arg(dedupe_key(conv, sender.as_bytes(), id.as_bytes()));
+        if keys_asked.is_empty() {
+            return Ok(Vec::new());
         }
-        let Value::Array(values) = self.one(cmd).await? else {
-            return Err(StoreError::Corrupt("MGET: not an array".into()));
+        // A record of the last 24 h is in today's bucket or yesterday's.
+        let today = dedupe_day(super::presence::now_ms());
+        let cmds: Vec<Cmd> = [today, today - 1]
+            .iter()
+            .map(|day| {
+                let mut cmd = redis::cmd("HMGET");
+                cmd.arg(key(conv, &format!("d:{day}")));
+                for (sender, id) in &keys_asked {
+                    cmd.arg(keys::pair(sender, id));
+                }
+                cmd
+            })
+            .collect();
+        let replies = self.conn.cmds(&cmds).await.map_err(store_err)?;
+        let (Some(Value::Array(now)), Some(Value::Array(before))) =
+            (replies.first(), replies.get(1))
+        else {
+            return Err(StoreError::Corrupt(format!("dedupe HMGET: {replies:?}")));
         };
-        values.iter().map(|v| decode(v, "dedupe")).collect()
+        now.iter()
+            .zip(before)
+            .map(|(a, b)| match decode::<DedupeRecord>(a, "dedupe")? {
+                Some(r) => Ok(Some(r)),
+                None => decode(b, "dedupe"),
+            })
+            .collect()
     }
 
     pub async fn rows(&self, user: &str) -> Result<Vec<(String, ConvRow)>, StoreError> {
@@ -564,7 +592,7 @@ struct InFlight<'a> {
 /// The round script. KEYS: every key the round writes. ARGV: the number of fences F,
 /// F pairs (index in KEYS of a conversation's `m` hash, the count it must hold), then
 /// the writes, each `op, key index, n, n arguments`: `h` HSET field value ..., `d`
-/// HDEL field ..., `s` SET value, `x` SET value EX seconds, `k` DEL. Every fence is
+/// HDEL field ..., `s` SET value, `k` DEL, `e` EXPIREAT unix-seconds. Every fence is
 /// checked before anything is written.
 const ROUND_SCRIPT: &str = r#"
 local a = 2
@@ -585,8 +613,8 @@ while a <= n do
     redis.call('HSET', k, unpack(ARGV, a, a + c - 1))
   elseif op == 'd' then
     redis.call('HDEL', k, unpack(ARGV, a, a + c - 1))
-  elseif op == 'x' then
-    redis.call('SET', k, ARGV[a], 'EX', ARGV[a + 1])
+  elseif op == 'e' then
+    redis.call('EXPIREAT', k, ARGV[a])
   elseif op == 's' then
     redis.call('SET', k, ARGV[a])
   elseif op == 'k' then
@@ -615,7 +643,8 @@ enum Arg<'a> {
 struct KeyName<'a> {
     tag: &'a [u8],
     suffix: &'static [u8],
-    extra: &'a [u8],
+    /// A number after the suffix (the day of a dedupe bucket).
+    day: Option<i64>,
 }
 
 /// What the fence checks of one conversation in a round.
@@ -631,7 +660,7 @@ struct Fence {
 enum Op<'a> {
     HSet(Vec<Arg<'a>>),
     HDel(Vec<Arg<'a>>),
-    Set(&'a [u8], Option<u64>),
+    Set(&'a [u8]),
     Del,
 }
 
@@ -648,6 +677,9 @@ struct Round<'a> {
     /// Per conversation with new messages: its `m` key, and the lowest, highest and
     /// number of new seqs.
     fences: HashMap<&'a [u8], Fence>,
+    /// Keys to expire (dedupe buckets), with the time (Unix seconds); sent after
+    /// every other write, so the key exists when its expiry is set.
+    expire_at: HashMap<usize, i64>,
 }
 
 impl<'a> Round<'a> {
@@ -694,7 +726,7 @@ impl<'a> Round<'a> {
     fn add(&mut self, p: &'a Put) {
         let Some(at) = p.key.iter().position(|b| *b == 0) else {
             if p.ks == Ks::Groups {
-                self.set_key(p.key.as_slice(), b"g", b"", p.value.as_deref(), None);
+                self.string(p.key.as_slice(), b"g", p.value.as_deref());
             }
             return;
         };
@@ -704,7 +736,7 @@ impl<'a> Round<'a> {
                 let Some(seq) = keys::seq_of(&p.key) else {
                     return;
                 };
-                self.set_field(tag, b"m", Arg::Int(seq), p.value.as_deref());
+                self.field(tag, b"m", None, Arg::Int(seq), p.value.as_deref());
             }
             Ks::MsgIds => {
                 // An id is indexed only when its message is new: these are the seqs
@@ -713,7 +745,7 @@ impl<'a> Round<'a> {
                     let m = self.key(KeyName {
                         tag,
                         suffix: b"m",
-                        extra: b"",
+                        day: None,
                     });
                     let f = self.fences.entry(tag).or_insert(Fence {
                         key: m,
@@ -725,29 +757,40 @@ impl<'a> Round<'a> {
                     f.last = f.last.max(seq);
                     f.count += 1;
                 }
-                self.set_field(tag, b"i", Arg::Bytes(rest), p.value.as_deref());
+                self.field(tag, b"i", None, Arg::Bytes(rest), p.value.as_deref());
             }
             Ks::Dedupe => {
-                self.set_key(tag, b"d:", rest, p.value.as_deref(), Some(DEDUPE_TTL_SECS));
+                let sent = p
+                    .value
+                    .as_deref()
+                    .and_then(|v| DedupeRecord::decode(v).ok())
+                    .map_or_else(super::presence::now_ms, |r| r.send_time);
+                let day = dedupe_day(sent);
+                let k = self.field(tag, b"d:", Some(day), Arg::Bytes(rest), p.value.as_deref());
+                self.expire_at
+                    .entry(k)
+                    .or_insert((day + 2) * (DAY_MS / 1000));
             }
-            Ks::Rows => self.set_field(tag, b"r", Arg::Bytes(rest), p.value.as_deref()),
-            Ks::Members => self.set_field(tag, b"gm", Arg::Bytes(rest), p.value.as_deref()),
+            Ks::Rows => {
+                self.field(tag, b"r", None, Arg::Bytes(rest), p.value.as_deref());
+            }
+            Ks::Members => {
+                self.field(tag, b"gm", None, Arg::Bytes(rest), p.value.as_deref());
+            }
             Ks::Groups => {}
         }
     }
 
-    fn set_field(
+    /// Sets (or with no value removes) a field of a hash; returns the key's index.
+    fn field(
         &mut self,
         tag: &'a [u8],
         suffix: &'static [u8],
+        day: Option<i64>,
         field: Arg<'a>,
         value: Option<&'a [u8]>,
-    ) {
-        let k = self.key(KeyName {
-            tag,
-            suffix,
-            extra: b"",
-        });
+    ) -> usize {
+        let k = self.key(KeyName { tag, suffix, day });
         let last = self.last_op[k];
         let fits = |args: &Vec<Arg<'a>>| args.len() < MAX_HASH_ARGS;
         match (value, self.ops.get_mut(last)) {
@@ -764,19 +807,18 @@ impl<'a> Round<'a> {
                 self.ops.push((k, Op::HDel(vec![field])));
             }
         }
+        k
     }
 
-    fn set_key(
-        &mut self,
-        tag: &'a [u8],
-        suffix: &'static [u8],
-        extra: &'a [u8],
-        value: Option<&'a [u8]>,
-        ttl: Option<u64>,
-    ) {
-        let k = self.key(KeyName { tag, suffix, extra });
+    /// Sets (or with no value deletes) a string key.
+    fn string(&mut self, tag: &'a [u8], suffix: &'static [u8], value: Option<&'a [u8]>) {
+        let k = self.key(KeyName {
+            tag,
+            suffix,
+            day: None,
+        });
         let op = match value {
-            Some(v) => Op::Set(v, ttl),
+            Some(v) => Op::Set(v),
             None => Op::Del,
         };
         // The last write of a string key is all that counts.
@@ -797,12 +839,12 @@ impl<'a> Round<'a> {
             .map(|(_, op)| {
                 3 + match op {
                     Op::HSet(a) | Op::HDel(a) => a.len(),
-                    Op::Set(_, Some(_)) => 2,
-                    Op::Set(_, None) => 1,
+                    Op::Set(_) => 1,
                     Op::Del => 0,
                 }
             })
-            .sum();
+            .sum::<usize>()
+            + 4 * self.expire_at.len();
         resp::array(
             out,
             3 + self.keys.len() + 1 + 2 * self.fences.len() + op_args,
@@ -822,8 +864,7 @@ impl<'a> Round<'a> {
             let (code, n): (&[u8], usize) = match op {
                 Op::HSet(a) => (b"h", a.len()),
                 Op::HDel(a) => (b"d", a.len()),
-                Op::Set(_, Some(_)) => (b"x", 2),
-                Op::Set(_, None) => (b"s", 1),
+                Op::Set(_) => (b"s", 1),
                 Op::Del => (b"k", 0),
             };
             resp::bulk(out, code);
@@ -838,14 +879,15 @@ impl<'a> Round<'a> {
                         }
                     }
                 }
-                Op::Set(v, ttl) => {
-                    resp::bulk(out, v);
-                    if let Some(t) = ttl {
-                        resp::int(out, *t as i64);
-                    }
-                }
+                Op::Set(v) => resp::bulk(out, v),
                 Op::Del => {}
             }
+        }
+        for (k, at) in &self.expire_at {
+            resp::bulk(out, b"e");
+            resp::int(out, *k as i64 + 1);
+            resp::int(out, 1);
+            resp::int(out, *at);
         }
     }
 }
@@ -895,14 +937,18 @@ mod resp {
         bulk(out, &buf);
     }
 
-    /// `im:{tag}:suffix extra`.
+    /// `im:{tag}:suffix[day]`.
     pub fn key(out: &mut Vec<u8>, k: &KeyName<'_>) {
-        header(out, b'$', 6 + k.tag.len() + k.suffix.len() + k.extra.len());
+        let mut day = Vec::new();
+        if let Some(d) = k.day {
+            decimal(&mut day, d);
+        }
+        header(out, b'$', 6 + k.tag.len() + k.suffix.len() + day.len());
         out.extend_from_slice(b"im:{");
         out.extend_from_slice(k.tag);
         out.extend_from_slice(b"}:");
         out.extend_from_slice(k.suffix);
-        out.extend_from_slice(k.extra);
+        out.extend_from_slice(&day);
         out.extend_from_slice(b"\r\n");
     }
 }
@@ -920,14 +966,6 @@ fn within_budget(found: Vec<(usize, MsgItem)>, max_bytes: usize) -> Vec<MsgItem>
         out.push(m);
     }
     out
-}
-
-fn dedupe_key(conv: &str, sender: &[u8], client_msg_id: &[u8]) -> Vec<u8> {
-    let mut k = key(conv, "d:");
-    k.extend_from_slice(sender);
-    k.push(0);
-    k.extend_from_slice(client_msg_id);
-    k
 }
 
 /// HGETALL's field/value pairs, decoded.
