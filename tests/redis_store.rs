@@ -401,6 +401,36 @@ mod fencing {
     type Report = (u64, Result<(), RoundError>);
 
     #[test]
+    fn within_a_round_the_last_write_of_a_field_wins() {
+        let Some(redis) = RedisServer::start() else {
+            return;
+        };
+        let row = |v: u8| Put {
+            ks: Ks::Rows,
+            key: keys::pair("lw", "conv"),
+            value: Some(prost::Message::encode_to_vec(
+                &imshard::proto::store_pb::ConvRow {
+                    read_seq: i64::from(v),
+                    ..Default::default()
+                },
+            )),
+        };
+        run(async {
+            let be = backend(&redis).await;
+            let mut round = vec![row(1), row(2)];
+            round.extend(messages("lwc", 1..=1, "first"));
+            round.push(row(3));
+            let [update, _] = message("lwc", 1, "updated");
+            round.push(update);
+            be.write_once(round).await.expect("write");
+            let rows = be.rows("lw").await.expect("rows");
+            assert_eq!(rows.len(), 1);
+            assert_eq!(rows[0].1.read_seq, 3);
+            assert_eq!(writers(&be, "lwc").await, ["updated"]);
+        });
+    }
+
+    #[test]
     fn dedupe_records_live_in_day_buckets_that_expire() {
         let Some(redis) = RedisServer::start() else {
             return;
@@ -511,5 +541,41 @@ mod fencing {
             );
             assert_eq!(writers(&be, "p").await.len(), 4, "nothing after the gap");
         });
+    }
+
+    #[test]
+    fn a_long_queue_is_split_into_rounds_of_about_a_megabyte() {
+        let Some(redis) = RedisServer::start() else {
+            return;
+        };
+        let big = |user: &str| -> Vec<Put> {
+            (0..600)
+                .map(|i| Put {
+                    ks: Ks::Rows,
+                    key: keys::pair(user, &format!("c{i}")),
+                    value: Some(vec![7; 1000]),
+                })
+                .collect()
+        };
+        run(async {
+            let be = backend(&redis).await;
+            let sink = Sink::default();
+            // Queued in one turn: 600 KB each; the writer starts after the turn.
+            for (id, user) in [(1, "b1"), (2, "b2"), (3, "b3")] {
+                if be.enqueue(id, big(user)) {
+                    monoio::spawn(be.clone().run_writer(sink.clone()));
+                }
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while sink.reports.borrow().last().map(|r| r.0) != Some(3) {
+                assert!(std::time::Instant::now() < deadline);
+                monoio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(*sink.reports.borrow(), vec![(2, Ok(())), (3, Ok(()))]);
+        });
+        for user in ["b1", "b2", "b3"] {
+            let n = super::redis_raw(&redis, &format!("HLEN im:{{{user}}}:r"));
+            assert_eq!(n.trim(), ":600", "{user}");
+        }
     }
 }

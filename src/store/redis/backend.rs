@@ -351,11 +351,24 @@ impl RedisBackend {
         last
     }
 
-    /// Every queued batch, as one round: the highest id and the batches.
+    /// The queued batches of the next round, oldest first, up to
+    /// [`MAX_ROUND_BYTES`] (at least one batch): the highest id and the batches.
     fn take_batches(&self) -> Option<(u64, Vec<Batch>)> {
         let mut q = self.queue.borrow_mut();
-        let upto = q.back()?.0;
-        Some((upto, q.drain(..).collect()))
+        let mut bytes = 0;
+        let n = q
+            .iter()
+            .take_while(|(_, puts)| {
+                let fits = bytes < MAX_ROUND_BYTES;
+                bytes += puts
+                    .iter()
+                    .map(|p| p.key.len() + p.value.as_ref().map_or(0, Vec::len))
+                    .sum::<usize>();
+                fits
+            })
+            .count();
+        let batches: Vec<Batch> = q.drain(..n).collect();
+        Some((batches.last()?.0, batches))
     }
 
     /// The shard's writer: sends the queued batches as rounds (each round one script
@@ -537,6 +550,11 @@ impl RedisBackend {
 /// sends/s with 76 fsyncs/s; 2: 35,500/s, 134 fsyncs/s; 4: 29,500/s, 215 fsyncs/s.
 pub const MAX_ROUNDS_IN_FLIGHT: usize = 2;
 
+/// A round takes queued batches until their keys and values pass this. One script
+/// runs alone on Redis (every other client waits), so a round must stay short even
+/// when Redis fell behind and much is queued; the rest goes in the next rounds.
+pub const MAX_ROUND_BYTES: usize = 1 << 20;
+
 /// Where the writer reports: the shard's store.
 pub trait RoundSink {
     /// Whether a failure is waiting for the shard's reset: batches taken now were
@@ -645,7 +663,7 @@ return n
 const MAX_HASH_ARGS: usize = 1000;
 
 /// One argument of the round script.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Hash, PartialEq, Eq)]
 enum Arg<'a> {
     Bytes(&'a [u8]),
     Int(i64),
@@ -687,6 +705,9 @@ struct Round<'a> {
     /// Per key, its latest op in `ops`.
     last_op: Vec<usize>,
     ops: Vec<(usize, Op<'a>)>,
+    /// Where a field's value sits in an `HSET` op: a field written again in the same
+    /// op (a row updated by several messages of the round) keeps only its last value.
+    field_at: HashMap<(usize, Arg<'a>), usize>,
     /// Per conversation with new messages: its `m` key, and the lowest, highest and
     /// number of new seqs.
     fences: HashMap<&'a [u8], Fence>,
@@ -808,11 +829,20 @@ impl<'a> Round<'a> {
         let fits = |args: &Vec<Arg<'a>>| args.len() < MAX_HASH_ARGS;
         match (value, self.ops.get_mut(last)) {
             (Some(v), Some((_, Op::HSet(args)))) if fits(args) => {
-                args.extend([field, Arg::Bytes(v)]);
+                match self.field_at.entry((last, field)) {
+                    std::collections::hash_map::Entry::Occupied(at) => {
+                        args[*at.get()] = Arg::Bytes(v);
+                    }
+                    std::collections::hash_map::Entry::Vacant(at) => {
+                        at.insert(args.len() + 1);
+                        args.extend([field, Arg::Bytes(v)]);
+                    }
+                }
             }
             (None, Some((_, Op::HDel(args)))) if fits(args) => args.push(field),
             (Some(v), _) => {
                 self.last_op[k] = self.ops.len();
+                self.field_at.insert((self.ops.len(), field), 1);
                 self.ops.push((k, Op::HSet(vec![field, Arg::Bytes(v)])));
             }
             (None, _) => {
