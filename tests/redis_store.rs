@@ -220,3 +220,362 @@ fn with_wait_replicas_a_send_is_answered_only_once_a_replica_has_it() {
         "no replica acknowledged: not answered as durable"
     );
 }
+
+// ---- fencing and pipelined rounds, on RedisBackend directly ----
+
+mod fencing {
+    use std::cell::RefCell;
+    use std::future::Future;
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    use imshard::store::redis::backend::{is_fence_failure, RedisBackend, RoundError, RoundSink};
+    use imshard::store::redis::{RedisConfig, RedisConn};
+    use imshard::store::{keys, Ks, Put, StoreError};
+
+    use super::RedisServer;
+
+    fn run<F: Future>(f: F) -> F::Output {
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("monoio runtime")
+            .block_on(f)
+    }
+
+    async fn backend(redis: &RedisServer) -> Rc<RedisBackend> {
+        let conn = RedisConn::connect(RedisConfig::new(redis.url()), Duration::from_secs(5))
+            .await
+            .expect("connect");
+        RedisBackend::new(conn, 0, 0)
+    }
+
+    /// The writes of a new message, as `WriteSet::message` stages them: the message
+    /// (its content names the writer) and its id index.
+    fn message(conv: &str, seq: i64, writer: &str) -> [Put; 2] {
+        let msg = imshard::proto::pb::MsgItem {
+            msg_id: format!("{writer}-{seq}"),
+            conv_id: conv.to_string(),
+            seq,
+            content: writer.to_string(),
+            ..Default::default()
+        };
+        [
+            Put {
+                ks: Ks::Msgs,
+                key: keys::msg(conv, seq),
+                value: Some(prost::Message::encode_to_vec(&msg)),
+            },
+            Put {
+                ks: Ks::MsgIds,
+                key: keys::pair(conv, &msg.msg_id),
+                value: Some((seq as u64).to_be_bytes().to_vec()),
+            },
+        ]
+    }
+
+    fn messages(conv: &str, seqs: std::ops::RangeInclusive<i64>, writer: &str) -> Vec<Put> {
+        seqs.flat_map(|s| message(conv, s, writer)).collect()
+    }
+
+    fn row(user: &str, conv: &str) -> Put {
+        Put {
+            ks: Ks::Rows,
+            key: keys::pair(user, conv),
+            value: Some(vec![1, 2, 3]),
+        }
+    }
+
+    /// The writer of each stored seq of `conv`, 1..=max.
+    async fn writers(b: &RedisBackend, conv: &str) -> Vec<String> {
+        let max = b.max_seq(conv).await.expect("max seq");
+        let msgs = b
+            .messages(conv, 1, max, max as usize, false, usize::MAX)
+            .await
+            .expect("messages");
+        assert_eq!(msgs.len() as i64, max, "seqs 1..=max without gaps");
+        for (i, m) in msgs.iter().enumerate() {
+            assert_eq!(m.seq, i as i64 + 1);
+        }
+        msgs.into_iter().map(|m| m.content).collect()
+    }
+
+    #[test]
+    fn a_stale_writer_is_refused_and_writes_nothing_of_its_round() {
+        let Some(redis) = RedisServer::start() else {
+            return;
+        };
+        run(async {
+            let a = backend(&redis).await;
+            let b = backend(&redis).await;
+            // Both load the conversation empty and believe they own it.
+            assert_eq!(a.max_seq("c").await, Ok(0));
+            assert_eq!(b.max_seq("c").await, Ok(0));
+            a.write_once(messages("c", 1..=3, "a"))
+                .await
+                .expect("a stores 1..=3");
+            // b's round also carries another conversation and a row: none of it lands.
+            let mut round = messages("c", 1..=2, "b");
+            round.extend(messages("other", 1..=1, "b"));
+            round.push(row("u", "other"));
+            let refused = b.write_once(round).await.expect_err("b is fenced");
+            assert!(refused.is_fenced(), "{refused}");
+            assert!(refused.to_string().contains("im:{c}:m"), "{refused}");
+            assert!(is_fence_failure(&StoreError::from(refused)));
+            assert_eq!(writers(&a, "c").await, ["a", "a", "a"]);
+            assert_eq!(a.max_seq("other").await, Ok(0));
+            assert_eq!(a.rows("u").await.map(|r| r.len()), Ok(0));
+            // A writer that skips a seq is refused too (no gap).
+            let gap = a.write_once(messages("c", 5..=5, "a")).await;
+            assert!(gap.as_ref().is_err_and(RoundError::is_fenced), "{gap:?}");
+            // Updates of stored messages (recall) are not fenced; new ones continue.
+            let [update, _] = message("c", 2, "a-recalled");
+            let mut round = vec![update];
+            round.extend(messages("c", 4..=4, "a"));
+            a.write_once(round).await.expect("update and append");
+            assert_eq!(writers(&b, "c").await, ["a", "a-recalled", "a", "a"]);
+        });
+    }
+
+    #[test]
+    fn two_writers_racing_for_one_conversation_never_store_a_duplicate_or_a_gap() {
+        let Some(redis) = RedisServer::start() else {
+            return;
+        };
+        run(async {
+            let a = backend(&redis).await;
+            let b = backend(&redis).await;
+            let stored: Rc<RefCell<Vec<(i64, String)>>> = Rc::default();
+            // Each writer: load the max seq (as a shard does on first touch and after
+            // a failure), write a few rounds of 1-3 messages, reload when fenced.
+            let writer = |be: Rc<RedisBackend>, name: &'static str| {
+                let stored = stored.clone();
+                async move {
+                    let mut next = be.max_seq("race").await.expect("max") + 1;
+                    let mut fenced = 0;
+                    for round in 0..200 {
+                        let n = 1 + round % 3;
+                        let seqs = next..=next + n - 1;
+                        match be.write_once(messages("race", seqs.clone(), name)).await {
+                            Ok(()) => {
+                                stored
+                                    .borrow_mut()
+                                    .extend(seqs.map(|s| (s, name.to_string())));
+                                next += n;
+                            }
+                            Err(e) => {
+                                assert!(e.is_fenced(), "{e}");
+                                fenced += 1;
+                                next = be.max_seq("race").await.expect("max") + 1;
+                            }
+                        }
+                        if round % 7 == 0 {
+                            monoio::time::sleep(Duration::from_micros(200)).await;
+                        }
+                    }
+                    fenced
+                }
+            };
+            let ha = monoio::spawn(writer(a.clone(), "a"));
+            let hb = monoio::spawn(writer(b.clone(), "b"));
+            let (fa, fb) = (ha.await, hb.await);
+            assert!(
+                fa + fb > 0,
+                "the writers never collided: the test proves nothing"
+            );
+            let on_redis = writers(&a, "race").await;
+            let mut acked = stored.borrow().clone();
+            acked.sort();
+            assert_eq!(
+                acked.len(),
+                on_redis.len(),
+                "every acknowledged seq once, no other"
+            );
+            for (i, (seq, name)) in acked.iter().enumerate() {
+                assert_eq!(*seq, i as i64 + 1);
+                assert_eq!(&on_redis[i], name, "seq {seq} is the acknowledged writer's");
+            }
+        });
+    }
+
+    type Report = (u64, Result<(), RoundError>);
+
+    #[test]
+    fn within_a_round_the_last_write_of_a_field_wins() {
+        let Some(redis) = RedisServer::start() else {
+            return;
+        };
+        let row = |v: u8| Put {
+            ks: Ks::Rows,
+            key: keys::pair("lw", "conv"),
+            value: Some(prost::Message::encode_to_vec(
+                &imshard::proto::store_pb::ConvRow {
+                    read_seq: i64::from(v),
+                    ..Default::default()
+                },
+            )),
+        };
+        run(async {
+            let be = backend(&redis).await;
+            let mut round = vec![row(1), row(2)];
+            round.extend(messages("lwc", 1..=1, "first"));
+            round.push(row(3));
+            let [update, _] = message("lwc", 1, "updated");
+            round.push(update);
+            be.write_once(round).await.expect("write");
+            let rows = be.rows("lw").await.expect("rows");
+            assert_eq!(rows.len(), 1);
+            assert_eq!(rows[0].1.read_seq, 3);
+            assert_eq!(writers(&be, "lwc").await, ["updated"]);
+        });
+    }
+
+    #[test]
+    fn dedupe_records_live_in_day_buckets_that_expire() {
+        let Some(redis) = RedisServer::start() else {
+            return;
+        };
+        let now = imshard::store::redis::presence::now_ms();
+        let record = |msg_id: &str, send_time: i64| imshard::proto::store_pb::DedupeRecord {
+            msg_id: msg_id.to_string(),
+            seq: 1,
+            send_time,
+        };
+        let put = |cmid: &str, rec: &imshard::proto::store_pb::DedupeRecord| Put {
+            ks: Ks::Dedupe,
+            key: keys::triple("dd", "alice", cmid),
+            value: Some(prost::Message::encode_to_vec(rec)),
+        };
+        run(async {
+            let be = backend(&redis).await;
+            let today = record("m-today", now);
+            let yesterday = record("m-yesterday", now - 86_400_000);
+            let old = record("m-old", now - 2 * 86_400_000);
+            be.write_once(vec![put("t", &today), put("y", &yesterday), put("o", &old)])
+                .await
+                .expect("write");
+            let asked = ["t", "y", "o", "none"]
+                .iter()
+                .map(|c| ("alice".to_string(), c.to_string()))
+                .collect();
+            let got = be.dedupe_many("dd", asked).await.expect("read");
+            assert_eq!(got, vec![Some(today), Some(yesterday), None, None]);
+        });
+        let day = now / 86_400_000;
+        let ttl = super::redis_raw(&redis, &format!("TTL im:{{dd}}:d:{day}"));
+        let secs: i64 = ttl.trim().trim_start_matches(':').parse().expect("TTL");
+        assert!(
+            secs > 86_400 && secs <= 2 * 86_400,
+            "today's bucket expires after tomorrow: {secs}"
+        );
+    }
+
+    /// Records what the writer reports.
+    #[derive(Clone, Default)]
+    struct Sink {
+        failed: Rc<std::cell::Cell<bool>>,
+        reports: Rc<RefCell<Vec<Report>>>,
+    }
+
+    impl RoundSink for Sink {
+        fn failed(&self) -> bool {
+            self.failed.get()
+        }
+        fn report(&self, upto: u64, _took: Duration, result: Result<(), RoundError>) {
+            if result.is_err() {
+                self.failed.set(true);
+            }
+            self.reports.borrow_mut().push((upto, result));
+        }
+    }
+
+    #[test]
+    fn pipelined_rounds_report_in_order_and_a_failure_fails_every_later_round() {
+        let Some(redis) = RedisServer::start() else {
+            return;
+        };
+        run(async {
+            let be = backend(&redis).await;
+            let sink = Sink::default();
+            // Batch 3 expects seq 7 where 5 is next: fenced. Batches 1-2 land; 3 and
+            // every later one is reported failed, and nothing after the gap is stored.
+            let batches = [
+                messages("p", 1..=2, "w"),
+                messages("p", 3..=4, "w"),
+                messages("p", 7..=7, "w"),
+                messages("p", 8..=9, "w"),
+                messages("q", 1..=1, "w"),
+            ];
+            for (i, puts) in batches.into_iter().enumerate() {
+                // true: no writer runs (none yet, or it finished the earlier rounds).
+                if be.enqueue(i as u64 + 1, puts) {
+                    monoio::spawn(be.clone().run_writer(sink.clone()));
+                }
+                // One round per batch: let the writer send it before the next.
+                for _ in 0..3 {
+                    imshard::rt::yield_now().await;
+                }
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while sink.reports.borrow().last().map(|r| r.0) != Some(5) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{:?}",
+                    sink.reports.borrow()
+                );
+                monoio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let reports = sink.reports.borrow().clone();
+            assert_eq!(reports[0], (1, Ok(())));
+            assert_eq!(reports[1], (2, Ok(())));
+            assert!(
+                matches!(&reports[2], (_, Err(e)) if e.is_fenced()),
+                "{reports:?}"
+            );
+            assert!(reports[2..].iter().all(|(_, r)| r.is_err()), "{reports:?}");
+            let mut uptos: Vec<u64> = reports.iter().map(|r| r.0).collect();
+            uptos.dedup();
+            assert!(
+                uptos.windows(2).all(|w| w[0] < w[1]),
+                "in order: {reports:?}"
+            );
+            assert_eq!(writers(&be, "p").await.len(), 4, "nothing after the gap");
+        });
+    }
+
+    #[test]
+    fn a_long_queue_is_split_into_rounds_of_about_a_megabyte() {
+        let Some(redis) = RedisServer::start() else {
+            return;
+        };
+        let big = |user: &str| -> Vec<Put> {
+            (0..600)
+                .map(|i| Put {
+                    ks: Ks::Rows,
+                    key: keys::pair(user, &format!("c{i}")),
+                    value: Some(vec![7; 1000]),
+                })
+                .collect()
+        };
+        run(async {
+            let be = backend(&redis).await;
+            let sink = Sink::default();
+            // Queued in one turn: 600 KB each; the writer starts after the turn.
+            for (id, user) in [(1, "b1"), (2, "b2"), (3, "b3")] {
+                if be.enqueue(id, big(user)) {
+                    monoio::spawn(be.clone().run_writer(sink.clone()));
+                }
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while sink.reports.borrow().last().map(|r| r.0) != Some(3) {
+                assert!(std::time::Instant::now() < deadline);
+                monoio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(*sink.reports.borrow(), vec![(2, Ok(())), (3, Ok(()))]);
+        });
+        for user in ["b1", "b2", "b3"] {
+            let n = super::redis_raw(&redis, &format!("HLEN im:{{{user}}}:r"));
+            assert_eq!(n.trim(), ":600", "{user}");
+        }
+    }
+}

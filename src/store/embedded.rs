@@ -26,7 +26,7 @@ use local_sync::oneshot;
 use prost::Message;
 
 use super::offloop::OffLoop;
-use super::redis::backend::RedisBackend;
+use super::redis::backend::{RedisBackend, RoundError, RoundSink};
 use super::redis::{PresenceWriter, RedisConfig, RedisConn};
 use super::{keys, StoreError};
 use crate::metrics::{AtomicHistogram, HistogramSnapshot};
@@ -154,7 +154,8 @@ struct Fjall {
 enum Backend {
     /// fjall under the data dir: a sync thread writes, a reader thread reads.
     Embedded(Fjall),
-    /// Redis: reads and `MULTI`/`EXEC` rounds on the shard's own connection.
+    /// Redis: reads and fenced write rounds (one script call each, several in flight)
+    /// on the shard's own connection.
     Redis(Rc<RedisBackend>),
 }
 
@@ -581,7 +582,7 @@ impl ShardStore {
             }
             Backend::Redis(r) => {
                 if r.enqueue(id, puts) {
-                    monoio::spawn(redis_writer(self.clone(), r.clone()));
+                    monoio::spawn(r.clone().run_writer(RedisSink(self.clone())));
                 }
             }
         }
@@ -629,26 +630,30 @@ impl ShardStore {
     }
 }
 
-/// Sends the batches queued for Redis, one `MULTI`/`EXEC` round at a time, in order,
-/// and reports each round as the sync thread does (durable, or failed with every batch
-/// after it until the shard resets).
-async fn redis_writer(store: Rc<ShardStore>, redis: Rc<RedisBackend>) {
-    // Let the rest of the turn stage first: one round carries the whole turn.
-    crate::rt::yield_now().await;
-    while let Some((upto, round)) = redis.take_round() {
-        if store.failed.get() {
-            store.fail_upto(upto, "an earlier batch failed".into());
-            continue;
+/// Reports the Redis writer's rounds as the sync thread reports its rounds (durable,
+/// or failed with every batch after it until the shard resets); the writer itself is
+/// [`RedisBackend::run_writer`].
+struct RedisSink(Rc<ShardStore>);
+
+impl RoundSink for RedisSink {
+    fn failed(&self) -> bool {
+        self.0.failed.get()
+    }
+
+    fn report(&self, upto: u64, took: std::time::Duration, result: Result<(), RoundError>) {
+        let store = &self.0;
+        if result != Err(RoundError::AfterFailure) {
+            store.shared.record_round(took);
         }
-        let started = std::time::Instant::now();
-        let result = redis.write_round(&round).await;
-        store.shared.record_round(started.elapsed());
         store.shared.reported.fetch_max(upto, Ordering::AcqRel);
         match result {
             Ok(()) => store.resolve_upto(upto, Ok(())),
+            Err(RoundError::AfterFailure) => {
+                store.fail_upto(upto, "an earlier batch failed".into())
+            }
             Err(error) => {
                 tracing::error!(%error, upto, "redis batch failed; answering 50301 until the shard resets");
-                store.fail_upto(upto, error);
+                store.fail_upto(upto, error.to_string());
             }
         }
     }

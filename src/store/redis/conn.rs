@@ -326,10 +326,24 @@ impl RedisConn {
         expected: usize,
         encode: impl FnOnce(&mut Vec<u8>),
     ) -> Result<Vec<Value>, RedisError> {
+        self.queue(expected, encode).replies().await
+    }
+
+    /// Queues `expected` commands now, before returning: `encode` writes them (RESP,
+    /// one array of bulk strings per command) straight into the connection's output
+    /// buffer. Unlike the `async` calls, which queue when first polled, commands
+    /// queued this way reach Redis in the order of the `queue` calls, so a caller can
+    /// keep several calls in flight and await them later ([`Pending::replies`]). The
+    /// call timeout counts from now. `expected` must be the number of commands
+    /// `encode` writes: the replies are matched to calls by count.
+    pub fn queue(&self, expected: usize, encode: impl FnOnce(&mut Vec<u8>)) -> Pending {
+        let shared = self.shared.clone();
         if expected == 0 {
-            return Ok(Vec::new());
+            return Pending {
+                shared,
+                state: PendingState::Ready(Ok(Vec::new())),
+            };
         }
-        let shared = &self.shared;
         let (done, answer) = oneshot::channel();
         let epoch = {
             let mut st = shared.state.borrow_mut();
@@ -340,7 +354,10 @@ impl RedisConn {
                 });
                 drop(st);
                 shared.count(|s| s.failed_calls += 1);
-                return Err(e);
+                return Pending {
+                    shared,
+                    state: PendingState::Ready(Err(e)),
+                };
             }
             encode(&mut st.out);
             st.queued.push_back(Waiter {
@@ -352,7 +369,57 @@ impl RedisConn {
         };
         shared.count(|s| s.commands += expected as u64);
         shared.writer_wake.wake();
-        let result = match monoio::time::timeout(shared.config.timeout, answer).await {
+        let deadline = monoio::time::Instant::now() + shared.config.timeout;
+        Pending {
+            shared,
+            state: PendingState::Waiting {
+                epoch,
+                answer,
+                deadline,
+            },
+        }
+    }
+
+    /// The number of the live connection (it changes with every reconnect), or
+    /// `None` while there is none. Server-side state that lives per connection (a
+    /// script loaded before a restart of Redis is gone after it) can be keyed by it.
+    pub fn epoch(&self) -> Option<u64> {
+        let st = self.shared.state.borrow();
+        st.socket.map(|_| st.epoch)
+    }
+}
+
+/// A call queued by [`RedisConn::queue`]: its replies, once they come.
+pub struct Pending {
+    shared: Rc<Shared>,
+    state: PendingState,
+}
+
+enum PendingState {
+    /// Answered at once (nothing to send, or no connection).
+    Ready(Result<Vec<Value>, RedisError>),
+    Waiting {
+        epoch: u64,
+        answer: oneshot::Receiver<Result<Vec<Value>, RedisError>>,
+        deadline: monoio::time::Instant,
+    },
+}
+
+impl Pending {
+    /// One reply per command, in order (an error reply is a [`Value::ServerError`] in
+    /// its place); `Err` when the connection failed or the call timed out, as for
+    /// [`RedisConn::cmds`]. Dropping this instead does not withdraw the commands.
+    pub async fn replies(self) -> Result<Vec<Value>, RedisError> {
+        let shared = self.shared;
+        let (epoch, answer, deadline) = match self.state {
+            PendingState::Ready(r) => return r,
+            PendingState::Waiting {
+                epoch,
+                answer,
+                deadline,
+            } => (epoch, answer, deadline),
+        };
+        let result = match monoio::time::timeout_at(deadline, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(RedisError::Disconnected(
                 "the call was dropped with its connection".to_string(),

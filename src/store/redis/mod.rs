@@ -8,7 +8,10 @@
 //!
 //! # Layout
 //! - [`conn`]: [`RedisConn`], one connection with its driver task, pipelining and
-//!   reconnect.
+//!   reconnect; [`RedisConn::queue`] queues commands at once and hands back a
+//!   [`Pending`] to await later, so a caller keeps several calls in flight in order.
+//! - [`backend`]: the store on Redis: key layout, reads, and the writer that sends the
+//!   shard's batches as fenced rounds, several in flight.
 //! - [`script`]: [`run_script`], a Lua script by `EVALSHA`, falling back to `EVAL`.
 //! - [`pubsub`]: [`PubSubConn`], a subscribed connection of its own (channels held by
 //!   the owner, re-subscribed on reconnect, which it reports); `PUBLISH` goes over a
@@ -70,7 +73,7 @@ pub mod presence;
 pub mod pubsub;
 pub mod script;
 
-pub use conn::{RedisConfig, RedisConn, RedisStats};
+pub use conn::{Pending, RedisConfig, RedisConn, RedisStats};
 pub use presence::{online_devices, online_key, PresenceBatch, PresenceWriter};
 pub use pubsub::{publish, PubSubConn, PubSubEvent, PubSubStats};
 pub use script::{run_script, LuaScript};

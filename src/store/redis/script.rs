@@ -2,9 +2,12 @@
 //! and on `NOSCRIPT` (a restarted or flushed server, a failover to a replica that
 //! never saw the script) `EVAL` with the body, which also caches it for the next call.
 //!
-//! The store writes each batch with one script that checks the stored max seq of the
-//! conversation before writing (the fencing of DESIGN.md), so a batch is atomic and a
-//! retry after an unknown outcome cannot store a seq twice.
+//! The store writes each round of batches with one script that checks the stored max
+//! seq of every conversation it adds messages to before writing anything (the fencing
+//! of DESIGN.md, [`super::backend`]). That writer keeps several rounds in flight, so
+//! it cannot wait for a `NOSCRIPT` reply to resend a round with `EVAL` (a later round
+//! could run first): it sends `SCRIPT LOAD` ahead of its first round on each new
+//! connection instead, in the same write, and treats `NOSCRIPT` as a failed round.
 
 use ::redis::Value;
 
@@ -28,6 +31,11 @@ impl LuaScript {
     /// The hex SHA1 that `EVALSHA` names the script by.
     pub fn sha1(&self) -> &str {
         &self.sha1
+    }
+
+    /// The script's source.
+    pub fn code(&self) -> &str {
+        &self.code
     }
 }
 
