@@ -449,8 +449,9 @@ async fn admin_api(
             for u in &users {
                 crate::ids::check_id("uuids", u)?;
             }
-            if shard.store.keeps_presence() {
-                // Devices on every node: the presence ZSETs.
+            if chat::node::clustered(shard) {
+                // Devices on every node: the presence ZSETs (a single node answers
+                // from its own connections, exactly).
                 let window = shard.cfg.heartbeat_timeout.as_millis() as i64;
                 if let Some(found) = shard.store.online_devices(&users, window).await? {
                     let mut online = serde_json::Map::new();

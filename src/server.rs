@@ -313,6 +313,14 @@ async fn shard_main(
                         let shard = shard.clone();
                         let drained = drained.clone();
                         monoio::spawn(async move {
+                            // Cluster mode: give up the lease first, so the other
+                            // nodes take this node's conversations at once.
+                            if let Some(m) = shard.node.get().and_then(|c| c.membership.get()) {
+                                match m.leave().await {
+                                    Ok(epoch) => tracing::info!(epoch, "left the cluster"),
+                                    Err(e) => tracing::warn!(error = %e, "leaving the cluster failed; the lease runs out by itself"),
+                                }
+                            }
                             shutdown::drain(shard.clone(), conns).await;
                             let _ = drained.send(shard.id);
                         });

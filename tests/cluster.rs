@@ -49,7 +49,10 @@ impl Cluster {
 
     /// `n` nodes on `redis`.
     fn start_on(redis: RedisServer, n: usize) -> Option<Cluster> {
-        let ids: Vec<String> = ["n1", "n2", "n3"][..n].iter().map(|s| s.to_string()).collect();
+        let ids: Vec<String> = ["n1", "n2", "n3"][..n]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let nodes: Vec<Server> = ids.iter().map(|id| start_node(&redis, id)).collect();
         let c = Cluster { redis, nodes, ids };
         c.wait_formed(n as u64);
@@ -83,6 +86,22 @@ impl Cluster {
     }
 }
 
+/// Waits until `node`'s shards hold at least `n` channels (subscriptions are made as
+/// users connect and groups are learnt; pushes published before are not delivered:
+/// pub/sub is at most once), plus a moment for Redis to confirm them.
+fn wait_channels(node: &Server, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.metric("imshard_channels") < n {
+        assert!(
+            Instant::now() < deadline,
+            "the node did not subscribe: {} < {n}",
+            node.metric("imshard_channels")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+}
+
 /// A user id whose rows the node `want` owns (so tests can place owners).
 fn user_owned_by(c: &Cluster, want: usize, prefix: &str) -> String {
     let live = ["n1", "n2", "n3"];
@@ -106,8 +125,10 @@ fn a_user_on_one_node_gets_a_message_sent_on_another() {
     let mut a = c.nodes[0].connect(&alice, "phone");
     let mut b = c.nodes[2].connect(&bob, "phone");
     let mut a2 = c.nodes[1].connect(&alice, "laptop");
-    // Subscriptions are made on connect: give them a moment.
-    std::thread::sleep(Duration::from_millis(300));
+    // Subscriptions are made on connect.
+    for i in 0..3 {
+        wait_channels(&c.nodes[i], 1);
+    }
     let sent = b
         .send_p2p(&alice, "c1", "hello across nodes")
         .expect("send");
@@ -181,7 +202,8 @@ fn group_members_on_every_node_and_a_node_without_members_hears_nothing() {
     let (u1, u2, u3) = ("gm_one", "gm_two", "gm_three");
     let mut c1 = c.nodes[0].connect(u1, "d");
     let mut c2 = c.nodes[1].connect(u2, "d");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_channels(&c.nodes[0], 1);
+    wait_channels(&c.nodes[1], 1);
     let created = c2.request(Body::CreateGroup(pb::CreateGroupRequest {
         group_id: "gx".into(),
         name: "across".into(),
@@ -193,7 +215,10 @@ fn group_members_on_every_node_and_a_node_without_members_hears_nothing() {
     assert_eq!(first.seq, 1);
     // The third member connects to n3 after the group exists.
     let mut c3 = c.nodes[2].connect(u3, "d");
-    std::thread::sleep(Duration::from_millis(300));
+    // n3 reads u3's groups from the store and subscribes: u:{u3} and g:{gx}.
+    wait_channels(&c.nodes[2], 2);
+    // n1 learnt that u1 joined gx (u:{u1} and g:{gx}).
+    wait_channels(&c.nodes[0], 2);
     let heard_before: u64 = c.nodes[2].metric("imshard_channel_messages_total");
     let r = c1.request(Body::Send(pb::SendMessageRequest {
         conv_type: ConvType::Group as i32,
@@ -209,7 +234,9 @@ fn group_members_on_every_node_and_a_node_without_members_hears_nothing() {
     // A group whose members are all on n1 and n2: n3 receives nothing for it.
     let mut c1b = c.nodes[0].connect("solo_a", "d");
     let mut c2b = c.nodes[1].connect("solo_b", "d");
-    std::thread::sleep(Duration::from_millis(300));
+    let n2_channels = c.nodes[1].metric("imshard_channels");
+    wait_channels(&c.nodes[0], 3);
+    wait_channels(&c.nodes[1], n2_channels.max(1));
     let r = c1b.request(Body::CreateGroup(pb::CreateGroupRequest {
         group_id: "gy".into(),
         name: "two nodes".into(),
@@ -217,7 +244,8 @@ fn group_members_on_every_node_and_a_node_without_members_hears_nothing() {
     }));
     assert_eq!(r.code, 0, "{}", r.message);
     assert!(c2b.next_push().is_some());
-    std::thread::sleep(Duration::from_millis(200));
+    // solo_b's node learnt of the new group.
+    wait_channels(&c.nodes[1], n2_channels + 1);
     let n3_before = c.nodes[2].metric("imshard_channel_messages_total");
     for i in 0..20 {
         let r = c1b.request(Body::Send(pb::SendMessageRequest {
@@ -248,7 +276,7 @@ fn kick_broadcast_and_presence_across_nodes() {
     let mut others: Vec<Client> = (0..3)
         .map(|i| c.nodes[i].connect(&format!("listener{i}"), "d"))
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_channels(&c.nodes[2], 2);
     let admin = c.nodes[0].admin_token();
     // Presence on n1 sees the device on n3.
     let (st, body) = c.nodes[0]
@@ -303,7 +331,7 @@ fn kick_broadcast_and_presence_across_nodes() {
     assert_eq!(notice.reason, "banned");
     // Any publisher may kick: a KickEvent published straight on the channel.
     let mut kk = c.nodes[1].connect("kicked_two", "tab");
-    std::thread::sleep(Duration::from_millis(200));
+    wait_channels(&c.nodes[1], 2);
     let ev = pb::KickEvent {
         user_uuid: "kicked_two".into(),
         device_id: "tab".into(),
@@ -332,6 +360,8 @@ fn a_node_killed_mid_load_loses_nothing_and_seqs_stay_contiguous() {
         .expect("a conversation owned by n3");
     let conv = p2p(&alice, &bob);
     let mut a = c.nodes[0].connect(&alice, "d");
+    // bob is connected to the node that will die.
+    let mut b = c.nodes[2].connect(&bob, "d");
     let mut acked: Vec<(String, i64)> = Vec::new();
     let mut next = 0;
     let send = |a: &mut Client, acked: &mut Vec<(String, i64)>, i: usize| -> bool {
@@ -357,6 +387,10 @@ fn a_node_killed_mid_load_loses_nothing_and_seqs_stay_contiguous() {
     c.nodes[2].kill9();
     let nodes_left = c.nodes.remove(2);
     drop(nodes_left);
+    // bob's connection ends with it; bob reconnects to another node.
+    b.set_timeout(Duration::from_secs(5));
+    while b.read_envelope().is_some() {}
+    let mut b = c.nodes[1].connect(&bob, "d");
     // Keep sending (each message retried with its client_msg_id until stored) while the
     // dead node's lease runs out and its slots move.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -391,6 +425,11 @@ fn a_node_killed_mid_load_loses_nothing_and_seqs_stay_contiguous() {
         contents,
         (0..60).map(|i| format!("m{i}")).collect::<Vec<_>>()
     );
+    // bob, now on n2, reads the same history.
+    let bobs = b
+        .pull(&conv, 0, 100, PullDirection::Forward)
+        .expect("bob pulls");
+    assert_eq!(bobs.messages, page.messages);
     // The killed node rejoins.
     c.nodes.push(start_node(&c.redis, "n3"));
     c.wait_formed(3);
@@ -408,14 +447,19 @@ fn redis_restarted_writes_fail_fast_then_everything_recovers_with_a_resync() {
     };
     let mut a = c.nodes[0].connect("rr_alice", "d");
     let mut b = c.nodes[1].connect("rr_bob", "d");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_channels(&c.nodes[0], 1);
+    wait_channels(&c.nodes[1], 1);
     assert_eq!(a.send_p2p("rr_bob", "r1", "before").expect("send").seq, 1);
     assert!(b.next_push().is_some());
     c.redis.kill();
     // Redis is down: a send fails fast with 50301 (no hang past redis_timeout).
     let started = Instant::now();
     assert_eq!(a.send_p2p("rr_bob", "r2", "during"), Err(50301));
-    assert!(started.elapsed() < Duration::from_secs(9), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
     c.redis.restart();
     // Subscriptions come back and every connection is told to resync.
     let env = b.next_of("RESYNC").expect("bob is told to resync");
@@ -427,7 +471,9 @@ fn redis_restarted_writes_fail_fast_then_everything_recovers_with_a_resync() {
     let r = loop {
         match a.send_p2p("rr_bob", "r2", "during") {
             Ok(r) => break r,
-            Err(50301) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(50301) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
             Err(code) => panic!("send after Redis came back: {code}"),
         }
     };
@@ -435,5 +481,36 @@ fn redis_restarted_writes_fail_fast_then_everything_recovers_with_a_resync() {
     let page = b
         .pull(&p2p("rr_alice", "rr_bob"), 0, 10, PullDirection::Forward)
         .expect("pull");
-    assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+}
+
+#[test]
+fn a_node_stopped_gracefully_leaves_and_the_others_carry_on() {
+    let Some(mut c) = Cluster::start() else {
+        return;
+    };
+    let mut a = c.nodes[0].connect("gl_alice", "d");
+    assert!(a.send_p2p("gl_bob", "g1", "one").is_ok());
+    c.nodes[1].signal(libc::SIGTERM);
+    let status = c.nodes[1]
+        .wait_exit(Duration::from_secs(20))
+        .expect("the node exits");
+    assert!(status.success(), "{status:?}");
+    c.nodes.remove(1);
+    // It gave its lease up: the others see two nodes (without waiting for the lease).
+    c.wait_formed(2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let r = loop {
+        match a.send_p2p("gl_bob", "g2", "two") {
+            Ok(r) => break r,
+            Err(50301) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(code) => panic!("{code}"),
+        }
+    };
+    assert_eq!(r.seq, 2);
 }

@@ -8,7 +8,7 @@
 //!
 //! Each shard holds one subscribed connection ([`crate::store::channels`]). It holds
 //! `u:{user}` while a device of the user is connected to it, and `g:{conv}` while one
-//! of those users is a member of group `conv` (the groups are read from the user's rows
+//! of those users is a member of group `conv` (the groups are read from the store
 //! on connect and kept current by the `joined` / `left` events the group's owner
 //! publishes on `u:{member}`). The payload is a [`ChannelPush`]: the frame and whom not
 //! to write it to.
@@ -32,7 +32,7 @@ use super::Shard;
 use crate::ids::ConvRef;
 use crate::proto::envelope::{kind, notice_frame};
 use crate::proto::node_pb::ChannelPush;
-use crate::proto::pb::{ConvType, ResyncNotice};
+use crate::proto::pb::ResyncNotice;
 use crate::store::channels::{ChannelEvent, Channels, PublishStats};
 
 /// The channel of a user's own pushes.
@@ -103,17 +103,16 @@ pub fn user_connected(shard: &Rc<Shard>, user: &str) {
     r.channels.subscribe(user_channel(user));
     let shard = shard.clone();
     monoio::spawn(async move {
-        let rows = match shard.store.rows(&id).await {
-            Ok(rows) => rows,
+        // Written with the group's member records, so a group that exists is there.
+        let groups = match shard.store.groups_of(&id).await {
+            Ok(g) => g,
             Err(e) => {
                 tracing::warn!(user = %id, error = %e, "cannot read a user's groups; group pushes wait for a pull");
                 return;
             }
         };
-        for (conv_id, row) in rows {
-            if row.conv_type == ConvType::Group as i32 && row.left_seq == 0 {
-                join(&shard, &id, &conv_id);
-            }
+        for conv_id in groups {
+            join(&shard, &id, &conv_id);
         }
     });
 }

@@ -120,6 +120,31 @@ impl ShardStore {
             .map_err(|e| StoreError::Read(format!("redis: {e}")))
     }
 
+    /// The group conversations `user` is a member of (the Redis backend keeps the set
+    /// `im:{user}:gs`, a hash of conv_id -> 1, in the same atomic round as the group's
+    /// member records); empty
+    /// on the embedded store, which needs it for nothing.
+    pub async fn groups_of(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let Some(conn) = self.redis_conn() else {
+            return Ok(Vec::new());
+        };
+        let key = format!("im:{{{user}}}:gs");
+        match conn
+            .cmd(::redis::cmd("HKEYS").arg(key))
+            .await
+            .map_err(|e| StoreError::Read(format!("redis: {e}")))?
+        {
+            ::redis::Value::Array(items) | ::redis::Value::Set(items) => Ok(items
+                .into_iter()
+                .filter_map(|v| match v {
+                    ::redis::Value::BulkString(b) => String::from_utf8(b).ok(),
+                    _ => None,
+                })
+                .collect()),
+            other => Err(StoreError::Corrupt(format!("HKEYS answered {other:?}"))),
+        }
+    }
+
     /// The devices of each user seen within `window_ms` on any node (the presence
     /// ZSETs); `None` without presence (the embedded store).
     pub async fn online_devices(

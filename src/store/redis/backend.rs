@@ -10,6 +10,7 @@
 //! | `im:{user}:r` | hash | conv_id -> ConvRow |
 //! | `im:{conv}:g` | string | GroupMeta |
 //! | `im:{conv}:gm` | hash | user -> MemberRecord |
+//! | `im:{user}:gs` | hash | conv_id -> "1" for each group the user is a member of (written with `:gm`; cluster mode reads it when the user connects) |
 //!
 //! # Writes: rounds, fenced, pipelined
 //! The batches staged by the shard are sent by one writer task
@@ -810,6 +811,10 @@ impl<'a> Round<'a> {
             }
             Ks::Members => {
                 self.field(tag, b"gm", None, Arg::Bytes(rest), p.value.as_deref());
+                // The member's own list of groups, in the same round (cluster mode
+                // subscribes a connecting user's node to these).
+                let member = p.value.as_ref().map(|_| &b"1"[..]);
+                self.field(rest, b"gs", None, Arg::Bytes(tag), member);
             }
             Ks::Groups => {}
         }
