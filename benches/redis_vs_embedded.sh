@@ -9,7 +9,8 @@
 #
 # SERVER_BIN (default target/release/imshard) runs embedded and redis; BEFORE_BIN, if
 # given, runs redis too (e.g. a build of main, to compare before/after). Knobs (env):
-# CYCLES (3), DUR (10s), PORT (18480), RPORT (16400), OUT (target/perf/redis).
+# CYCLES (3), DUR (10s), PORT (18480), RPORT (16400), OUT (target/perf/redis),
+# REDIS_ARGS (extra redis-server arguments, e.g. "--auto-aof-rewrite-min-size 4gb").
 # Prints one line per run (acked sends/s; for group also deliveries/s); JSON in $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +39,7 @@ run() { # BIN STORE SCENARIO TAG
   TMP=$(mktemp -d)
   if [ "$store" = redis ]; then
     redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly yes \
-      --appendfsync always --dir "$TMP" >"$TMP/redis.log" 2>&1 &
+      --appendfsync always --dir "$TMP" ${REDIS_ARGS:-} >"$TMP/redis.log" 2>&1 &
     RPID=$!
     for _ in $(seq 50); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
     extra=(--store redis --redis-url "redis://127.0.0.1:$RPORT/0")

@@ -35,8 +35,11 @@
 //! Two backends sit behind [`ShardStore`], chosen at start (`--store`): fjall under
 //! the data dir (these keyspaces; `embedded`) and Redis (the same writes mapped onto
 //! hash-tagged keys; [`redis::backend`]). Both keep every guarantee above: on Redis a
-//! batch is durable when its `MULTI`/`EXEC` answered (on disk with Redis's
-//! `appendfsync always`), and reads go over the shard's own connection.
+//! batch is durable when the fenced round script that carries it answered (on disk with
+//! Redis's `appendfsync always`; all of a round or none of it applies, and a round whose
+//! conversations' stored max seq is not what the writer expects writes nothing), and
+//! reads go over the shard's own connection. [`channels`]: the Redis pub/sub, publish
+//! and presence reads of cluster mode.
 
 pub mod channels;
 pub mod embedded;
