@@ -4,7 +4,11 @@
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["src/proto/imshard.proto", "src/proto/store.proto"];
+    let files = [
+        "src/proto/imshard.proto",
+        "src/proto/store.proto",
+        "src/proto/events.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -23,6 +23,9 @@
 //!   ([`store::offloop`]); it knows nothing of shards or chat. [`store::redis`]: a
 //!   Redis connection per shard on its io_uring loop, scripts and presence, which the
 //!   Redis backend builds on.
+//! - [`eventlog`]: the Kafka event log (cluster mode): a per-shard [`eventlog::EventLog`]
+//!   handle fed to one rdkafka producer thread, and the outbox pump that makes it
+//!   survive Kafka outages and crashes.
 //! - [`rt`]: loop primitives: [`rt::bell`], the eventfd through which other threads
 //!   (shards, the store's threads) wake a busy loop; [`rt::yield_now`].
 //! - [`web`]: the browser chat page at `/demo` (static files in the binary).
@@ -35,6 +38,7 @@ pub mod auth;
 pub mod chat;
 pub mod codes;
 pub mod config;
+pub mod eventlog;
 pub mod ids;
 pub mod limits;
 pub mod metrics;

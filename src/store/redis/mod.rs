@@ -63,6 +63,7 @@
 
 pub mod backend;
 pub mod conn;
+pub mod outbox;
 pub mod presence;
 pub mod script;
 
