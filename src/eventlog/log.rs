@@ -186,7 +186,13 @@ impl EventLog {
             if self.delivered() >= pos {
                 return Poll::Ready(());
             }
-            self.0.waiters.borrow_mut().push((pos, cx.waker().clone()));
+            // One entry per task: a task that polls again (a select! with a timer,
+            // a loop) replaces its entry instead of adding one each time.
+            let mut waiters = self.0.waiters.borrow_mut();
+            match waiters.iter_mut().find(|(_, w)| w.will_wake(cx.waker())) {
+                Some(entry) => *entry = (pos, cx.waker().clone()),
+                None => waiters.push((pos, cx.waker().clone())),
+            }
             Poll::Pending
         })
         .await

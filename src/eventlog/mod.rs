@@ -168,7 +168,7 @@ impl Default for EventLogConfig {
             node: "imshard".into(),
             max_records: 65_536,
             max_bytes: 64 << 20,
-            linger_ms: 2,
+            linger_ms: 0,
             idempotent: false,
             retry_backoff: Duration::from_secs(1),
             kafka_properties: Vec::new(),
@@ -221,6 +221,61 @@ pub struct EventLogStats {
     pub backlog_bytes: u64,
     /// The cursor: every position up to this is in Kafka.
     pub delivered_pos: u64,
+}
+
+/// The event log's series for `/metrics` (name, kind, help), in the order of
+/// [`EventLogStats::metric_values`]; per shard, like the other shard counters.
+pub const METRICS: [(&str, &str, &str); 7] = [
+    (
+        "imshard_eventlog_produced_total",
+        "counter",
+        "event-log records Kafka acknowledged",
+    ),
+    (
+        "imshard_eventlog_failed_total",
+        "counter",
+        "event-log produce attempts that failed (each is retried)",
+    ),
+    (
+        "imshard_eventlog_refused_total",
+        "counter",
+        "event-log appends refused because the shard's backlog was at its cap",
+    ),
+    (
+        "imshard_eventlog_backlog",
+        "gauge",
+        "event-log records appended and not yet in Kafka",
+    ),
+    (
+        "imshard_eventlog_backlog_bytes",
+        "gauge",
+        "bytes of event-log records appended and not yet in Kafka",
+    ),
+    (
+        "imshard_eventlog_outbox_entries",
+        "gauge",
+        "entries in the shard's durable outbox (not yet produced, or produced and not yet trimmed)",
+    ),
+    (
+        "imshard_eventlog_outbox_errors_total",
+        "counter",
+        "failed outbox reads and trims",
+    ),
+];
+
+impl EventLogStats {
+    /// The values of [`METRICS`], with the shard's pump (if it runs one).
+    pub fn metric_values(&self, pump: Option<&PumpStats>) -> [u64; 7] {
+        [
+            self.produced,
+            self.failed,
+            self.refused,
+            self.backlog,
+            self.backlog_bytes,
+            pump.map_or(0, |p| p.outbox_len),
+            pump.map_or(0, |p| p.errors),
+        ]
+    }
 }
 
 /// Why [`EventLog::append`] refused a record.
