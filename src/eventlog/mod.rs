@@ -89,6 +89,20 @@
 //! round; after the round is durable, chat calls [`OutboxPump::notify`]. An event that
 //! need not survive a crash may also go straight to [`EventLog::append`].
 //!
+//! # Wiring (what server, shard and chat do; not done yet)
+//! ```text
+//! server start:  let (kafka, links) = KafkaLog::start(&cfg, bells)?;   // one per process
+//! shard start:   let log = EventLog::new(link);                        // on the shard
+//!                bell listener: ... log.wake_local(); ...
+//!                let outbox = RedisOutbox::new(conn.clone(), outbox_key(node, shard));
+//!                let pump = OutboxPump::start(outbox, log.clone(), PumpConfig::default());
+//! chat, staging: let r = record::message_stored(&origin, &msg);        // or recalled, ...
+//!                store round += outbox::xadd(&key, r.topic, &r.key, &r.value);
+//! chat, durable: pump.notify();                                        // then reply
+//! /metrics:      METRICS with log.stats().metric_values(Some(&pump.stats()))
+//! shutdown:      pump.stop(); kafka.shutdown(Duration::from_secs(5))
+//! ```
+//!
 //! # Does a send's reply wait for Kafka?
 //! No. The reply waits for Redis (the message and its outbox entry are durable in one
 //! round); Kafka gets the event right after, from the outbox. Waiting would add the
