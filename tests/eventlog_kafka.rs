@@ -750,3 +750,78 @@ fn measure_throughput_and_confirmation_latency() {
         println!("records read back from the topic: {}", got.len());
     });
 }
+
+/// The durable path: events written with their round (`MULTI`/`EXEC` with `XADD`),
+/// produced by the pump and trimmed. Prints entries/s through it and the time from a
+/// round being durable to its entries being trimmed (= in Kafka). `cargo test
+/// --release --test eventlog_kafka -- --ignored --nocapture measure_outbox`.
+#[test]
+#[ignore]
+fn measure_outbox_path() {
+    let Some(tansu) = Tansu::start_direct(&["mo.events", "mo.offline"]) else {
+        return;
+    };
+    let Some(redis) = redis_server::RedisServer::start() else {
+        return;
+    };
+    let brokers = tansu.brokers();
+    runtime().block_on(async move {
+        let conn = RedisConn::connect(RedisConfig::new(redis.url()), PATIENCE)
+            .await
+            .expect("redis");
+        let key = outbox_key("bench", 0);
+        let (_kafka, log) = start_log(&config(&brokers, "mo.events", "mo.offline"));
+        let outbox = RedisOutbox::new(conn.clone(), key.clone());
+        let pump = OutboxPump::start(outbox.clone(), log.clone(), PumpConfig::default());
+        let value = record::message_stored(&origin(), &msg("grp:bench0", 1)).value;
+        let round = |n: usize, first: usize| {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for i in first..first + n {
+                let conv = format!("grp:bench{}", i % 64);
+                pipe.add_command(xadd(&key, Topic::Events, conv.as_bytes(), &value));
+            }
+            pipe
+        };
+
+        // Throughput: 100,000 entries in rounds of 100, as fast as Redis takes them.
+        let total = 100_000usize;
+        let start = Instant::now();
+        for r in 0..total / 100 {
+            conn.pipeline(&round(100, r * 100)).await.expect("round");
+            pump.notify();
+        }
+        wait_until(|| pump.stats().trimmed == total as u64).await;
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "outbox path: {total} entries written, produced and trimmed in {secs:.2} s = {:.0} entries/s",
+            total as f64 / secs
+        );
+
+        // Latency: a round of 10 durable -> its entries in Kafka.
+        let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+        let mut done = total as u64;
+        for r in 0..300 {
+            conn.pipeline(&round(10, r * 10)).await.expect("round");
+            let t = Instant::now();
+            pump.notify();
+            done += 10;
+            // Spins on the loop (a timer would round to its 1 ms tick).
+            while pump.stats().read < done {
+                imshard::rt::yield_now().await;
+            }
+            assert!(delivered(&log, log.last_appended()).await);
+            hist.record(t.elapsed().as_micros() as u64).expect("record");
+            monoio::time::sleep(Duration::from_millis(2)).await;
+        }
+        println!(
+            "outbox path latency, round of 10 durable -> in Kafka: p50 {} us, p99 {} us, max {} us",
+            hist.value_at_quantile(0.5),
+            hist.value_at_quantile(0.99),
+            hist.max()
+        );
+        wait_until(|| pump.stats().trimmed == done).await;
+        assert_eq!(outbox.stored().await, Ok(0));
+        pump.stop();
+    });
+}
