@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "src/proto/imshard.proto",
         "src/proto/store.proto",
         "src/proto/node.proto",
+        "src/proto/events.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

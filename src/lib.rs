@@ -28,6 +28,9 @@
 //!   node by rendezvous hashing), [`cluster::link`] (node-to-node requests, one hop),
 //!   [`cluster::events`] (the kick / broadcast / membership channels).
 //!   The subscribed Redis connection is [`store::redis::pubsub`].
+//! - [`eventlog`]: the Kafka event log (cluster mode): a per-shard [`eventlog::EventLog`]
+//!   handle fed to one rdkafka producer thread, and the outbox pump that makes it
+//!   survive Kafka outages and crashes.
 //! - [`rt`]: loop primitives: [`rt::bell`], the eventfd through which other threads
 //!   (shards, the store's threads) wake a busy loop; [`rt::yield_now`].
 //! - [`web`]: the browser chat page at `/demo` (static files in the binary).
@@ -41,6 +44,7 @@ pub mod chat;
 pub mod cluster;
 pub mod codes;
 pub mod config;
+pub mod eventlog;
 pub mod ids;
 pub mod limits;
 pub mod metrics;

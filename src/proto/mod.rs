@@ -27,8 +27,15 @@ pub mod imshard {
             include!(concat!(env!("OUT_DIR"), "/imshard.node.v1.rs"));
         }
     }
+    pub mod events {
+        /// Records of the Kafka event log (from `events.proto`; see [`crate::eventlog`]).
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/imshard.events.v1.rs"));
+        }
+    }
 }
 
+pub use imshard::events::v1 as events_pb;
 pub use imshard::node::v1 as node_pb;
 pub use imshard::store::v1 as store_pb;
 pub use imshard::v1 as pb;

@@ -69,6 +69,7 @@
 
 pub mod backend;
 pub mod conn;
+pub mod outbox;
 pub mod presence;
 pub mod pubsub;
 pub mod script;
