@@ -19,7 +19,8 @@
 # nodes' /metrics, against FAN_NODES for an all-node broadcast. Then FAN2_NODES nodes
 # with 2 shards each, 100 online: one message per subscribed shard.
 #
-# Knobs (env): REDIS_PORT (16480), BASE (19180: node i serves WebSocket on BASE+i and
+# The three configurations run in turn, ROUNDS times (the box is shared: compare within
+# a round, quote the range). Knobs (env): ROUNDS (3), REDIS_PORT (16480), BASE (19180: node i serves WebSocket on BASE+i and
 # its node link on BASE+100+i), DUR (10s), P2P_RATE (5000), GROUP_RATE (400 sends/s,
 # x99 deliveries), FAN_NODES (10), FAN2_NODES (5), FAN_GROUPS (10), FAN_RATE (100
 # sends/s), SKIP_THROUGHPUT=1 / SKIP_FANOUT=1.
@@ -29,6 +30,7 @@ OUT=${1:-target/perf-cluster}
 REDIS_PORT=${REDIS_PORT:-16480}
 BASE=${BASE:-19180}
 DUR=${DUR:-10s}
+ROUNDS=${ROUNDS:-3}
 P2P_RATE=${P2P_RATE:-5000}
 GROUP_RATE=${GROUP_RATE:-400}
 FAN_NODES=${FAN_NODES:-10}
@@ -143,23 +145,25 @@ lg() {
 
 if [ "${SKIP_THROUGHPUT:-0}" != 1 ]; then
   SHARDS=1
+  for round in $(seq "$ROUNDS"); do
   for conf in ref one three; do
     case $conf in
       ref) N=1 CL=0 ;;
       one) N=1 CL=1 ;;
       three) N=3 CL=1 ;;
     esac
-    echo "== $conf: $N node(s), cluster mode $CL"
+    echo "== round $round, $conf: $N node(s), cluster mode $CL"
     start_redis
     start_nodes "$N" 1 "$CL"
-    lg "$conf-p2p-peak" p2p --pairs 100 --rate 0 --window 16 --duration "$DUR"
-    lg "$conf-group-peak" group --groups 20 --members 100 --senders 2 --rate 0 --window 8 \
-      --duration "$DUR" --cpu-per-delivery
-    lg "$conf-p2p-fixed" p2p --pairs 100 --rate "$P2P_RATE" --window 16 --duration "$DUR"
-    lg "$conf-group-fixed" group --groups 20 --members 100 --senders 2 --rate "$GROUP_RATE" \
+    lg "$conf-p2p-peak-r$round" p2p --pairs 100 --rate 0 --window 16 --duration "$DUR"
+    lg "$conf-group-peak-r$round" group --groups 20 --members 100 --senders 2 --rate 0 \
       --window 8 --duration "$DUR" --cpu-per-delivery
+    lg "$conf-p2p-fixed-r$round" p2p --pairs 100 --rate "$P2P_RATE" --window 16 --duration "$DUR"
+    lg "$conf-group-fixed-r$round" group --groups 20 --members 100 --senders 2 \
+      --rate "$GROUP_RATE" --window 8 --duration "$DUR" --cpu-per-delivery
     stop_nodes
     stop_redis
+  done
   done
 fi
 
@@ -194,15 +198,22 @@ def load(name):
     j["redis_cpu"] = open(cpu).read().strip() if os.path.exists(cpu) else "?"
     return j
 def ms(us): return "%.1f" % (us / 1000.0) if us is not None else "-"
-print("\n%-18s %12s %9s %9s %8s %7s %s" % ("run", "acked/s", "deliv/s", "p99 ms", "pass", "redis s", "lost/dup"))
-for conf in ["ref", "one", "three"]:
-    for kind in ["p2p-peak", "group-peak", "p2p-fixed", "group-fixed"]:
-        j = load(conf + "-" + kind)
-        if not j: continue
-        p99 = j["deliveries"]["push_latency"].get("p99_us")
-        print("%-18s %12.0f %9.0f %9s %8s %7s %d/%d" % (conf + "-" + kind, j["sends"]["acked_per_sec"],
-              j["deliveries"]["per_sec"], ms(p99), j["passed"], j["redis_cpu"],
-              j["check"]["lost"], j["check"]["duplicated"]))
+print("\n%-22s %9s %9s %8s %8s %6s %7s %8s %s" % ("run", "acked/s", "deliv/s", "p50 ms", "p99 ms", "pass",
+      "redis s", "srv us/d", "lost/dup"))
+for kind in ["p2p-peak", "group-peak", "p2p-fixed", "group-fixed"]:
+    for r in range(1, 100):
+        found = False
+        for conf in ["ref", "one", "three"]:
+            name = "%s-%s-r%d" % (conf, kind, r)
+            j = load(name)
+            if not j: continue
+            found = True
+            lat = j["deliveries"]["push_latency"]
+            cpu = j["server"].get("cpu_us_per_delivery")
+            print("%-22s %9.0f %9.0f %8s %8s %6s %7s %8s %d/%d" % (name, j["sends"]["acked_per_sec"],
+                  j["deliveries"]["per_sec"], ms(lat.get("p50_us")), ms(lat.get("p99_us")), j["passed"],
+                  j["redis_cpu"], "%.2f" % cpu if cpu else "-", j["check"]["lost"], j["check"]["duplicated"]))
+        if not found: break
 print("\n%-22s %6s %9s %12s %11s %10s %s" % ("fan-out run", "online", "publishes", "channel msgs", "per publish", "broadcast", "pass"))
 def key(n):
     parts = n[:-5].split("-")
