@@ -23,7 +23,9 @@
 # a round, quote the range). Knobs (env): ROUNDS (3), REDIS_PORT (16480), BASE (19180: node i serves WebSocket on BASE+i and
 # its node link on BASE+100+i), DUR (10s), P2P_RATE (5000), GROUP_RATE (400 sends/s,
 # x99 deliveries), FAN_NODES (10), FAN2_NODES (5), FAN_GROUPS (10), FAN_RATE (100
-# sends/s), SKIP_THROUGHPUT=1 / SKIP_FANOUT=1.
+# sends/s), SKIP_THROUGHPUT=1 / SKIP_FANOUT=1. `fwd/msg` in the fan-out table: node
+# requests forwarded per stored message (the send, and one row update per node owning
+# a member's rows, online or not).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-target/perf-cluster}
@@ -214,7 +216,8 @@ for kind in ["p2p-peak", "group-peak", "p2p-fixed", "group-fixed"]:
                   j["deliveries"]["per_sec"], ms(lat.get("p50_us")), ms(lat.get("p99_us")), j["passed"],
                   j["redis_cpu"], "%.2f" % cpu if cpu else "-", j["check"]["lost"], j["check"]["duplicated"]))
         if not found: break
-print("\n%-22s %6s %9s %12s %11s %10s %s" % ("fan-out run", "online", "publishes", "channel msgs", "per publish", "broadcast", "pass"))
+print("\n%-22s %6s %9s %12s %11s %10s %8s %s" % ("fan-out run", "online", "publishes", "channel msgs", "per publish",
+      "broadcast", "fwd/msg", "pass"))
 def key(n):
     parts = n[:-5].split("-")
     return (parts[0], int(parts[1]), int(parts[-1]))
@@ -222,8 +225,9 @@ for name in sorted((n for n in os.listdir(out) if n.startswith("fan") and n.ends
     j = load(name[:-5]); c = j.get("cluster") or {}
     nodes, shards = open(os.path.join(out, name[:-5] + ".meta")).read().split()
     per = c.get("channel_messages_per_publish")
-    print("%-22s %6s %9s %12s %11s %10s %s" % (name[:-5], j["params"].get("online", j["params"]["members"]),
+    fwd = c["requests_forwarded"] / c["messages_stored"] if c.get("messages_stored") else None
+    print("%-22s %6s %9s %12s %11s %10s %8s %s" % (name[:-5], j["params"].get("online", j["params"]["members"]),
           c.get("publishes"), c.get("channel_messages"), "%.2f" % per if per is not None else "-",
-          "%s x %s" % (nodes, shards), j["passed"]))
+          "%s x %s" % (nodes, shards), "%.1f" % fwd if fwd is not None else "-", j["passed"]))
 print("\nreports in", out)
 EOF
