@@ -8,8 +8,8 @@ use std::sync::Arc;
 use serde_json::json;
 
 use crate::cli::{Common, LoadArgs, Scenario};
-use crate::client::ConnSettings;
-use crate::report::Report;
+use crate::client::{ConnSettings, Target};
+use crate::report::{NodeDelta, Report};
 use crate::runner::{self, RunError, Sync};
 use crate::scenario::{self, Load, RunParams};
 use crate::stats::Stats;
@@ -63,6 +63,25 @@ fn resolve(target: &str) -> Result<SocketAddr, LoadgenError> {
         .ok_or_else(|| LoadgenError::Target(format!("{target} resolves to nothing")))
 }
 
+/// `host:port` or several, comma-separated: the nodes connections are spread over.
+fn resolve_targets(list: &str) -> Result<Vec<Target>, LoadgenError> {
+    let targets = list
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            Ok(Target {
+                addr: resolve(t)?,
+                host: t.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>, LoadgenError>>()?;
+    if targets.is_empty() {
+        return Err(LoadgenError::Target(format!("`{list}` names no address")));
+    }
+    Ok(targets)
+}
+
 /// Raises the open-files limit and checks it and the port ranges against `conns`.
 fn check_host(conns: usize, source_addrs: usize) -> Result<(), LoadgenError> {
     let lim = sys::raise_open_files().map_err(|e| LoadgenError::Host(format!("getrlimit: {e}")))?;
@@ -103,17 +122,26 @@ struct Prepared {
     threads: usize,
     server_shards: usize,
     prefix: String,
+    /// Targets that run in cluster mode (`imshard_cluster_nodes` above 0): their
+    /// channel counters are read before and after the load.
+    cluster: bool,
 }
 
+/// Default pause before the load on a cluster (see `--settle`).
+const CLUSTER_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn prepare(c: &Common, conns: usize) -> Result<Prepared, LoadgenError> {
-    let target = resolve(&c.target)?;
+    let targets = resolve_targets(&c.target)?;
     let cpus = sys::allowed_cpus().len().max(1);
     let threads = c.threads.unwrap_or(cpus).max(1);
-    let loopback = target.ip().is_loopback() && target.is_ipv4();
+    let loopback = targets
+        .iter()
+        .all(|t| t.addr.ip().is_loopback() && t.addr.is_ipv4());
     let source_addrs = match c.source_addrs {
         Some(n) if n > 0 && !loopback => {
             return Err(LoadgenError::BadFlag(format!(
-                "--source-addrs uses 127.0.0.2.. which only reach a loopback target, not {target}; give --source-addrs 0"
+                "--source-addrs uses 127.0.0.2.. which only reach a loopback target, not {}; give --source-addrs 0",
+                c.target
             )))
         }
         Some(n) => n,
@@ -131,7 +159,7 @@ fn prepare(c: &Common, conns: usize) -> Result<Prepared, LoadgenError> {
                 .into(),
         ));
     }
-    if c.cpu_per_delivery && c.server_pid.is_none() {
+    if c.cpu_per_delivery && c.server_pid.is_empty() {
         return Err(LoadgenError::BadFlag(
             "--cpu-per-delivery reads /proc/PID/stat of the server: give --server-pid".into(),
         ));
@@ -140,9 +168,17 @@ fn prepare(c: &Common, conns: usize) -> Result<Prepared, LoadgenError> {
     let (secret, _) =
         imshard::auth::load_or_create_secret(c.jwt_secret.as_deref(), &c.data_dir, false)
             .map_err(LoadgenError::Secret)?;
+    // One /metrics read per target: does it run in cluster mode?
+    let cluster = targets
+        .iter()
+        .any(|t| sys::NodeCounters::read(t.addr).is_some_and(|n| n.cluster_nodes > 0));
+    let settle = c.settle.unwrap_or(if cluster {
+        CLUSTER_SETTLE
+    } else {
+        Default::default()
+    });
     let settings = ConnSettings {
-        target,
-        host: c.target.clone(),
+        targets,
         path: c.path.clone(),
         connect_timeout: c.connect_timeout,
         push_ack: !c.no_push_ack,
@@ -160,8 +196,10 @@ fn prepare(c: &Common, conns: usize) -> Result<Prepared, LoadgenError> {
         duration: c.duration,
         drain_timeout: c.drain_timeout,
         connect_concurrency: c.connect_concurrency.max(1),
+        settle,
     };
     Ok(Prepared {
+        cluster,
         params: Arc::new(params),
         threads,
         server_shards: c.server_shards.unwrap_or(cpus).max(1),
@@ -236,25 +274,38 @@ pub fn run(scenario: Scenario) -> Result<Report, LoadgenError> {
             groups,
             members,
             senders,
+            online,
             load,
         } => {
             if members < 2 {
                 return Err(LoadgenError::BadFlag("--members must be at least 2".into()));
             }
-            let p = prepare(&common, groups * members)?;
-            let plans = scenario::plan_group(&p.prefix, groups, members, senders, p.threads);
-            let l = check_load(&load, groups * senders.min(members))?;
-            let params = json!({
+            let online = online.unwrap_or(members).min(members);
+            if online == 0 {
+                return Err(LoadgenError::BadFlag("--online must be at least 1".into()));
+            }
+            let p = prepare(&common, groups * online)?;
+            let plans =
+                scenario::plan_group(&p.prefix, groups, members, online, senders, p.threads);
+            let l = check_load(&load, groups * senders.min(online))?;
+            let mut params = json!({
                 "groups": groups, "members": members, "senders": senders,
                 "rate": load.rate, "window": load.window, "size": load.size,
             });
+            if online < members {
+                params["online"] = json!(online);
+            }
             (common, "group", params, p, ThreadFn::Traffic(plans, l))
         }
     };
-    let server_pid = common.server_pid;
-    let rss_before = server_pid.and_then(sys::rss_bytes);
-    let served_before = match (server_pid, name) {
-        (Some(_), "connect") => sys::connections_served(prepared.params.settings.target),
+    let pids = common.server_pid.clone();
+    let targets: Vec<Target> = prepared.params.settings.targets.clone();
+    let rss_before = sum_over(&pids, sys::rss_bytes);
+    let served_before = match (pids.is_empty(), name) {
+        (false, "connect") => targets
+            .iter()
+            .map(|t| sys::connections_served(t.addr))
+            .sum::<Option<u64>>(),
         _ => None,
     };
     let server_flags = match &common.server_flags {
@@ -262,12 +313,29 @@ pub fn run(scenario: Scenario) -> Result<Report, LoadgenError> {
             let args: Vec<String> = f.split_whitespace().map(String::from).collect();
             Some(sys::redact_secrets(&args).join(" "))
         }
-        None => server_pid.and_then(sys::cmdline),
+        None => pids
+            .iter()
+            .map(|&p| sys::cmdline(p))
+            .collect::<Option<Vec<String>>>()
+            .filter(|v| !v.is_empty())
+            .map(|v| v.join(" | ")),
     };
     let mut rss_after = None;
-    let cpu_pid = server_pid.filter(|_| common.cpu_per_delivery);
+    let cpu_pids: Vec<u32> = if common.cpu_per_delivery {
+        pids.clone()
+    } else {
+        Vec::new()
+    };
     let mut cpu_at_go = None;
     let mut cpu_at_end = None;
+    let read_nodes = |targets: &[Target]| -> Vec<Option<sys::NodeCounters>> {
+        targets
+            .iter()
+            .map(|t| sys::NodeCounters::read(t.addr))
+            .collect()
+    };
+    let mut nodes_at_go = Vec::new();
+    let mut nodes_at_end = Vec::new();
     let net_before = sys::net_counters();
     let mut net_after = None;
     let params = prepared.params.clone();
@@ -275,11 +343,19 @@ pub fn run(scenario: Scenario) -> Result<Report, LoadgenError> {
     let results = {
         let sync2 = sync.clone();
         let thread_fn = Arc::new(thread_fn);
-        let at_go = || cpu_at_go = cpu_pid.and_then(sys::cpu_ns);
+        let at_go = || {
+            if prepared.cluster {
+                nodes_at_go = read_nodes(&targets);
+            }
+            cpu_at_go = sum_over(&cpu_pids, sys::cpu_ns);
+        };
         let between = || {
-            cpu_at_end = cpu_pid.and_then(sys::cpu_ns);
+            cpu_at_end = sum_over(&cpu_pids, sys::cpu_ns);
             net_after = Some(sys::net_counters());
-            rss_after = server_pid.and_then(sys::rss_bytes);
+            rss_after = sum_over(&pids, sys::rss_bytes);
+            if prepared.cluster {
+                nodes_at_end = read_nodes(&targets);
+            }
         };
         let make = move |t: usize| {
             let (params, sync, thread_fn) = (params.clone(), sync2.clone(), thread_fn.clone());
@@ -290,6 +366,17 @@ pub fn run(scenario: Scenario) -> Result<Report, LoadgenError> {
         };
         runner::run(prepared.threads, &sync, make, at_go, between).map_err(LoadgenError::Run)?
     };
+    let nodes: Vec<NodeDelta> = targets
+        .iter()
+        .zip(nodes_at_go.iter().zip(nodes_at_end.iter()))
+        .map(|(t, (a, b))| NodeDelta {
+            target: t.host.clone(),
+            during: match (a, b) {
+                (Some(a), Some(b)) => Some(b.since(a)),
+                _ => None,
+            },
+        })
+        .collect();
     let go_ns = sync.go_ns();
     let mut stats = Stats::default();
     let mut check = crate::checker::CheckReport::default();
@@ -316,6 +403,10 @@ pub fn run(scenario: Scenario) -> Result<Report, LoadgenError> {
         },
         net_during: net_after.map(|a| a.since(&net_before)),
         host: sys::host_facts(),
+        targets: targets.iter().map(|t| t.host.clone()).collect(),
+        server_pids: pids,
+        settle_secs: prepared.params.settle.as_secs_f64(),
+        nodes,
     };
     if let Some(path) = &common.json {
         let text = serde_json::to_string_pretty(&report.json()).unwrap_or_default();
@@ -325,6 +416,14 @@ pub fn run(scenario: Scenario) -> Result<Report, LoadgenError> {
         })?;
     }
     Ok(report)
+}
+
+/// The sum of `f(pid)` over `pids`; `None` without pids or when one cannot be read.
+fn sum_over(pids: &[u32], f: impl Fn(u32) -> Option<u64>) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| f(p)).sum()
 }
 
 /// The per-thread program of a scenario, with each thread's share of the plan.

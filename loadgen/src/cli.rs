@@ -46,12 +46,16 @@ pub enum Scenario {
         /// Groups to create.
         #[arg(long, default_value_t = 10)]
         groups: usize,
-        /// Members per group (all connected).
+        /// Members per group (all connected unless --online says otherwise).
         #[arg(long, default_value_t = 100)]
         members: usize,
         /// Senders per group (the first K members).
         #[arg(long, visible_alias = "senders-per-group", default_value_t = 1)]
         senders: usize,
+        /// Members of each group that connect (the first K; default: all). The others
+        /// are members that never connect: their rows are updated, nothing is pushed.
+        #[arg(long)]
+        online: Option<usize>,
         #[command(flatten)]
         load: LoadArgs,
     },
@@ -74,7 +78,9 @@ pub struct LoadArgs {
 /// Flags of every scenario.
 #[derive(Debug, Args, Clone)]
 pub struct Common {
-    /// Server address.
+    /// Server address; several, comma-separated (`host:port,host:port`), for the nodes
+    /// of a cluster: user i connects to target i % N (round robin by user index, so the
+    /// two parties of a pair and the members of a group land on different nodes).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub target: String,
     /// WebSocket path.
@@ -131,9 +137,17 @@ pub struct Common {
     #[arg(long)]
     pub server_shards: Option<usize>,
     /// The server's pid: report its RSS before and after (bytes per connection) and its
-    /// command line.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// command line. Several, comma-separated, for the nodes of a cluster: RSS and CPU
+    /// are summed over them.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
+    /// Wait this long after connecting (and again after creating groups) before the
+    /// load starts. A cluster node subscribes to a user's and a group's push channels
+    /// asynchronously, and Redis pub/sub is at most once: a push published before the
+    /// subscription is in place is lost (the client would pull it). Default: 1s when a
+    /// target reports cluster mode in its /metrics, else 0.
+    #[arg(long, value_parser = parse_duration)]
+    pub settle: Option<Duration>,
     /// The server's flags, recorded in the JSON (default: read with --server-pid).
     #[arg(long)]
     pub server_flags: Option<String>,

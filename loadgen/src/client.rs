@@ -41,12 +41,19 @@ pub enum Phase {
     Done,
 }
 
+/// A server (or cluster node) the loadgen connects to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// Host header value (the address as given).
+    pub host: String,
+}
+
 /// Settings every connection of a run shares.
 #[derive(Debug, Clone)]
 pub struct ConnSettings {
-    pub target: SocketAddr,
-    /// Host header value.
-    pub host: String,
+    /// Never empty: user i connects to `targets[i % len]` ([`ConnSettings::target_for`]).
+    pub targets: Vec<Target>,
     /// WebSocket path, `/ws`.
     pub path: String,
     pub connect_timeout: Duration,
@@ -60,6 +67,13 @@ pub struct ConnSettings {
     pub ack_interval: Duration,
     /// Initial read buffer per connection (grows for large frames).
     pub read_chunk: usize,
+}
+
+impl ConnSettings {
+    /// The target of the user with global index `i`: round robin over the targets.
+    pub fn target_for(&self, i: usize) -> &Target {
+        &self.targets[i % self.targets.len().max(1)]
+    }
 }
 
 /// One thread's shared state: its stats, its checker and its connections.
@@ -204,16 +218,17 @@ impl std::fmt::Display for ConnectError {
 /// bytes read past the upgrade answer.
 async fn open(
     settings: &ConnSettings,
+    target: &Target,
     source: Option<IpAddr>,
     token: &str,
     key_bytes: [u8; 16],
 ) -> Result<(TcpStream, Vec<u8>), ConnectError> {
-    let std_stream = sys::start_connect(settings.target, source).map_err(ConnectError::Tcp)?;
+    let std_stream = sys::start_connect(target.addr, source).map_err(ConnectError::Tcp)?;
     let mut stream = TcpStream::from_std(std_stream).map_err(ConnectError::Tcp)?;
     stream.writable(false).await.map_err(ConnectError::Tcp)?;
     sys::take_socket_error(stream.as_raw_fd()).map_err(ConnectError::Tcp)?;
     let key = ws::key_from_bytes(key_bytes);
-    let req = ws::upgrade_request(&settings.host, &settings.path, token, &key);
+    let req = ws::upgrade_request(&target.host, &settings.path, token, &key);
     let (res, _) = stream.write_all(req).await;
     res.map_err(ConnectError::Tcp)?;
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
@@ -236,11 +251,12 @@ async fn open(
     }
 }
 
-/// Connects one user and starts its reader and writer tasks. On failure the error is
-/// counted in the stats and returned.
+/// Connects one user to `target` and starts its reader and writer tasks. On failure
+/// the error is counted in the stats and returned.
 pub async fn connect(
     ctx: &Rc<Ctx>,
     user: String,
+    target: &Target,
     source: Option<IpAddr>,
     token: &str,
 ) -> Result<Rc<Conn>, ConnectError> {
@@ -252,7 +268,7 @@ pub async fn connect(
     key[8..].copy_from_slice(&b.to_le_bytes());
     let result = match monoio::time::timeout(
         ctx.settings.connect_timeout,
-        open(&ctx.settings, source, token, key),
+        open(&ctx.settings, target, source, token, key),
     )
     .await
     {

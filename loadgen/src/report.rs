@@ -6,7 +6,15 @@ use serde_json::{json, Value};
 
 use crate::checker::CheckReport;
 use crate::stats::Stats;
-use crate::sys::{HostFacts, NetCounters};
+use crate::sys::{HostFacts, NetCounters, NodeCounters};
+
+/// What one cluster node's counters grew by from the start of the load to the end of
+/// the drain (read from its /metrics; `during` is `None` when it could not be read).
+#[derive(Debug, Clone)]
+pub struct NodeDelta {
+    pub target: String,
+    pub during: Option<NodeCounters>,
+}
 
 /// Everything a run measured.
 pub struct Report {
@@ -34,6 +42,15 @@ pub struct Report {
     /// Softnet drops and TCP retransmits on this host over the run (setup to drain).
     pub net_during: Option<NetCounters>,
     pub host: HostFacts,
+    /// The `--target` addresses, in order (user i connected to `targets[i % len]`).
+    pub targets: Vec<String>,
+    /// `--server-pid`: RSS and CPU above are sums over these processes.
+    pub server_pids: Vec<u32>,
+    /// Pause before the load (`--settle`).
+    pub settle_secs: f64,
+    /// Cluster mode: each target's channel and forwarding counters over the load and
+    /// drain (empty when no target runs in cluster mode).
+    pub nodes: Vec<NodeDelta>,
 }
 
 fn rate(n: u64, secs: f64) -> f64 {
@@ -138,6 +155,36 @@ impl Report {
         (self.active_secs > 0.0).then(|| ns as f64 / 1e9 / self.active_secs * 100.0)
     }
 
+    /// Cluster counters over the load and drain, summed over the nodes whose /metrics
+    /// could be read, and how many those were.
+    pub fn cluster_totals(&self) -> Option<(NodeCounters, usize)> {
+        let read: Vec<&NodeCounters> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.during.as_ref())
+            .collect();
+        if read.is_empty() {
+            return None;
+        }
+        let mut t = NodeCounters::default();
+        for n in &read {
+            t.publishes += n.publishes;
+            t.channel_messages += n.channel_messages;
+            t.forwarded += n.forwarded;
+            t.served += n.served;
+            t.messages_stored += n.messages_stored;
+            t.pushes += n.pushes;
+        }
+        Some((t, read.len()))
+    }
+
+    /// Channel messages received (over every shard of every node) per publish: for
+    /// group messages, the shards (with one shard per node: the nodes) that got each.
+    pub fn receivers_per_publish(&self) -> Option<f64> {
+        let (t, _) = self.cluster_totals()?;
+        (t.publishes > 0).then(|| t.channel_messages as f64 / t.publishes as f64)
+    }
+
     /// Pass: nothing failed and the checker found nothing wrong.
     pub fn passed(&self) -> bool {
         self.failures() == 0 && self.check.violations() == 0
@@ -150,6 +197,13 @@ impl Report {
             "imshard-loadgen {} {} | {} threads | load {:.1} s\n",
             self.scenario, self.params, self.threads, self.load_secs
         );
+        if self.targets.len() > 1 {
+            out += &format!(
+                "  targets      {} (user i on target i % {})\n",
+                self.targets.join(", "),
+                self.targets.len()
+            );
+        }
         out += &format!(
             "  connections  {} ok, {} failed, {:.0}/s\n",
             s.connects_ok,
@@ -252,6 +306,19 @@ impl Report {
                 }
             );
         }
+        if let Some((t, read)) = self.cluster_totals() {
+            out += &format!(
+                "  cluster      {read} of {} nodes read: {} published, {} channel messages received ({}), {} stored, requests forwarded {} / served {}\n",
+                self.nodes.len(),
+                t.publishes,
+                t.channel_messages,
+                self.receivers_per_publish()
+                    .map_or("-".to_string(), |r| format!("{r:.2} per publish")),
+                t.messages_stored,
+                t.forwarded,
+                t.served
+            );
+        }
         if let Some(f) = &self.server_flags {
             out += &format!("  server       {f}\n");
         }
@@ -263,12 +330,44 @@ impl Report {
         out
     }
 
+    fn cluster_json(&self) -> Value {
+        let Some((t, read)) = self.cluster_totals() else {
+            return Value::Null;
+        };
+        let node = |n: &NodeCounters| {
+            json!({
+                "publishes": n.publishes,
+                "channel_messages": n.channel_messages,
+                "requests_forwarded": n.forwarded,
+                "requests_served": n.served,
+                "messages_stored": n.messages_stored,
+                "pushes": n.pushes,
+            })
+        };
+        json!({
+            "nodes_read": read,
+            "publishes": t.publishes,
+            "channel_messages": t.channel_messages,
+            "channel_messages_per_publish": self.receivers_per_publish(),
+            "requests_forwarded": t.forwarded,
+            "requests_served": t.served,
+            "messages_stored": t.messages_stored,
+            "pushes": t.pushes,
+            "per_node": self.nodes.iter().map(|n| json!({
+                "target": n.target,
+                "during": n.during.as_ref().map(node),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
     pub fn json(&self) -> Value {
         let s = &self.stats;
         let c = &self.check;
         json!({
             "scenario": self.scenario,
             "params": self.params,
+            "targets": self.targets,
+            "settle_secs": self.settle_secs,
             "threads": self.threads,
             "load_secs": self.load_secs,
             "active_secs": self.active_secs,
@@ -329,10 +428,12 @@ impl Report {
                 "bytes_per_connection_note": self.rss_note(),
                 "connections_before": self.served_before,
                 "flags": self.server_flags,
+                "pids": self.server_pids,
                 "cpu_secs": self.server_cpu_ns.map(|ns| ns as f64 / 1e9),
                 "cpu_us_per_delivery": self.cpu_us_per_delivery(),
                 "cpu_percent_of_one_core": self.server_cpu_percent(),
             },
+            "cluster": self.cluster_json(),
             "host": {
                 "cpu_model": self.host.cpu_model,
                 "cores": self.host.cores,

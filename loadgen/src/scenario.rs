@@ -42,9 +42,13 @@ pub struct RunParams {
     pub drain_timeout: Duration,
     /// Most connects in flight at once per thread.
     pub connect_concurrency: usize,
+    /// Pause after connecting and after creating groups, before the load (a cluster
+    /// subscribes to push channels asynchronously; see `--settle`).
+    pub settle: Duration,
 }
 
-/// A user the loadgen connects as; `global` picks its source address.
+/// A user the loadgen connects as; `global` picks its source address and its target
+/// (round robin over `--target`).
 #[derive(Debug, Clone)]
 pub struct User {
     pub global: usize,
@@ -70,6 +74,8 @@ pub struct ConvPlan {
     pub senders: Vec<SenderPlan>,
     /// For groups: the group id, created by member 0 before the load starts.
     pub create_group: Option<String>,
+    /// For groups: members that never connect (listed in the CreateGroup only).
+    pub offline: Vec<String>,
 }
 
 /// One thread's share of a traffic scenario.
@@ -165,26 +171,32 @@ pub fn plan_p2p(
                 },
             ],
             create_group: None,
+            offline: Vec::new(),
         });
     }
     plans
 }
 
-/// `group`: G groups of M members; members 0..K send. Group i goes to thread i % threads.
+/// `group`: G groups of M members, the first `online` of which connect; members 0..K
+/// send. Group i goes to thread i % threads. Connected users are numbered across all
+/// groups (their `global` index), so with several targets the online members of a
+/// group go round robin over the nodes.
 pub fn plan_group(
     prefix: &str,
     groups: usize,
     members: usize,
+    online: usize,
     senders: usize,
     threads: usize,
 ) -> Vec<ThreadPlan> {
+    let online = online.min(members);
     let mut plans = vec![ThreadPlan::default(); threads];
     let mut global = 0;
     for g in 0..groups {
         let group_id = format!("{prefix}g{g}");
         let plan = &mut plans[g % threads];
         let base = plan.users.len();
-        for m in 0..members {
+        for m in 0..online {
             plan.users.push(User {
                 global,
                 id: format!("{group_id}m{m}"),
@@ -193,8 +205,11 @@ pub fn plan_group(
         }
         plan.convs.push(ConvPlan {
             conv_id: group_conv_id(&group_id),
-            members: (base..base + members).collect(),
-            senders: (0..senders.min(members))
+            members: (base..base + online).collect(),
+            offline: (online..members)
+                .map(|m| format!("{group_id}m{m}"))
+                .collect(),
+            senders: (0..senders.min(online))
                 .map(|member| SenderPlan {
                     member,
                     target: group_id.clone(),
@@ -223,7 +238,10 @@ async fn connect_one(ctx: &Rc<Ctx>, p: &RunParams, user: &User) -> Option<Rc<Con
         }
     };
     let source = sys::source_addr(user.global, p.source_addrs);
-    client::connect(ctx, user.id.clone(), source, &t).await.ok()
+    let target = p.settings.target_for(user.global);
+    client::connect(ctx, user.id.clone(), target, source, &t)
+        .await
+        .ok()
 }
 
 /// Sends a heartbeat on every connection once per `interval`, spread over the interval
@@ -367,6 +385,9 @@ pub async fn traffic_thread(
     let ctx = Ctx::new(p.settings.clone(), seed);
     monoio::spawn(client::ack_ticker(ctx.clone()));
     let conns = connect_all(&ctx, &p, &plan.users).await;
+    if !p.settle.is_zero() {
+        sleep(p.settle).await;
+    }
     let mut senders = Vec::new();
     for conv in &plan.convs {
         let members: Option<Vec<Rc<Conn>>> =
@@ -391,6 +412,7 @@ pub async fn traffic_thread(
                 .members
                 .iter()
                 .map(|&m| plan.users[m].id.clone())
+                .chain(conv.offline.iter().cloned())
                 .collect();
             let answer = members[0]
                 .call(
@@ -418,6 +440,11 @@ pub async fn traffic_thread(
         for s in &conv.senders {
             senders.push((members[s.member].clone(), streams[s.member], s.clone()));
         }
+    }
+    if !p.settle.is_zero() && plan.convs.iter().any(|c| c.create_group.is_some()) {
+        // The members' nodes learn of the new groups from the creation's push and
+        // subscribe to the group channels then.
+        sleep(p.settle).await;
     }
     sync.ready.fetch_add(1, Ordering::AcqRel);
     Sync::wait(&sync.go).await;
@@ -505,11 +532,44 @@ mod tests {
 
     #[test]
     fn group_plan_keeps_a_group_on_one_thread() {
-        let plans = plan_group("t", 3, 5, 2, 2);
+        let plans = plan_group("t", 3, 5, 5, 2, 2);
         assert_eq!(plans[0].convs.len(), 2);
         assert_eq!(plans[1].convs.len(), 1);
         assert_eq!(plans[0].users.len(), 10);
         assert_eq!(plans[0].convs[1].members, (5..10).collect::<Vec<_>>());
         assert_eq!(plans[0].convs[1].senders.len(), 2);
+        assert!(plans[0].convs[1].offline.is_empty());
+    }
+
+    #[test]
+    fn group_plan_with_offline_members_numbers_only_the_online_ones() {
+        let plans = plan_group("t", 3, 100, 10, 1, 1);
+        let plan = &plans[0];
+        assert_eq!(plan.users.len(), 30);
+        assert_eq!(plan.convs[2].members.len(), 10);
+        assert_eq!(plan.convs[2].offline.len(), 90);
+        assert_eq!(plan.convs[2].offline[0], "tg2m10");
+        // Global indexes run over the connected users only: with 10 targets the 10
+        // online members of a group land on 10 different nodes.
+        let globals: Vec<usize> = plan.convs[2]
+            .members
+            .iter()
+            .map(|&m| plan.users[m].global % 10)
+            .collect();
+        let distinct: std::collections::HashSet<_> = globals.iter().collect();
+        assert_eq!(distinct.len(), 10);
+    }
+
+    #[test]
+    fn pairs_and_groups_spread_over_targets() {
+        // Round robin by global index: the two parties of a pair differ.
+        for plan in plan_p2p("t", 6, 1, 2) {
+            for conv in &plan.convs {
+                let a = plan.users[conv.members[0]].global;
+                let b = plan.users[conv.members[1]].global;
+                assert_ne!(a % 3, b % 3);
+                assert_ne!(a % 2, b % 2);
+            }
+        }
     }
 }

@@ -160,6 +160,12 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
 /// (the sum of `imshard_connections_total` over its shards, from `/metrics`). `None`
 /// when `/metrics` is not served there (e.g. it moved to `--admin-listen`).
 pub fn connections_served(addr: std::net::SocketAddr) -> Option<u64> {
+    parse_connections_total(&metrics_text(addr)?)
+}
+
+/// The `/metrics` text of the server at `addr`; `None` when it is not served there
+/// (e.g. it moved to `--admin-listen`) or the server does not answer in 2 s.
+pub fn metrics_text(addr: std::net::SocketAddr) -> Option<String> {
     use std::io::{Read, Write};
     let timeout = std::time::Duration::from_secs(2);
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
@@ -168,18 +174,21 @@ pub fn connections_served(addr: std::net::SocketAddr) -> Option<u64> {
         .ok()?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).ok()?;
-    let text = String::from_utf8_lossy(&out);
-    if !text.starts_with("HTTP/1.1 200") {
-        return None;
-    }
-    parse_connections_total(&text)
+    let text = String::from_utf8_lossy(&out).into_owned();
+    text.starts_with("HTTP/1.1 200").then_some(text)
 }
 
 /// Sums the `imshard_connections_total{shard="i"} N` series of a `/metrics` text.
 fn parse_connections_total(text: &str) -> Option<u64> {
+    metric_sum(text, "imshard_connections_total")
+}
+
+/// Sums the series of metric `name` (`name{shard="i"} N` or `name N`) of a `/metrics`
+/// text over its shards; `None` when there is none.
+pub fn metric_sum(text: &str, name: &str) -> Option<u64> {
     let mut total = None;
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("imshard_connections_total") else {
+        let Some(rest) = line.strip_prefix(name) else {
             continue;
         };
         if !(rest.starts_with('{') || rest.starts_with(' ')) {
@@ -189,6 +198,59 @@ fn parse_connections_total(text: &str) -> Option<u64> {
         *total.get_or_insert(0) += value;
     }
     total
+}
+
+/// A cluster node's counters, summed over its shards (from its `/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeCounters {
+    /// `imshard_cluster_nodes`: live nodes in the slot map, summed over shards (0 on a
+    /// single node without `--node-id`).
+    pub cluster_nodes: u64,
+    /// `imshard_publishes_total`: pushes and notices this node published.
+    pub publishes: u64,
+    /// `imshard_channel_messages_total`: pushes and notices its shards received.
+    pub channel_messages: u64,
+    pub forwarded: u64,
+    pub served: u64,
+    /// `imshard_messages_stored_total`.
+    pub messages_stored: u64,
+    /// `imshard_pushes_total`: MSG_PUSH frames queued to devices.
+    pub pushes: u64,
+}
+
+impl NodeCounters {
+    pub fn parse(text: &str) -> NodeCounters {
+        let m = |name| metric_sum(text, name).unwrap_or(0);
+        NodeCounters {
+            cluster_nodes: m("imshard_cluster_nodes"),
+            publishes: m("imshard_publishes_total"),
+            channel_messages: m("imshard_channel_messages_total"),
+            forwarded: m("imshard_node_requests_forwarded_total"),
+            served: m("imshard_node_requests_served_total"),
+            messages_stored: m("imshard_messages_stored_total"),
+            pushes: m("imshard_pushes_total"),
+        }
+    }
+
+    /// Reads the node at `addr`; `None` when its `/metrics` is not served there.
+    pub fn read(addr: std::net::SocketAddr) -> Option<NodeCounters> {
+        metrics_text(addr).map(|t| NodeCounters::parse(&t))
+    }
+
+    /// What the counters grew by from `before` (`cluster_nodes` is `self`'s).
+    pub fn since(&self, before: &NodeCounters) -> NodeCounters {
+        NodeCounters {
+            cluster_nodes: self.cluster_nodes,
+            publishes: self.publishes.saturating_sub(before.publishes),
+            channel_messages: self
+                .channel_messages
+                .saturating_sub(before.channel_messages),
+            forwarded: self.forwarded.saturating_sub(before.forwarded),
+            served: self.served.saturating_sub(before.served),
+            messages_stored: self.messages_stored.saturating_sub(before.messages_stored),
+            pushes: self.pushes.saturating_sub(before.pushes),
+        }
+    }
 }
 
 /// CPU time a process (all its threads) has used, user + system, in nanoseconds:
@@ -381,6 +443,26 @@ mod tests {
                     imshard_connections{shard=\"0\"} 9\n";
         assert_eq!(parse_connections_total(text), Some(7));
         assert_eq!(parse_connections_total("imshard_connections 1\n"), None);
+    }
+
+    #[test]
+    fn node_counters_parse_and_subtract() {
+        let text = "imshard_cluster_nodes{shard=\"0\"} 3\nimshard_cluster_nodes{shard=\"1\"} 3\n\
+                    imshard_publishes_total{shard=\"0\"} 10\nimshard_publishes_total{shard=\"1\"} 5\n\
+                    imshard_channel_messages_total{shard=\"0\"} 7\n\
+                    imshard_pushes_total{shard=\"0\"} 99\n";
+        let c = NodeCounters::parse(text);
+        assert_eq!(c.cluster_nodes, 6);
+        assert_eq!(c.publishes, 15);
+        assert_eq!(c.channel_messages, 7);
+        assert_eq!(c.pushes, 99);
+        assert_eq!(c.forwarded, 0);
+        let before = NodeCounters {
+            publishes: 5,
+            ..NodeCounters::default()
+        };
+        assert_eq!(c.since(&before).publishes, 10);
+        assert_eq!(c.since(&before).cluster_nodes, 6);
     }
 
     #[test]
