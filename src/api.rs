@@ -49,7 +49,7 @@ async fn healthz(shard: &Rc<Shard>, ka: bool) -> Vec<u8> {
 
 /// Every metric: name, Prometheus type, help. One value per shard each, in this order
 /// (see [`metric_values`]).
-pub const METRICS: [(&str, &str, &str); 22] = [
+pub const METRICS: [(&str, &str, &str); 29] = [
     ("imshard_connections", "gauge", "open WebSocket connections"),
     (
         "imshard_connections_total",
@@ -156,14 +156,24 @@ pub const METRICS: [(&str, &str, &str); 22] = [
         "counter",
         "cluster mode: RESYNC notices after a subscription came back",
     ),
+    crate::eventlog::METRICS[0],
+    crate::eventlog::METRICS[1],
+    crate::eventlog::METRICS[2],
+    crate::eventlog::METRICS[3],
+    crate::eventlog::METRICS[4],
+    crate::eventlog::METRICS[5],
+    crate::eventlog::METRICS[6],
 ];
 
 /// This shard's values for [`METRICS`] (the last one in microseconds).
-pub fn metric_values(shard: &Shard) -> [u64; 22] {
+pub fn metric_values(shard: &Shard) -> [u64; 29] {
     let c = &shard.counters;
     let (rounds, slow, micros) = shard.store.sync_stats();
     let node = shard.node.get();
     let routes = node.and_then(|n| n.routes.get());
+    let ev = shard.events.get().map_or([0; 7], |e| {
+        e.log.stats().metric_values(Some(&e.outbox.stats()))
+    });
     [
         c.connections.get(),
         c.connections_total.get(),
@@ -187,6 +197,13 @@ pub fn metric_values(shard: &Shard) -> [u64; 22] {
         routes.map_or(0, |r| r.received.get()),
         routes.map_or(0, |r| r.held() as u64),
         routes.map_or(0, |r| r.resyncs.get()),
+        ev[0],
+        ev[1],
+        ev[2],
+        ev[3],
+        ev[4],
+        ev[5],
+        ev[6],
     ]
 }
 

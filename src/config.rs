@@ -248,6 +248,15 @@ config_keys! {
         cluster_lease: Duration = Duration::from_secs(6), parse_duration,
             "DURATION", "IMSHARD_CLUSTER_LEASE", "6s", "duration, 300ms-10s",
             "cluster mode: a node that has not renewed its lease in Redis for this long is out of the cluster and its conversations move to the others";
+        kafka_brokers: String = String::new(), parse_text,
+            "HOST:PORT,..", "IMSHARD_KAFKA_BROKERS", "(none: no event log)", "host:port list",
+            "with `--store redis`: produce every stored message, recall, read mark and membership change (keyed by conv_id) to kafka_topic, and offline pushes to kafka_offline_topic, through a durable outbox in Redis";
+        kafka_topic: String = "imshard.events".to_string(), parse_text,
+            "TOPIC", "IMSHARD_KAFKA_TOPIC", "imshard.events", "topic name",
+            "the event log's topic (records: src/proto/events.proto)";
+        kafka_offline_topic: String = "imshard.offline".to_string(), parse_text,
+            "TOPIC", "IMSHARD_KAFKA_OFFLINE_TOPIC", "imshard.offline", "topic name",
+            "offline-push events (a recipient with no device online), keyed by the user";
         cache_bytes: usize = 256 << 20, parse_bytes,
             "BYTES", "IMSHARD_CACHE_BYTES", "256MiB", "bytes for the whole process",
             "memory for cached conversation rows, conversation states and group member lists (split over the shards); the least recently used idle entries are evicted past it";
@@ -556,6 +565,20 @@ impl Config {
         }
         if self.max_connections == 0 {
             return bad("max_connections must be at least 1".into());
+        }
+        if !self.kafka_brokers.is_empty() {
+            if let Err(e) = crate::eventlog::EventLogConfig::parse_brokers(&self.kafka_brokers) {
+                return bad(e.to_string());
+            }
+            if self.store != StoreKind::Redis {
+                return bad(
+                    "kafka_brokers (the event log) needs store = redis: its outbox is in Redis"
+                        .into(),
+                );
+            }
+            if self.kafka_topic.is_empty() || self.kafka_offline_topic.is_empty() {
+                return bad("kafka_topic and kafka_offline_topic must not be empty".into());
+            }
         }
         if !self.node_id.is_empty() {
             if let Err(e) = crate::cluster::NodeId::new(self.node_id.clone()) {

@@ -137,9 +137,23 @@ fn serve(cfg: Config) -> Result<(), StartError> {
     let secret: Arc<[u8]> = secret.into();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, StartError>>();
-    for parts in ring::mesh(cfg.shards).map_err(StartError::Mesh)? {
+    let mesh = ring::mesh(cfg.shards).map_err(StartError::Mesh)?;
+    // The Kafka event log: one producer for the process, a link per shard.
+    let (kafka, mut kafka_links) = if cfg.kafka_brokers.is_empty() {
+        (None, Vec::new())
+    } else {
+        let shard_bells = mesh.iter().map(|p| p.bell()).collect();
+        let (log, links) = crate::eventlog::KafkaLog::start(&eventlog_config(&cfg), shard_bells)
+            .map_err(|e| StartError::Shard {
+                shard: 0,
+                error: format!("Kafka event log: {e}"),
+            })?;
+        (Some(log), links.into_iter().map(Some).collect())
+    };
+    for parts in mesh {
         let id = parts.id();
         bells.push(parts.bell());
+        let kafka_link = kafka_links.get_mut(id).and_then(Option::take);
         let global = global.clone();
         let drained = drained_tx.clone();
         let cfg = cfg.clone();
@@ -173,6 +187,7 @@ fn serve(cfg: Config) -> Result<(), StartError> {
                     global,
                     ready,
                     drained,
+                    kafka: kafka_link,
                 };
                 rt.block_on(shard_main(started, parts));
             })
@@ -218,8 +233,30 @@ fn serve(cfg: Config) -> Result<(), StartError> {
             break;
         }
     }
+    if let Some(k) = kafka {
+        // What the outboxes hold and is not yet in Kafka is produced on the next start.
+        if let Err(e) = k.shutdown(std::time::Duration::from_secs(2)) {
+            tracing::warn!(error = %e, "the Kafka producer did not flush in time; the outbox keeps what is not yet produced");
+        }
+    }
     tracing::info!("stopped; every answered message is durable");
     Ok(())
+}
+
+/// The event log's settings from the config.
+fn eventlog_config(cfg: &Config) -> crate::eventlog::EventLogConfig {
+    crate::eventlog::EventLogConfig {
+        brokers: crate::eventlog::EventLogConfig::parse_brokers(&cfg.kafka_brokers)
+            .unwrap_or_default(),
+        topic: cfg.kafka_topic.clone(),
+        offline_topic: cfg.kafka_offline_topic.clone(),
+        node: if cfg.node_id.is_empty() {
+            "imshard".into()
+        } else {
+            cfg.node_id.clone()
+        },
+        ..crate::eventlog::EventLogConfig::default()
+    }
 }
 
 /// What a shard thread starts with.
@@ -232,6 +269,8 @@ struct Started {
     ready: mpsc::Sender<Result<usize, StartError>>,
     /// Told the shard's id once it drained after a shutdown signal.
     drained: mpsc::Sender<usize>,
+    /// This shard's link to the Kafka producer (`--kafka-brokers`).
+    kafka: Option<crate::eventlog::ShardLink>,
 }
 
 async fn shard_main(
@@ -246,6 +285,7 @@ async fn shard_main(
         global,
         ready,
         drained,
+        kafka,
     } = started;
     let fail = |error: String| {
         let _ = ready.send(Err(StartError::Shard { shard: id, error }));
@@ -296,6 +336,27 @@ async fn shard_main(
         if let Err(e) = start_cluster(&shard) {
             return fail(e);
         }
+    }
+    if let Some(link) = kafka {
+        let log = crate::eventlog::EventLog::new(link);
+        let node = if shard.cfg.clustered() {
+            shard.cfg.node_id.clone()
+        } else {
+            "imshard".to_string()
+        };
+        let outbox = match shard.store.start_outbox(&node, id, log.clone()) {
+            Ok(o) => o,
+            Err(e) => return fail(e.to_string()),
+        };
+        let events = crate::chat::events::Events {
+            origin: crate::eventlog::record::Origin {
+                node,
+                shard: id as u32,
+            },
+            log: log.clone(),
+            outbox,
+        };
+        let _ = shard.events.set(events);
     }
     {
         let shard = shard.clone();

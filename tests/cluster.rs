@@ -23,22 +23,26 @@ struct Cluster {
 }
 
 fn start_node(redis: &RedisServer, id: &str) -> Server {
+    start_node_with(redis, id, &[])
+}
+
+fn start_node_with(redis: &RedisServer, id: &str, more: &[&str]) -> Server {
     let link = format!("127.0.0.1:{}", free_port());
-    Server::start(
-        2,
-        &[
-            "--store",
-            "redis",
-            "--redis-url",
-            &redis.url(),
-            "--node-id",
-            id,
-            "--node-listen",
-            &link,
-            "--cluster-lease",
-            LEASE,
-        ],
-    )
+    let url = redis.url();
+    let mut args = vec![
+        "--store",
+        "redis",
+        "--redis-url",
+        &url,
+        "--node-id",
+        id,
+        "--node-listen",
+        &link,
+        "--cluster-lease",
+        LEASE,
+    ];
+    args.extend_from_slice(more);
+    Server::start(2, &args)
 }
 
 impl Cluster {
@@ -49,11 +53,19 @@ impl Cluster {
 
     /// `n` nodes on `redis`.
     fn start_on(redis: RedisServer, n: usize) -> Option<Cluster> {
+        Cluster::start_with(redis, n, &[])
+    }
+
+    /// `n` nodes on `redis`, each with `more` flags.
+    fn start_with(redis: RedisServer, n: usize, more: &[&str]) -> Option<Cluster> {
         let ids: Vec<String> = ["n1", "n2", "n3"][..n]
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let nodes: Vec<Server> = ids.iter().map(|id| start_node(&redis, id)).collect();
+        let nodes: Vec<Server> = ids
+            .iter()
+            .map(|id| start_node_with(&redis, id, more))
+            .collect();
         let c = Cluster { redis, nodes, ids };
         c.wait_formed(n as u64);
         Some(c)
@@ -513,4 +525,82 @@ fn a_node_stopped_gracefully_leaves_and_the_others_carry_on() {
         }
     };
     assert_eq!(r.seq, 2);
+}
+
+#[test]
+fn events_of_a_conversation_reach_kafka_in_seq_order_and_offline_users_get_offline_pushes() {
+    let Some(kafka) = common::tansu::Tansu::start(&["imshard.events", "imshard.offline"]) else {
+        return;
+    };
+    let brokers = kafka.brokers();
+    let redis = RedisServer::start();
+    let Some(c) = redis.and_then(|r| Cluster::start_with(r, 3, &["--kafka-brokers", &brokers]))
+    else {
+        return;
+    };
+    let conv = p2p("kf_alice", "kf_bob");
+    let mut a = c.nodes[0].connect("kf_alice", "d");
+    // bob is offline for the first ten messages.
+    for i in 1..=10 {
+        let r = a
+            .send_p2p("kf_bob", &format!("k{i}"), &format!("m{i}"))
+            .expect("send");
+        assert_eq!(r.seq, i);
+    }
+    let offline = common::tansu::consume(&brokers, "imshard.offline", 10);
+    let mut seqs: Vec<i64> = offline
+        .iter()
+        .map(|g| match &g.event.body {
+            Some(imshard::proto::events_pb::event::Body::OfflinePush(p)) => {
+                assert_eq!(p.user, "kf_bob");
+                assert_eq!(g.key, b"kf_bob");
+                p.seq
+            }
+            other => panic!("not an offline push: {other:?}"),
+        })
+        .collect();
+    seqs.sort();
+    assert_eq!(seqs, (1..=10).collect::<Vec<i64>>());
+    // bob comes online on n3, reads, and alice recalls the last message.
+    let mut b = c.nodes[2].connect("kf_bob", "d");
+    wait_channels(&c.nodes[2], 1);
+    let r = a.send_p2p("kf_bob", "k11", "m11").expect("send");
+    assert_eq!(b.next_push().expect("push").seq, r.seq);
+    let mr = b.request(Body::MarkRead(pb::MarkReadRequest {
+        conv_id: conv.clone(),
+        read_seq: 11,
+    }));
+    assert_eq!(mr.code, 0, "{}", mr.message);
+    let rc = a.request(Body::Recall(pb::RecallMessageRequest {
+        conv_id: conv.clone(),
+        msg_id: r.msg_id.clone(),
+    }));
+    assert_eq!(rc.code, 0, "{}", rc.message);
+    // 11 stored, 1 read mark, 1 recall, in the conversation's order on one partition.
+    let got = common::tansu::consume(&brokers, "imshard.events", 13);
+    let mine: Vec<_> = got.iter().filter(|g| g.event.conv_id == conv).collect();
+    assert_eq!(mine.len(), 13, "{got:?}");
+    assert!(mine
+        .iter()
+        .all(|g| g.partition == mine[0].partition && g.key == conv.as_bytes()));
+    let stored: Vec<i64> = mine
+        .iter()
+        .filter(|g| {
+            matches!(
+                g.event.body,
+                Some(imshard::proto::events_pb::event::Body::Stored(_))
+            )
+        })
+        .map(|g| g.event.seq)
+        .collect();
+    assert_eq!(stored, (1..=11).collect::<Vec<i64>>(), "in seq order");
+    assert!(matches!(
+        mine.last().and_then(|g| g.event.body.as_ref()),
+        Some(imshard::proto::events_pb::event::Body::Recalled(_))
+    ));
+    assert!(mine.iter().any(|g| matches!(
+        &g.event.body,
+        Some(imshard::proto::events_pb::event::Body::ReadMark(m)) if m.read_seq == 11 && m.user == "kf_bob"
+    )));
+    drop(b);
 }

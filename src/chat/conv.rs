@@ -457,6 +457,9 @@ fn store_new(shard: &Rc<Shard>, reply: ReplyTo<Sent>, cmd: SendCmd) {
     };
     let mut write = WriteSet::new();
     write.message(&msg);
+    super::events::stage(shard, &mut write, |o| {
+        crate::eventlog::record::message_stored(o, &msg)
+    });
     if has_key {
         write.dedupe(
             &cmd.conv_id,
@@ -496,10 +499,18 @@ fn store_new(shard: &Rc<Shard>, reply: ReplyTo<Sent>, cmd: SendCmd) {
                     .stats
                     .messages_stored
                     .set(shard.stats.messages_stored.get() + 1);
+                super::events::notify(&shard);
                 let body = sent(&msg.msg_id, &msg.conv_id, seq, send_time);
                 shard.reply(reply, Ok(body.clone()));
                 for w in waiters {
                     shard.reply(w, Ok(body.clone()));
+                }
+                if super::events::origin(&shard).is_some() {
+                    let recipients: Vec<String> = members
+                        .iter()
+                        .flat_map(|l| l.iter().map(|u| u.to_string()))
+                        .collect();
+                    super::events::offline_pushes(&shard, &msg, recipients);
                 }
                 fan_out(&shard, &msg, members, Vec::new(), &[], &cmd.sender_device);
             }
@@ -819,6 +830,17 @@ pub async fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo<Recalled>, cmd: Rec
     };
     let mut write = WriteSet::new();
     write.message_update(&msg);
+    let recall_time = now_ms();
+    super::events::stage(shard, &mut write, |o| {
+        crate::eventlog::record::message_recalled(
+            o,
+            &msg.conv_id,
+            msg.seq,
+            &msg.msg_id,
+            &cmd.operator,
+            recall_time,
+        )
+    });
     // Who hears of it, taken now: the state may be evicted while the write waits.
     let members = match ConvRef::parse(&msg.conv_id) {
         Ok(conv) => members_of(shard, &msg.conv_id, &conv),
@@ -834,12 +856,13 @@ pub async fn handle_recall(shard: &Rc<Shard>, reply: ReplyTo<Recalled>, cmd: Rec
             )
         }
     }
+    super::events::notify(shard);
     shard.reply(reply, Ok(ok));
     let notice = RecallNotice {
         conv_id: msg.conv_id.clone(),
         msg_id: msg.msg_id.clone(),
         operator: cmd.operator.clone(),
-        recall_time: now_ms(),
+        recall_time,
         seq: msg.seq,
     };
     let frame = notice_frame(kind::MSG_RECALL, &notice);

@@ -149,6 +149,17 @@ async fn update_row(
     conv_id: &str,
     f: impl FnOnce(&mut ConvRow),
 ) -> Result<ConvRow, ApiError> {
+    update_row_and(shard, user, conv_id, f, |_, _| {}).await
+}
+
+/// [`update_row`], with `extra` adding to the same atomic write (an event).
+async fn update_row_and(
+    shard: &Rc<Shard>,
+    user: &str,
+    conv_id: &str,
+    f: impl FnOnce(&mut ConvRow),
+    extra: impl FnOnce(&ConvRow, &mut WriteSet),
+) -> Result<ConvRow, ApiError> {
     let row = user::with_rows(shard, user, |rows| {
         rows.get_mut(conv_id).map(|row| {
             f(row);
@@ -160,6 +171,7 @@ async fn update_row(
     .ok_or(ApiError::NotFound("no such conversation"))?;
     let mut write = WriteSet::new();
     write.row(user, conv_id, &row);
+    extra(&row, &mut write);
     let durable = shard.store.stage(write);
     user::note_row_write(shard, user);
     match durable.await {
@@ -203,10 +215,25 @@ pub async fn mark_read(
         .await?
         .map_or(0, |r| r.read_seq);
     let row = if wanted > before {
-        let row = update_row(shard, &caller.user, &req.conv_id, |r| {
-            r.read_seq = r.read_seq.max(wanted)
-        })
+        let row = update_row_and(
+            shard,
+            &caller.user,
+            &req.conv_id,
+            |r| r.read_seq = r.read_seq.max(wanted),
+            |row, write| {
+                super::events::stage(shard, write, |o| {
+                    crate::eventlog::record::read_mark(
+                        o,
+                        &caller.user,
+                        &caller.device,
+                        &req.conv_id,
+                        row.read_seq,
+                    )
+                })
+            },
+        )
         .await?;
+        super::events::notify(shard);
         let frame = notice_frame(
             kind::MSG_MARK_READ,
             &MarkReadNotice {

@@ -150,6 +150,22 @@ fn commit<T: Send + 'static>(
         joined,
     } = change;
     write.message(&msg);
+    super::events::stage(shard, &mut write, |o| {
+        crate::eventlog::record::message_stored(o, &msg)
+    });
+    super::events::stage(shard, &mut write, |o| {
+        crate::eventlog::record::membership_changed(
+            o,
+            msg.seq,
+            crate::proto::events_pb::MembershipChanged {
+                conv_id: msg.conv_id.clone(),
+                added: joined.clone(),
+                removed: removed.clone(),
+                operator: msg.from_uuid.clone(),
+                ..Default::default()
+            },
+        )
+    });
     // In staging order with the group's other messages (see `conv::handle_send`).
     let shard2 = shard.clone();
     shard.store.stage_then(write, move |result| {
@@ -159,6 +175,7 @@ fn commit<T: Send + 'static>(
                 if let Some(c) = shard.convs.borrow_mut().get_mut(&msg.conv_id) {
                     c.durable_seq = c.durable_seq.max(msg.seq);
                 }
+                super::events::notify(&shard);
                 shard.reply(reply, Ok(body));
                 fan_out(&shard, &msg, fanout, removed, &joined, &device);
             }

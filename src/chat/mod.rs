@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cache;
 pub mod conv;
 pub mod convlist;
+pub mod events;
 pub mod fanout;
 pub mod filter;
 pub mod group;
@@ -80,6 +81,8 @@ pub struct Chat {
     pub stats: Stats,
     /// Cluster mode: this node's view of the cluster (unset on a single node).
     pub node: std::cell::OnceCell<node::NodeCtx>,
+    /// The Kafka event log (`--kafka-brokers`; unset without it).
+    pub events: std::cell::OnceCell<events::Events>,
 }
 
 /// Counters of one shard's chat service, read by /metrics.
@@ -106,6 +109,7 @@ impl Chat {
             fanout_queued: Cell::new(0),
             stats: Stats::default(),
             node: std::cell::OnceCell::new(),
+            events: std::cell::OnceCell::new(),
         }
     }
 }
@@ -165,6 +169,9 @@ impl crate::shard::Service for Chat {
 
     fn on_bell(&self) {
         self.store.wake_local();
+        if let Some(e) = self.events.get() {
+            e.log.wake_local();
+        }
     }
 }
 

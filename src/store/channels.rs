@@ -163,3 +163,48 @@ impl ShardStore {
             .map_err(|e| StoreError::Read(format!("redis: {e}")))
     }
 }
+
+/// A shard's Kafka outbox on the store's Redis (`store::redis::outbox`), drained into
+/// the shard's [`crate::eventlog::EventLog`] by a pump task.
+pub struct OutboxHandle {
+    pump: Rc<crate::eventlog::OutboxPump<super::redis::outbox::RedisOutbox>>,
+    /// The tag of the outbox stream (what [`super::WriteSet::event`] takes).
+    pub tag: String,
+}
+
+impl OutboxHandle {
+    /// The outbox has new entries (after a durable batch that added some).
+    pub fn notify(&self) {
+        self.pump.notify();
+    }
+
+    pub fn stats(&self) -> crate::eventlog::PumpStats {
+        self.pump.stats()
+    }
+
+    pub fn stop(&self) {
+        self.pump.stop();
+    }
+}
+
+impl ShardStore {
+    /// Starts the outbox pump of shard `shard` of node `node`: whatever an earlier run
+    /// left in the outbox is produced first.
+    pub fn start_outbox(
+        &self,
+        node: &str,
+        shard: usize,
+        log: crate::eventlog::EventLog,
+    ) -> Result<OutboxHandle, StoreError> {
+        let conn = self
+            .redis_conn()
+            .cloned()
+            .ok_or_else(|| StoreError::Open("the Kafka event log needs --store redis".into()))?;
+        let key = super::redis::outbox::outbox_key(node, shard);
+        let tag = format!("outbox:{node}:{shard}");
+        let outbox = super::redis::outbox::RedisOutbox::new(conn, key);
+        let pump =
+            crate::eventlog::OutboxPump::start(outbox, log, crate::eventlog::PumpConfig::default());
+        Ok(OutboxHandle { pump, tag })
+    }
+}

@@ -44,6 +44,11 @@ pub enum Ks {
     Rows = 3,
     Groups = 4,
     Members = 5,
+    /// An event for the Kafka event log's outbox (the Redis backend only: a stream
+    /// entry in the same round as the data it reports; the embedded backend, which
+    /// runs no event log, skips it). Key: the outbox's tag; value: see
+    /// [`WriteSet::event`].
+    Outbox = 6,
 }
 
 const KEYSPACES: [&str; 6] = ["msgs", "msgids", "dedupe", "rows", "groups", "members"];
@@ -893,6 +898,24 @@ impl WriteSet {
         self
     }
 
+    /// An event for the Kafka event log, written with the rest of this set (the outbox
+    /// stream `outbox`, see `store::redis::outbox`): its topic code, record key and
+    /// value, as `topic \0 key \0 value`.
+    pub fn event(&mut self, outbox: &str, topic: &str, key: &[u8], value: &[u8]) -> &mut Self {
+        let mut v = Vec::with_capacity(topic.len() + key.len() + value.len() + 2);
+        v.extend_from_slice(topic.as_bytes());
+        v.push(0);
+        v.extend_from_slice(key);
+        v.push(0);
+        v.extend_from_slice(value);
+        self.puts.push(Put {
+            ks: Ks::Outbox,
+            key: outbox.as_bytes().to_vec(),
+            value: Some(v),
+        });
+        self
+    }
+
     pub fn row(&mut self, user: &str, conv: &str, row: &ConvRow) -> &mut Self {
         self.puts.push(Put {
             ks: Ks::Rows,
@@ -1004,6 +1027,9 @@ fn sync_thread(
                     }
                     let mut batch = db.batch();
                     for p in puts {
+                        if p.ks == Ks::Outbox {
+                            continue;
+                        }
                         match p.value {
                             Some(v) => batch.insert(&ks[p.ks as usize], p.key, v),
                             None => batch.remove(&ks[p.ks as usize], p.key),

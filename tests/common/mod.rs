@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use imshard::proto::pb::{self, client_frame::Body, ClientFrame, MessageEnvelope, MsgItem};
 
 pub mod redis_server;
+pub mod tansu;
 use prost::Message as _;
 use tungstenite::protocol::WebSocket;
 

@@ -651,6 +651,8 @@ while a <= n do
     redis.call('SET', k, ARGV[a])
   elseif op == 'k' then
     redis.call('DEL', k)
+  elseif op == 'x' then
+    redis.call('XADD', k, '*', unpack(ARGV, a, a + c - 1))
   else
     return redis.error_reply('ERR imshard round script: unknown op ' .. op)
   end
@@ -694,6 +696,8 @@ enum Op<'a> {
     HDel(Vec<Arg<'a>>),
     Set(&'a [u8]),
     Del,
+    /// An outbox stream entry: topic, record key, value (fields `t`, `k`, `v`).
+    XAdd([&'a [u8]; 3]),
 }
 
 /// The writes of a round, grouped by key: consecutive writes of one hash become one
@@ -759,6 +763,24 @@ impl<'a> Round<'a> {
     /// Adds one staged write (one that does not parse, which the store's own key
     /// builders never make, is skipped).
     fn add(&mut self, p: &'a Put) {
+        if p.ks == Ks::Outbox {
+            // `topic \0 key \0 value` (see `WriteSet::event`), into the stream
+            // `im:{<outbox tag>}:x` (see `super::outbox::outbox_key`).
+            let Some(v) = p.value.as_deref() else { return };
+            let mut parts = v.splitn(3, |b| *b == 0);
+            let (Some(t), Some(key), Some(value)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return;
+            };
+            let k = self.key(KeyName {
+                tag: p.key.as_slice(),
+                suffix: b"x",
+                day: None,
+            });
+            self.ops.push((k, Op::XAdd([t, key, value])));
+            self.last_op[k] = self.ops.len() - 1;
+            return;
+        }
         let Some(at) = p.key.iter().position(|b| *b == 0) else {
             if p.ks == Ks::Groups {
                 self.string(p.key.as_slice(), b"g", p.value.as_deref());
@@ -816,7 +838,7 @@ impl<'a> Round<'a> {
                 let member = p.value.as_ref().map(|_| &b"1"[..]);
                 self.field(rest, b"gs", None, Arg::Bytes(tag), member);
             }
-            Ks::Groups => {}
+            Ks::Groups | Ks::Outbox => {}
         }
     }
 
@@ -889,6 +911,7 @@ impl<'a> Round<'a> {
                     Op::HSet(a) | Op::HDel(a) => a.len(),
                     Op::Set(_) => 1,
                     Op::Del => 0,
+                    Op::XAdd(_) => 6,
                 }
             })
             .sum::<usize>()
@@ -914,6 +937,7 @@ impl<'a> Round<'a> {
                 Op::HDel(a) => (b"d", a.len()),
                 Op::Set(_) => (b"s", 1),
                 Op::Del => (b"k", 0),
+                Op::XAdd(_) => (b"x", 6),
             };
             resp::bulk(out, code);
             resp::int(out, *k as i64 + 1);
@@ -929,6 +953,12 @@ impl<'a> Round<'a> {
                 }
                 Op::Set(v) => resp::bulk(out, v),
                 Op::Del => {}
+                Op::XAdd([t, key, v]) => {
+                    for (name, value) in [(b"t", t), (b"k", key), (b"v", v)] {
+                        resp::bulk(out, name);
+                        resp::bulk(out, value);
+                    }
+                }
             }
         }
         for (k, at) in &self.expire_at {
