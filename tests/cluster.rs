@@ -604,3 +604,88 @@ fn events_of_a_conversation_reach_kafka_in_seq_order_and_offline_users_get_offli
     )));
     drop(b);
 }
+
+#[test]
+fn under_concurrent_load_a_killed_node_loses_no_acknowledged_message() {
+    const SENDERS: usize = 6;
+    const PER_SENDER: usize = 150;
+    let Some(mut c) = Cluster::start() else {
+        return;
+    };
+    // Six conversations (their owners spread over the nodes), senders on n1 and n2.
+    let addrs = [c.nodes[0].addr, c.nodes[1].addr];
+    let tokens: Vec<(String, String, String)> = (0..SENDERS)
+        .map(|i| {
+            let (from, to) = (format!("load_s{i}"), format!("load_r{i}"));
+            let token = c.nodes[0].token(&from, "d");
+            (from, to, token)
+        })
+        .collect();
+    let workers: Vec<_> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, (from, to, token))| {
+            let addr = addrs[i % 2];
+            std::thread::spawn(move || {
+                let mut client = Client::connect(addr, &token);
+                let mut acked: Vec<(String, i64)> = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut k = 0;
+                while k < PER_SENDER {
+                    match client.send_p2p(&to, &format!("{from}-{k}"), &format!("{k}")) {
+                        Ok(r) => {
+                            acked.push((r.msg_id, r.seq));
+                            k += 1;
+                        }
+                        Err(50301) => {
+                            assert!(Instant::now() < deadline, "sends did not recover");
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        Err(code) => panic!("{from}: send {k} answered {code}"),
+                    }
+                }
+                (from, to, acked, client)
+            })
+        })
+        .collect();
+    // Kill n3 while the senders run.
+    std::thread::sleep(Duration::from_millis(400));
+    c.nodes[2].kill9();
+    c.nodes.remove(2);
+    for w in workers {
+        let (from, to, acked, mut client) = w.join().expect("sender thread");
+        let conv = p2p(&from, &to);
+        let mut all = Vec::new();
+        let mut anchor = 0;
+        loop {
+            let page = client
+                .pull(&conv, anchor, 100, PullDirection::Forward)
+                .expect("pull");
+            anchor = page.messages.last().map_or(anchor, |m| m.seq);
+            let more = page.has_more;
+            all.extend(page.messages);
+            if !more {
+                break;
+            }
+        }
+        let seqs: Vec<i64> = all.iter().map(|m| m.seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=PER_SENDER as i64).collect::<Vec<_>>(),
+            "{conv}: contiguous, one message per acknowledged send"
+        );
+        for (msg_id, seq) in &acked {
+            assert_eq!(
+                &all[(*seq - 1) as usize].msg_id,
+                msg_id,
+                "{conv}: acked and stored"
+            );
+        }
+        let contents: Vec<String> = all.iter().map(|m| m.content.clone()).collect();
+        assert_eq!(
+            contents,
+            (0..PER_SENDER).map(|k| k.to_string()).collect::<Vec<_>>(),
+            "{conv}: each send stored once, in order"
+        );
+    }
+}
