@@ -612,11 +612,16 @@ fn under_concurrent_load_a_killed_node_loses_no_acknowledged_message() {
     let Some(mut c) = Cluster::start() else {
         return;
     };
-    // Six conversations (their owners spread over the nodes), senders on n1 and n2.
+    // Six conversations, two owned by each node; senders on n1 and n2.
     let addrs = [c.nodes[0].addr, c.nodes[1].addr];
     let tokens: Vec<(String, String, String)> = (0..SENDERS)
         .map(|i| {
-            let (from, to) = (format!("load_s{i}"), format!("load_r{i}"));
+            // Conversation i is owned by node i % 3 (two of them by the node killed).
+            let live = ["n1", "n2", "n3"];
+            let (from, to) = (0..10_000)
+                .map(|j| (format!("load_s{i}_{j}"), format!("load_r{i}_{j}")))
+                .find(|(f, t)| c.owner(&live, &p2p(f, t)) == i % 3)
+                .expect("a conversation for that node");
             let token = c.nodes[0].token(&from, "d");
             (from, to, token)
         })
