@@ -294,6 +294,13 @@ fn config(brokers: &str, topic: &str, offline: &str) -> EventLogConfig {
 /// Starts the producer for one shard and its [`EventLog`] on the current runtime, with
 /// the bell listener a shard runs.
 fn start_log(cfg: &EventLogConfig) -> (KafkaLog, EventLog) {
+    // IMSHARD_TEST_LOG=imshard=debug shows librdkafka's log and the log's warnings.
+    if let Ok(filter) = std::env::var("IMSHARD_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let bell = Arc::new(Bell::new().expect("eventfd"));
     let (kafka, mut links) = KafkaLog::start(cfg, vec![bell.clone()]).expect("producer");
     let log = EventLog::new(links.remove(0));
@@ -692,7 +699,7 @@ fn measure_throughput_and_confirmation_latency() {
             cfg.linger_ms = ms;
         }
         let linger = cfg.linger_ms;
-        let (_kafka, log) = start_log(&cfg);
+        let (kafka, log) = start_log(&cfg);
         let convs: Vec<String> = (0..64).map(|i| format!("grp:bench{i}")).collect();
         let value = record::message_stored(&origin(), &msg("grp:bench0", 1)).value;
         let bytes = value.len();
@@ -701,7 +708,18 @@ fn measure_throughput_and_confirmation_latency() {
         let total = 200_000u64;
         let start = Instant::now();
         let mut seq = 0u64;
+        let mut progress = (0, Instant::now());
         while seq < total {
+            let d = log.delivered();
+            if d != progress.0 {
+                progress = (d, Instant::now());
+            }
+            assert!(
+                progress.1.elapsed() < PATIENCE,
+                "stuck: {:?}, librdkafka holds {}",
+                log.stats(),
+                kafka.in_flight()
+            );
             let room = log.room() as u64;
             let n = room.min(total - seq).min(4096);
             for _ in 0..n {
