@@ -664,6 +664,45 @@ fn a_record_that_fails_is_retried_and_holds_the_cursor() {
     });
 }
 
+/// The backlog kept at a tiny cap, refilled as soon as anything is confirmed: every
+/// append must still go out (a record confirmed while the producer thread had not yet
+/// taken it off the ring once let the shard overfill the ring and lose an append).
+#[test]
+fn a_backlog_kept_at_its_cap_loses_no_append() {
+    let Some(tansu) = Tansu::start(&["c.events", "c.offline"]) else {
+        return;
+    };
+    let brokers = tansu.brokers();
+    runtime().block_on(async move {
+        let mut cfg = config(&brokers, "c.events", "c.offline");
+        cfg.max_records = 4;
+        let (_kafka, log) = start_log(&cfg);
+        let total = 5_000u64;
+        let mut seq = 0u64;
+        let mut progress = (0, Instant::now());
+        while seq < total {
+            let d = log.delivered();
+            if d != progress.0 {
+                progress = (d, Instant::now());
+            }
+            assert!(progress.1.elapsed() < PATIENCE, "stuck: {:?}", log.stats());
+            for _ in 0..log.room() {
+                seq += 1;
+                let r = record::message_stored(&origin(), &msg("grp:cap", seq as i64));
+                log.append(r.topic, &r.key, r.value)
+                    .expect("room was there");
+            }
+            imshard::rt::yield_now().await;
+        }
+        assert!(delivered(&log, total).await, "{:?}", log.stats());
+        let s = log.stats();
+        assert_eq!((s.appended, s.produced, s.backlog), (total, total, 0));
+        let got = consume(&brokers, "c.events", total as usize);
+        let seqs: Vec<i64> = got.iter().map(|g| g.event.seq).collect();
+        assert_eq!(seqs, (1..=total as i64).collect::<Vec<_>>());
+    });
+}
+
 fn fast_pump() -> PumpConfig {
     PumpConfig {
         poll_interval: Duration::from_millis(50),
