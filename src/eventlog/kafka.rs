@@ -16,7 +16,7 @@ use std::thread::{JoinHandle, Thread};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
@@ -83,6 +83,26 @@ fn opaque(shard: usize, pos: u64) -> usize {
 }
 
 impl ClientContext for Ctx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "imshard::eventlog", "librdkafka {fac}: {message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "imshard::eventlog", "librdkafka {fac}: {message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "imshard::eventlog", "librdkafka {fac}: {message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "imshard::eventlog", "librdkafka {fac}: {message}")
+            }
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         self.client_errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(target: "imshard::eventlog", "kafka: {error}: {reason}");
@@ -284,11 +304,24 @@ fn feed(
     topics: [String; 2],
     stop: Arc<AtomicBool>,
 ) {
+    // A record librdkafka refused with QueueFull, per shard: offered again first.
+    // Records are taken off the ring *before* they are offered: once offered, the
+    // record can be delivered, reported and drained by the shard, which then appends
+    // more, so a record still on the ring after its send would take a slot the shard
+    // counts as free (the ring would overflow by one and lose an append).
+    let mut held: Vec<Option<Outgoing>> = rings.iter().map(|_| None).collect();
     while !stop.load(Ordering::Acquire) {
         let mut moved = 0usize;
         let mut full = false;
         for (shard, ring) in rings.iter_mut().enumerate() {
-            while let Ok(item) = ring.peek() {
+            loop {
+                let item = match held[shard].take() {
+                    Some(item) => item,
+                    None => match ring.pop() {
+                        Ok(item) => item,
+                        Err(_) => break,
+                    },
+                };
                 let topic = &topics[item.topic as usize];
                 let record = BaseRecord::with_opaque_to(topic, opaque(shard, item.pos))
                     .key(&item.key[..])
@@ -296,22 +329,19 @@ fn feed(
                 match producer.send(record) {
                     Ok(()) => {}
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        // librdkafka holds its maximum: leave the record at the head
-                        // of the ring and come back after a short sleep.
+                        // librdkafka holds its maximum: keep the record and come back
+                        // after a short sleep.
+                        held[shard] = Some(item);
                         full = true;
                         break;
                     }
                     Err((e, _)) => {
                         // Refused at once (too large, bad topic name...): report it.
-                        let pos = item.pos;
                         rets[shard].report(Confirm {
-                            pos,
+                            pos: item.pos,
                             result: Err(e.to_string()),
                         });
                     }
-                }
-                if let Ok(chunk) = ring.read_chunk(1) {
-                    chunk.commit_all();
                 }
                 moved += 1;
             }

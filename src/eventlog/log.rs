@@ -128,32 +128,38 @@ impl EventLog {
             let pos = st.next;
             st.next += 1;
             let key = Bytes::copy_from_slice(key);
-            st.pending.push_back(Slot {
-                topic,
-                key: key.clone(),
-                value: value.clone(),
-                done: false,
-                failed: false,
-            });
-            st.pending_bytes += len;
-            st.stats.appended += 1;
-            // Cannot fail: the ring holds max_records and every record in it is
-            // pending.
-            if inner
+            // Does not fail: the ring holds max_records, and every record on it is
+            // pending (the feeder takes a record off before offering it). Were it
+            // ever full, the record is kept as failed and offered again by the retry.
+            let queued = inner
                 .ring
                 .borrow_mut()
                 .push(Outgoing {
                     topic,
-                    key,
-                    value,
+                    key: key.clone(),
+                    value: value.clone(),
                     pos,
                 })
-                .is_err()
-            {
-                tracing::error!(target: "imshard::eventlog", "producer ring full at {pos}");
+                .is_ok();
+            st.pending.push_back(Slot {
+                topic,
+                key,
+                value,
+                done: false,
+                failed: !queued,
+            });
+            st.pending_bytes += len;
+            st.stats.appended += 1;
+            if !queued {
+                st.stats.failed += 1;
             }
-            pos
+            (pos, queued)
         };
+        let (pos, queued) = pos;
+        if !queued {
+            tracing::error!(target: "imshard::eventlog", "producer ring full at {pos}; retrying");
+            self.schedule_retry();
+        }
         self.kick();
         Ok(pos)
     }

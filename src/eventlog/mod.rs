@@ -115,26 +115,29 @@
 //! conversations, topic of 4 partitions, `linger.ms=0`, `acks=all`, every record read
 //! back from the topic afterwards (250,500 of 250,500).
 //!
-//! | what | result (5 runs, load average 3.4-5.7 from other builds) |
+//! | what | result (6 runs, `--test-threads=1 measure`, load average 1.7-4.6) |
 //! |---|---|
-//! | throughput, 200,000 records | 0.76-1.17 M records/s (0.17-0.26 s) |
-//! | append -> confirmed, 1 record per loop turn | p50 0.13-0.29 ms, p99 0.34-12.5 ms |
-//! | append -> confirmed, 100 records per loop turn | p50 0.47-0.72 ms, p99 2.1-12.6 ms |
+//! | throughput, 200,000 records, default cap (16,384 in flight) | 1.05-1.55 M records/s |
+//! | append -> confirmed, 1 record per loop turn | p50 0.19-0.27 ms, p99 0.31-4.3 ms |
+//! | append -> confirmed, 100 records per loop turn | p50 0.59-0.66 ms, p99 1.2-6.6 ms |
 //!
 //! The durable path, `... -- --ignored --nocapture measure_outbox` (redis-server 7.0
 //! as a third process on the same 2 cores): events `XADD`ed in `MULTI`/`EXEC` rounds,
 //! read by the pump, produced, confirmed and trimmed:
 //!
-//! | what | result (2 runs, load average 4-6) |
+//! | what | result (same 6 runs) |
 //! |---|---|
-//! | 100,000 entries in rounds of 100, until all trimmed | 196,000-227,000 entries/s |
-//! | a round of 10 durable -> its events in Kafka | p50 0.98-1.0 ms, p99 5.9-12.1 ms |
+//! | 100,000 entries in rounds of 100, until all trimmed | 167,000-274,000 entries/s |
+//! | a round of 10 durable -> its events in Kafka | p50 0.51-0.77 ms, p99 4.7-5.5 ms |
+//!
+//! Earlier runs while other builds kept the load average at 6-10 gave p99s up to 12 ms
+//! (direct) and 42 ms (outbox path): the tails follow the load of the box.
 //!
 //! With `linger.ms=1` the one-record p50 was 1.5 ms, with 5 it was 5.6 ms
 //! (`IMSHARD_BENCH_LINGER_MS=N`); throughput was about the same (librdkafka batches
 //! while a request is in flight anyway), hence the default of 0. These are the numbers
 //! behind "the reply does not wait for Kafka": even on loopback, waiting would add
-//! 0.1-0.7 ms at p50 and milliseconds at p99 to a send whose Redis round is tens of
+//! 0.2-0.7 ms at p50 and milliseconds at p99 to a send whose Redis round is tens of
 //! microseconds, and a real cluster (replication, `acks=all` across brokers) adds more.
 //!
 //! # Test broker notes (tansu 0.6)
@@ -194,9 +197,11 @@ pub struct EventLogConfig {
     pub offline_topic: String,
     /// This node's id (client id, and the `node` of events).
     pub node: String,
-    /// Records not yet in Kafka a shard holds at most.
+    /// Records not yet in Kafka a shard holds at most (default 16,384). Also the size
+    /// of the shard's two rings to and from the producer thread, allocated at start:
+    /// about 110 bytes a slot, 1.8 MB per shard at the default.
     pub max_records: usize,
-    /// Bytes (keys + values) not yet in Kafka a shard holds at most.
+    /// Bytes (keys + values) not yet in Kafka a shard holds at most (default 16 MiB).
     pub max_bytes: usize,
     /// librdkafka's `linger.ms`: how long a partition's batch waits for more records.
     pub linger_ms: u32,
@@ -216,8 +221,8 @@ impl Default for EventLogConfig {
             topic: "imshard.events".into(),
             offline_topic: "imshard.offline".into(),
             node: "imshard".into(),
-            max_records: 65_536,
-            max_bytes: 64 << 20,
+            max_records: 16_384,
+            max_bytes: 16 << 20,
             linger_ms: 0,
             idempotent: false,
             retry_backoff: Duration::from_secs(1),
