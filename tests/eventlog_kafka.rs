@@ -389,9 +389,14 @@ fn a_backlog_kept_at_its_cap_loses_no_append() {
         }
         assert!(delivered(&log, total).await, "{:?}", log.stats());
         let s = log.stats();
-        assert_eq!((s.appended, s.produced, s.backlog), (total, total, 0));
-        let got = consume(&brokers, "c.events", total as usize);
-        let seqs: Vec<i64> = got.iter().map(|g| g.event.seq).collect();
+        // At least once: a record librdkafka retried may be in the topic twice (and
+        // confirmed twice); none may be missing, and order holds.
+        assert_eq!((s.appended, s.backlog), (total, 0), "{s:?}");
+        assert!(s.produced >= total, "{s:?}");
+        let got = consume(&brokers, "c.events", s.produced as usize);
+        let mut seqs: Vec<i64> = got.iter().map(|g| g.event.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "in order");
+        seqs.dedup();
         assert_eq!(seqs, (1..=total as i64).collect::<Vec<_>>());
     });
 }
