@@ -297,3 +297,30 @@ fn dropping_the_handle_ends_the_connection_quietly() {
         assert!(events.borrow().is_empty(), "{:?}", events.borrow());
     });
 }
+
+/// A connection that holds no channel is not in subscribed mode and Redis answers its
+/// PING with a plain `+PONG`: that is a pong, not a broken connection (it once made
+/// every idle subscription reconnect, and cluster clients got needless RESYNCs).
+#[test]
+fn a_connection_with_no_channels_survives_its_pings() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    run(async {
+        let (sub, events) = start(&server);
+        assert!(eventually(Duration::from_secs(5), || sub.is_connected()).await);
+        // Several ping periods (the timeout is 500 ms).
+        monoio::time::sleep(Duration::from_millis(2_000)).await;
+        assert!(
+            events
+                .borrow()
+                .iter()
+                .all(|e| !matches!(e, PubSubEvent::Disconnected { .. })),
+            "{:?}",
+            events.borrow()
+        );
+        // And it still subscribes and delivers afterwards.
+        sub.subscribe(Bytes::from_static(b"later"));
+        assert!(eventually(Duration::from_secs(5), || sub.is_confirmed(b"later")).await);
+    });
+}

@@ -318,6 +318,12 @@ impl Shared {
     fn on_value(&self, epoch: u64, value: Value) -> Result<(), String> {
         let parts = match value {
             Value::Array(parts) | Value::Push { data: parts, .. } => parts,
+            // A connection that holds no channel is not in subscribed mode: Redis
+            // answers its PING with a plain `+PONG`.
+            Value::SimpleString(s) if s.eq_ignore_ascii_case("pong") => {
+                self.state.borrow_mut().ping_unanswered = false;
+                return Ok(());
+            }
             Value::ServerError(e) => {
                 return Err(format!(
                     "server error: {} {}",
