@@ -144,12 +144,12 @@ pub const METRICS: [(&str, &str, &str); 29] = [
     (
         "imshard_channel_messages_total",
         "counter",
-        "cluster mode: pushes and notices received on this shard's channels",
+        "cluster mode: pushes and notices the node read from its subscription (once per node; on shard 0, which hands each to the shards that want it)",
     ),
     (
         "imshard_channels",
         "gauge",
-        "cluster mode: channels this shard subscribes to (its users and their groups)",
+        "cluster mode: channels the node subscribes to (on shard 0: the channels of every shard's users and their groups)",
     ),
     (
         "imshard_resyncs_total",
@@ -194,7 +194,7 @@ pub fn metric_values(shard: &Shard) -> [u64; 29] {
         node.map_or(0, |n| n.forwarded.get()),
         node.map_or(0, |n| n.served.get()),
         routes.map_or(0, |r| r.published.sent.get()),
-        routes.map_or(0, |r| r.received.get()),
+        routes.map_or(0, |r| r.read()),
         routes.map_or(0, |r| r.held() as u64),
         routes.map_or(0, |r| r.resyncs.get()),
         ev[0],

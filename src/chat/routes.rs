@@ -6,12 +6,14 @@
 //!   marks of the user's other devices), and the user's group membership changes.
 //! - `imshard:g:{conv_id}`: a group's messages and recall notices.
 //!
-//! Each shard holds one subscribed connection ([`crate::store::channels`]). It holds
-//! `u:{user}` while a device of the user is connected to it, and `g:{conv}` while one
-//! of those users is a member of group `conv` (the groups are read from the store
-//! on connect and kept current by the `joined` / `left` events the group's owner
-//! publishes on `u:{member}`). The payload is a [`ChannelPush`]: the frame and whom not
-//! to write it to.
+//! Each node holds one subscribed connection, on shard 0
+//! ([`crate::store::channels`]): Redis delivers a message once per node, shard 0
+//! decodes it once and hands it to the shards that asked for its channel. A shard asks
+//! for `u:{user}` while a device of the user is connected to it, and for `g:{conv}`
+//! while one of those users is a member of group `conv` (a user's groups are read from
+//! the store on connect, `im:{user}:gs`, and kept current by the `joined` / `left`
+//! events the group's owner publishes on `u:{member}`). The payload is a
+//! [`ChannelPush`]: the frame and whom not to write it to.
 //!
 //! # What is not guaranteed
 //! Pub/sub is at most once. A push published while the shard was not yet subscribed
@@ -45,32 +47,55 @@ pub fn group_channel(conv_id: &str) -> Vec<u8> {
     format!("imshard:g:{conv_id}").into_bytes()
 }
 
-/// One shard's subscriptions and what they are for.
+/// One shard's routes: what its connected users need, and on shard 0 the node's one
+/// subscription.
 pub struct Routes {
-    channels: Channels,
+    /// Shard 0 only: the node's subscription, and which shards want each channel.
+    node: Option<NodeSubscription>,
     /// Group conv_id -> the users connected to this shard who are members.
     groups: RefCell<HashMap<String, HashSet<UserId>>>,
     /// User -> the groups it was filed under in `groups` (to undo on disconnect).
     user_groups: RefCell<HashMap<UserId, HashSet<String>>>,
     pub published: Rc<PublishStats>,
+    /// Channel messages this shard got (from shard 0, or read by shard 0 itself).
     pub received: Cell<u64>,
     pub resyncs: Cell<u64>,
 }
 
+/// The node's subscription (on shard 0): Redis delivers each message once per node;
+/// shard 0 decodes it once and hands it to the shards that asked for the channel.
+struct NodeSubscription {
+    channels: Channels,
+    /// Channel -> the shards that hold a user (or group member) it is for.
+    wanted: RefCell<HashMap<Vec<u8>, Vec<usize>>>,
+    /// Messages read from Redis (once per node).
+    read: Cell<u64>,
+}
+
 impl Routes {
-    /// Opens this shard's subscription (on the store's Redis).
+    /// This shard's routes; shard 0 also opens the node's subscription (on the store's
+    /// Redis).
     pub fn start(shard: &Rc<Shard>) -> Result<Routes, crate::store::StoreError> {
-        let weak: Weak<Shard> = Rc::downgrade(shard);
-        let channels =
-            shard
-                .store
-                .channels(&shard.cfg.redis_url, shard.cfg.redis_timeout, move |ev| {
-                    if let Some(shard) = weak.upgrade() {
-                        on_event(&shard, ev);
-                    }
-                })?;
+        let node = if shard.id == 0 {
+            let weak: Weak<Shard> = Rc::downgrade(shard);
+            let channels =
+                shard
+                    .store
+                    .channels(&shard.cfg.redis_url, shard.cfg.redis_timeout, move |ev| {
+                        if let Some(shard) = weak.upgrade() {
+                            on_event(&shard, ev);
+                        }
+                    })?;
+            Some(NodeSubscription {
+                channels,
+                wanted: RefCell::new(HashMap::new()),
+                read: Cell::new(0),
+            })
+        } else {
+            None
+        };
         Ok(Routes {
-            channels,
+            node,
             groups: RefCell::new(HashMap::new()),
             user_groups: RefCell::new(HashMap::new()),
             published: Rc::default(),
@@ -79,10 +104,42 @@ impl Routes {
         })
     }
 
-    /// Channels held now.
+    /// Channels the node subscribes to (shard 0; 0 on the other shards).
     pub fn held(&self) -> usize {
-        self.channels.held()
+        self.node.as_ref().map_or(0, |n| n.channels.held())
     }
+
+    /// Messages the node read from its subscription (shard 0; 0 on the others).
+    pub fn read(&self) -> u64 {
+        self.node.as_ref().map_or(0, |n| n.read.get())
+    }
+}
+
+/// This shard wants (or no longer wants) `channel`: tells shard 0, which subscribes
+/// while any shard wants it.
+fn want(shard: &Rc<Shard>, channel: Vec<u8>, on: bool) {
+    let from = shard.id;
+    shard.post(0, move |s| {
+        let Some(n) = routes(s).and_then(|r| r.node.as_ref()) else {
+            return;
+        };
+        let mut wanted = n.wanted.borrow_mut();
+        if on {
+            let shards = wanted.entry(channel.clone()).or_default();
+            if shards.is_empty() {
+                n.channels.subscribe(channel);
+            }
+            if !shards.contains(&from) {
+                shards.push(from);
+            }
+        } else if let Some(shards) = wanted.get_mut(&channel) {
+            shards.retain(|t| *t != from);
+            if shards.is_empty() {
+                wanted.remove(&channel);
+                n.channels.unsubscribe(&channel);
+            }
+        }
+    });
 }
 
 fn routes(shard: &Shard) -> Option<&Routes> {
@@ -100,7 +157,7 @@ pub fn user_connected(shard: &Rc<Shard>, user: &str) {
     r.user_groups
         .borrow_mut()
         .insert(id.clone(), HashSet::new());
-    r.channels.subscribe(user_channel(user));
+    want(shard, user_channel(user), true);
     let shard = shard.clone();
     monoio::spawn(async move {
         // Written with the group's member records, so a group that exists is there.
@@ -123,9 +180,9 @@ pub fn user_disconnected(shard: &Rc<Shard>, user: &str) {
     let Some(groups) = r.user_groups.borrow_mut().remove(user) else {
         return;
     };
-    r.channels.unsubscribe(&user_channel(user));
+    want(shard, user_channel(user), false);
     for conv_id in groups {
-        leave_group(r, user, &conv_id);
+        leave_group(shard, r, user, &conv_id);
     }
 }
 
@@ -141,18 +198,18 @@ fn join(shard: &Rc<Shard>, user: &UserId, conv_id: &str) {
     let mut groups = r.groups.borrow_mut();
     let members = groups.entry(conv_id.to_string()).or_default();
     if members.is_empty() {
-        r.channels.subscribe(group_channel(conv_id));
+        want(shard, group_channel(conv_id), true);
     }
     members.insert(user.clone());
 }
 
-fn leave_group(r: &Routes, user: &str, conv_id: &str) {
+fn leave_group(shard: &Rc<Shard>, r: &Routes, user: &str, conv_id: &str) {
     let mut groups = r.groups.borrow_mut();
     if let Some(members) = groups.get_mut(conv_id) {
         members.remove(user);
         if members.is_empty() {
             groups.remove(conv_id);
-            r.channels.unsubscribe(&group_channel(conv_id));
+            want(shard, group_channel(conv_id), false);
         }
     }
 }
@@ -248,35 +305,66 @@ pub fn publish_notice(
     }
 }
 
+/// The node's subscription reported something (on shard 0): a message goes, decoded
+/// once, to every shard that wants its channel; a restored subscription makes every
+/// shard tell its connections to resync.
 fn on_event(shard: &Rc<Shard>, ev: ChannelEvent) {
-    let Some(r) = routes(shard) else { return };
+    let Some(n) = routes(shard).and_then(|r| r.node.as_ref()) else {
+        return;
+    };
     match ev {
         ChannelEvent::Message { channel, payload } => {
-            r.received.set(r.received.get() + 1);
+            n.read.set(n.read.get() + 1);
             let Ok(push) = ChannelPush::decode(payload) else {
                 tracing::warn!("a channel message that is not a ChannelPush");
                 return;
             };
-            let channel = String::from_utf8_lossy(&channel);
-            if let Some(user) = channel.strip_prefix("imshard:u:") {
-                on_user_push(shard, r, user, push);
-            } else if let Some(conv) = channel.strip_prefix("imshard:g:") {
-                on_group_push(shard, r, conv, push);
+            let Ok(channel) = String::from_utf8(channel.to_vec()) else {
+                return;
+            };
+            let shards = n
+                .wanted
+                .borrow()
+                .get(channel.as_bytes())
+                .cloned()
+                .unwrap_or_default();
+            for t in shards {
+                let (channel, push) = (channel.clone(), push.clone());
+                shard.post(t, move |s| on_push(s, &channel, push));
             }
         }
         ChannelEvent::Lost => {}
         ChannelEvent::Resumed => {
-            r.resyncs.set(r.resyncs.get() + 1);
-            let frame = notice_frame(
-                kind::RESYNC,
-                &ResyncNotice {
-                    reason: "subscription_restored".into(),
-                },
-            );
-            for c in crate::shard::Service::conns(&***shard) {
-                c.send(shard, frame.clone());
+            for t in 0..shard.n {
+                shard.post(t, resync);
             }
         }
+    }
+}
+
+/// Every connection of this shard may have missed pushes: RESYNC.
+fn resync(shard: &Rc<Shard>) {
+    let Some(r) = routes(shard) else { return };
+    r.resyncs.set(r.resyncs.get() + 1);
+    let frame = notice_frame(
+        kind::RESYNC,
+        &ResyncNotice {
+            reason: "subscription_restored".into(),
+        },
+    );
+    for c in crate::shard::Service::conns(&***shard) {
+        c.send(shard, frame.clone());
+    }
+}
+
+/// A channel message for this shard's users.
+fn on_push(shard: &Rc<Shard>, channel: &str, push: ChannelPush) {
+    let Some(r) = routes(shard) else { return };
+    r.received.set(r.received.get() + 1);
+    if let Some(user) = channel.strip_prefix("imshard:u:") {
+        on_user_push(shard, r, user, push);
+    } else if let Some(conv) = channel.strip_prefix("imshard:g:") {
+        on_group_push(shard, r, conv, push);
     }
 }
 
@@ -301,7 +389,7 @@ fn on_user_push(shard: &Rc<Shard>, r: &Routes, user: &str, push: ChannelPush) {
         if let Some(g) = r.user_groups.borrow_mut().get_mut(user) {
             g.remove(&push.conv_id);
         }
-        leave_group(r, user, &push.conv_id);
+        leave_group(shard, r, user, &push.conv_id);
     }
 }
 
@@ -320,7 +408,7 @@ fn on_group_push(shard: &Rc<Shard>, r: &Routes, conv_id: &str, push: ChannelPush
             if let Some(g) = r.user_groups.borrow_mut().get_mut(u.as_str()) {
                 g.remove(conv_id);
             }
-            leave_group(r, u, conv_id);
+            leave_group(shard, r, u, conv_id);
         }
     }
 }
