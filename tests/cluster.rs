@@ -243,6 +243,31 @@ fn group_members_on_every_node_and_a_node_without_members_hears_nothing() {
     assert_eq!(c2.next_push().expect("u2 on n2").content, "to everyone");
     assert_eq!(c3.next_push().expect("u3 on n3").content, "to everyone");
     assert!(c.nodes[2].metric("imshard_channel_messages_total") > heard_before);
+    // A member added later, connected to n3, hears of it and of what follows.
+    let mut c4 = c.nodes[2].connect("gm_four", "d");
+    let n3_channels = c.nodes[2].metric("imshard_channels");
+    wait_channels(&c.nodes[2], n3_channels.max(3));
+    let added = c2.request(Body::UpdateMembers(pb::UpdateGroupMembersRequest {
+        group_id: "gx".into(),
+        add: vec!["gm_four".into()],
+        ..Default::default()
+    }));
+    assert_eq!(added.code, 0, "{}", added.message);
+    let notice = c4.next_push().expect("the new member gets the change");
+    assert!(notice.msg_type >= 100, "a system message: {notice:?}");
+    // n3 already held g:{gx} for u3, so no new channel: wait for the group message.
+    let r = c3.request(Body::Send(pb::SendMessageRequest {
+        conv_type: ConvType::Group as i32,
+        target: "gx".into(),
+        client_msg_id: "g2".into(),
+        content: "welcome".into(),
+        ..Default::default()
+    }));
+    assert_eq!(r.code, 0, "{}", r.message);
+    assert_eq!(c4.next_push().expect("u4 on n3").content, "welcome");
+    // (u1 sent "to everyone" itself: its device gets no push of it.)
+    assert_eq!(c1.next_push().expect("u1 on n1").msg_type, notice.msg_type);
+    assert_eq!(c1.next_push().expect("u1 on n1").content, "welcome");
     // A group whose members are all on n1 and n2: n3 receives nothing for it.
     let mut c1b = c.nodes[0].connect("solo_a", "d");
     let mut c2b = c.nodes[1].connect("solo_b", "d");

@@ -1,5 +1,5 @@
 //! Cluster mode: pushes travel on Redis pub/sub channels and reach only the nodes that
-//! hold a device of a recipient, once per subscribed shard, encoded once.
+//! hold a device of a recipient, once per node, encoded once.
 //!
 //! # Channels
 //! - `imshard:u:{user}`: what concerns one user: p2p messages, notices (recall, read
