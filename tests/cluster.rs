@@ -619,10 +619,28 @@ fn events_of_a_conversation_reach_kafka_in_seq_order_and_offline_users_get_offli
         .map(|g| g.event.seq)
         .collect();
     assert_eq!(stored, (1..=11).collect::<Vec<i64>>(), "in seq order");
-    assert!(matches!(
-        mine.last().and_then(|g| g.event.body.as_ref()),
-        Some(imshard::proto::events_pb::event::Body::Recalled(_))
-    ));
+    // The conversation's owner made the stored and recalled events: the recall comes
+    // after every stored message. (The read mark comes from bob's owner node: it is
+    // ordered with that user's other read marks, not with the owner's events.)
+    let recall_at = mine
+        .iter()
+        .position(|g| {
+            matches!(
+                g.event.body,
+                Some(imshard::proto::events_pb::event::Body::Recalled(_))
+            )
+        })
+        .expect("the recall");
+    let last_stored = mine
+        .iter()
+        .rposition(|g| {
+            matches!(
+                g.event.body,
+                Some(imshard::proto::events_pb::event::Body::Stored(_))
+            )
+        })
+        .expect("stored");
+    assert!(recall_at > last_stored, "the recall after the messages");
     assert!(mine.iter().any(|g| matches!(
         &g.event.body,
         Some(imshard::proto::events_pb::event::Body::ReadMark(m)) if m.read_seq == 11 && m.user == "kf_bob"

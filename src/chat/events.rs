@@ -15,6 +15,11 @@
 //!   than [`OFFLINE_PUSH_MAX_MEMBERS`] members get none (a notification service for
 //!   big groups reads the events topic instead).
 //!
+//! Order: a conversation's messages, recalls and membership changes are made by its
+//! owner shard, one producer, so they reach the conversation's partition in seq order.
+//! A read mark is made by the reader's owner shard: it is in order with that user's
+//! other read marks, not with the owner's events (a consumer orders it by `read_seq`).
+//!
 //! A send's reply does not wait for Kafka: it waits for Redis, where the message and
 //! its outbox entry are durable together (see `crate::eventlog` for the numbers).
 
