@@ -397,7 +397,7 @@ async fn admin_api(
         ("POST", "kick") => {
             let ev = kick_body(body)?;
             // Cluster mode: every other node kicks on the channel.
-            let published = publish_event(shard, chat::admin::KICK_CHANNEL, &ev).await?;
+            let published = publish_event(shard, crate::cluster::events::KICK_CHANNEL, &ev).await?;
             let target = shard.user_shard(&ev.user_uuid);
             let n = shard
                 .call(target, move |shard, reply| {
@@ -421,7 +421,8 @@ async fn admin_api(
             if chat::node::clustered(shard) {
                 chat::admin::note_own_broadcast(shard, &prost::Message::encode_to_vec(&event));
             }
-            let published = publish_event(shard, chat::admin::BROADCAST_CHANNEL, &event).await?;
+            let published =
+                publish_event(shard, crate::cluster::events::BROADCAST_CHANNEL, &event).await?;
             let calls: Vec<_> = if users.is_empty() {
                 (0..shard.n)
                     .map(|t| {

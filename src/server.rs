@@ -663,8 +663,12 @@ fn start_cluster(shard: &std::rc::Rc<Shard>) -> Result<(), String> {
             .as_bytes()
             .to_vec(),
     );
-    control.subscribe(crate::chat::admin::KICK_CHANNEL.as_bytes().to_vec());
-    control.subscribe(crate::chat::admin::BROADCAST_CHANNEL.as_bytes().to_vec());
+    control.subscribe(crate::cluster::events::KICK_CHANNEL.as_bytes().to_vec());
+    control.subscribe(
+        crate::cluster::events::BROADCAST_CHANNEL
+            .as_bytes()
+            .to_vec(),
+    );
     let _ = ctx.control.set(control);
     Ok(())
 }

@@ -7,12 +7,10 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use super::Shard;
-use prost::Message as _;
-
+use crate::cluster::events::{decode_event, ClusterEvent, BROADCAST_CHANNEL};
 use crate::codes::{close, kick, ApiError};
 use crate::limits::MAX_KICK_REASON_BYTES;
 use crate::proto::envelope::envelope_frame;
-use crate::proto::pb::{BroadcastEvent, KickEvent};
 use crate::store::channels::ChannelEvent;
 
 /// The KICKOUT reason of an admin kick: the given one, or `admin` when empty. At most
@@ -81,11 +79,6 @@ pub fn presence_local(shard: &Rc<Shard>, users: &[String]) -> BTreeMap<String, V
     out
 }
 
-/// The channel an admin kick is published on (docs/PROTOCOL.md, cluster events).
-pub const KICK_CHANNEL: &str = "connect:events:kick";
-/// The channel an admin broadcast is published on.
-pub const BROADCAST_CHANNEL: &str = "connect:events:broadcast";
-
 /// Notes (on shard 0) that this node published `payload` on the broadcast channel
 /// after writing it to its own connections.
 pub fn note_own_broadcast(shard: &Rc<Shard>, payload: &[u8]) {
@@ -127,62 +120,54 @@ pub fn on_control(shard: &Rc<Shard>, ev: ChannelEvent) {
         }
         return;
     };
-    match &channel[..] {
-        c if c == crate::cluster::membership::NODES_CHANGED_CHANNEL.as_bytes() => {
+    if channel == BROADCAST_CHANNEL.as_bytes() && is_own_broadcast(shard, &payload) {
+        return;
+    }
+    // Decoded and checked (ids, a broadcast's type) once, for every channel.
+    match decode_event(&channel, payload) {
+        Ok(ClusterEvent::NodesChanged(_)) => {
             if let Some(m) = shard.node.get().and_then(|c| c.membership.get()) {
                 m.refresh_now();
             }
         }
-        c if c == KICK_CHANNEL.as_bytes() => match KickEvent::decode(payload) {
-            Ok(ev) => {
-                let reason = match kick_reason(&ev.reason) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "a KickEvent with a bad reason: dropped");
-                        return;
+        Ok(ClusterEvent::Kick(ev)) => {
+            let reason = match kick_reason(&ev.reason) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a KickEvent with a bad reason: dropped");
+                    return;
+                }
+            };
+            let target = shard.user_shard(&ev.user_uuid);
+            shard.post(target, move |s| {
+                kick_local(s, &ev.user_uuid, &ev.device_id, &reason);
+            });
+        }
+        Ok(ClusterEvent::Broadcast(ev)) => {
+            let Some(envelope) = ev.message else { return };
+            let frame = envelope_frame(&envelope);
+            for t in 0..shard.n {
+                let users: Option<Vec<String>> = if ev.user_uuids.is_empty() {
+                    None
+                } else {
+                    let mine: Vec<String> = ev
+                        .user_uuids
+                        .iter()
+                        .filter(|u| shard.user_shard(u) == t)
+                        .cloned()
+                        .collect();
+                    if mine.is_empty() {
+                        continue;
                     }
+                    Some(mine)
                 };
-                let target = shard.user_shard(&ev.user_uuid);
-                shard.post(target, move |s| {
-                    kick_local(s, &ev.user_uuid, &ev.device_id, &reason);
+                let frame = frame.clone();
+                shard.post(t, move |s| {
+                    broadcast_local(s, &frame, users.as_deref());
                 });
             }
-            Err(e) => tracing::warn!(error = %e, "a message on {KICK_CHANNEL} is not a KickEvent"),
-        },
-        c if c == BROADCAST_CHANNEL.as_bytes() && is_own_broadcast(shard, &payload) => {}
-        c if c == BROADCAST_CHANNEL.as_bytes() => match BroadcastEvent::decode(payload) {
-            Ok(ev) => {
-                let Some(envelope) = ev.message else {
-                    tracing::warn!("a BroadcastEvent without a message: dropped");
-                    return;
-                };
-                let frame = envelope_frame(&envelope);
-                for t in 0..shard.n {
-                    let users: Option<Vec<String>> = if ev.user_uuids.is_empty() {
-                        None
-                    } else {
-                        let mine: Vec<String> = ev
-                            .user_uuids
-                            .iter()
-                            .filter(|u| shard.user_shard(u) == t)
-                            .cloned()
-                            .collect();
-                        if mine.is_empty() {
-                            continue;
-                        }
-                        Some(mine)
-                    };
-                    let frame = frame.clone();
-                    shard.post(t, move |s| {
-                        broadcast_local(s, &frame, users.as_deref());
-                    });
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "a message on {BROADCAST_CHANNEL} is not a BroadcastEvent")
-            }
-        },
-        _ => {}
+        }
+        Err(e) => tracing::warn!(error = %e, "a cluster event was dropped"),
     }
 }
 
