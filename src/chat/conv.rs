@@ -500,11 +500,6 @@ fn store_new(shard: &Rc<Shard>, reply: ReplyTo<Sent>, cmd: SendCmd) {
                     .messages_stored
                     .set(shard.stats.messages_stored.get() + 1);
                 super::events::notify(&shard);
-                let body = sent(&msg.msg_id, &msg.conv_id, seq, send_time);
-                shard.reply(reply, Ok(body.clone()));
-                for w in waiters {
-                    shard.reply(w, Ok(body.clone()));
-                }
                 if super::events::origin(&shard).is_some() {
                     let recipients: Vec<String> = members
                         .iter()
@@ -512,7 +507,15 @@ fn store_new(shard: &Rc<Shard>, reply: ReplyTo<Sent>, cmd: SendCmd) {
                         .collect();
                     super::events::offline_pushes(&shard, &msg, recipients);
                 }
+                // The deliveries go before the reply on the same rings, so the sender's
+                // own row shows the message by the time the reply reaches them (a
+                // GetConversations right after a send lists it).
                 fan_out(&shard, &msg, members, Vec::new(), &[], &cmd.sender_device);
+                let body = sent(&msg.msg_id, &msg.conv_id, seq, send_time);
+                shard.reply(reply, Ok(body.clone()));
+                for w in waiters {
+                    shard.reply(w, Ok(body.clone()));
+                }
             }
             Err(e) => {
                 let err = ApiError::from(e);
