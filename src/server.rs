@@ -167,10 +167,7 @@ fn serve(cfg: Config) -> Result<(), StartError> {
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
-                let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                    .with_entries(4096)
-                    .enable_timer()
-                    .build();
+                let rt = crate::rt::build_runtime(4096);
                 let mut rt = match rt {
                     Ok(rt) => rt,
                     Err(e) => {

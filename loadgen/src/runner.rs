@@ -105,10 +105,8 @@ where
                     // Pinning is an optimisation; an unpinned thread still works.
                     let _ = sys::pin_to(cpu);
                 }
-                let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                    .with_entries(4096)
-                    .enable_timer()
-                    .build();
+                // The server's loop set-up (no IPI per completion from another CPU).
+                let rt = imshard::rt::build_runtime(4096);
                 match rt {
                     Ok(mut rt) => Ok(rt.block_on(make(t))),
                     Err(e) => {

@@ -244,6 +244,9 @@ async fn connect_one(ctx: &Rc<Ctx>, p: &RunParams, user: &User) -> Option<Rc<Con
         .ok()
 }
 
+/// How early a paced sender may send: one tick of monoio's timer wheel.
+const PACE_EARLY: Duration = Duration::from_millis(1);
+
 /// Sends a heartbeat on every connection once per `interval`, spread over the interval
 /// in 100 ms slices, while the load runs.
 async fn heartbeats(ctx: Rc<Ctx>, interval: Duration) {
@@ -494,12 +497,19 @@ async fn sender(
         let mut due_ns = None;
         if let Some(iv) = interval {
             let now = Instant::now();
-            if next > now {
-                sleep_until(next).await;
+            // monoio's timers fire on whole milliseconds, up to one late: a sender
+            // that slept until its slot sent ~1.5 ms after it, on average, and every
+            // latency carried that. It wakes one tick early instead and sends within
+            // the tick before its slot; an early send's latency counts from when it
+            // was written (see `send_message`), so nothing is understated.
+            if next > now + PACE_EARLY {
+                sleep_until(next - PACE_EARLY).await;
                 continue;
             }
             // The slot this send was due in, on the clock the timestamps use.
-            due_ns = Some(sys::now_ns().saturating_sub((now - next).as_nanos() as u64));
+            due_ns = Some(
+                sys::now_ns().saturating_sub(now.saturating_duration_since(next).as_nanos() as u64),
+            );
             next += iv;
         }
         conn.send_message(&ctx, stream, plan.conv_type, &plan.target, &pad, due_ns);
