@@ -43,7 +43,7 @@ enum RowsSlot {
     /// row updates that arrived meanwhile (applied in order once loaded).
     Loading {
         waiters: Vec<std::task::Waker>,
-        updates: Vec<RowUpdate>,
+        updates: Vec<RowUpdate<String>>,
     },
     Loaded(CachedRows),
 }
@@ -401,9 +401,11 @@ pub(crate) fn visit_for_eviction(shard: &Shard, user: &str) -> cache::Visit {
     cache::Visit::Evicted
 }
 
-/// What one delivered message changes in one recipient's row.
-struct RowUpdate {
-    conv_id: String,
+/// What one delivered message changes in one recipient's row. A delivery borrows the
+/// conversation id (`RowUpdate<&str>`, no allocation per member); an update kept
+/// until the member's rows are loaded owns it.
+struct RowUpdate<C> {
+    conv_id: C,
     seq: i64,
     send_time: i64,
     /// The recipient sent the message (it has read the conversation up to it).
@@ -412,13 +414,25 @@ struct RowUpdate {
     left: bool,
 }
 
-impl RowUpdate {
+impl RowUpdate<&str> {
+    fn to_owned(&self) -> RowUpdate<String> {
+        RowUpdate {
+            conv_id: self.conv_id.to_string(),
+            seq: self.seq,
+            send_time: self.send_time,
+            sender: self.sender,
+            left: self.left,
+        }
+    }
+}
+
+impl<C: AsRef<str>> RowUpdate<C> {
     /// Applies the update (creating the row on the first message); the row when it
     /// changed.
     fn apply(&self, user: &str, rows: &mut Rows) -> Option<ConvRow> {
-        let conv = ConvRef::parse(&self.conv_id).ok()?;
+        let conv = ConvRef::parse(self.conv_id.as_ref()).ok()?;
         let mut changed = false;
-        if !rows.contains_key(self.conv_id.as_str()) {
+        if !rows.contains_key(self.conv_id.as_ref()) {
             changed = true;
             let row = ConvRow {
                 conv_type: conv.conv_type() as i32,
@@ -429,9 +443,9 @@ impl RowUpdate {
                 created_at: self.send_time,
                 ..ConvRow::default()
             };
-            rows.insert(self.conv_id.as_str().into(), Box::new(row));
+            rows.insert(self.conv_id.as_ref().into(), Box::new(row));
         }
-        let row = rows.get_mut(self.conv_id.as_str())?;
+        let row = rows.get_mut(self.conv_id.as_ref())?;
         if row.deleted && self.seq > row.clear_seq {
             row.deleted = false;
             changed = true;
@@ -470,7 +484,7 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
     for user in d.users.iter() {
         let user: &str = user;
         let upd = RowUpdate {
-            conv_id: d.conv_id.clone(),
+            conv_id: d.conv_id.as_str(),
             seq: d.seq,
             send_time: d.send_time,
             sender: user == d.except_user,
@@ -494,13 +508,13 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
                     false
                 }
                 Some(RowsSlot::Loading { updates, .. }) => {
-                    updates.push(upd);
+                    updates.push(upd.to_owned());
                     false
                 }
                 None => {
                     u.rows = Some(Box::new(RowsSlot::Loading {
                         waiters: Vec::new(),
-                        updates: vec![upd],
+                        updates: vec![upd.to_owned()],
                     }));
                     true
                 }
@@ -534,12 +548,16 @@ pub fn notify(shard: &Rc<Shard>, frame: &bytes::Bytes, users: &[super::fanout::U
     }
 }
 
-/// The user's online connections (cloned handles).
-pub fn devices(shard: &Shard, user: &str) -> Vec<Rc<Conn>> {
+/// The user's online connections (cloned handles; on the stack for up to two devices,
+/// so a delivery does not allocate per member).
+pub fn devices(shard: &Shard, user: &str) -> Devices {
     shard
         .users
         .borrow()
         .get(user)
-        .map(|u| u.conns.clone())
+        .map(|u| u.conns.iter().cloned().collect())
         .unwrap_or_default()
 }
+
+/// A user's online connections, as [`devices`] hands them out.
+pub type Devices = smallvec::SmallVec<[Rc<Conn>; 2]>;

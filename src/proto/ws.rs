@@ -46,6 +46,75 @@ pub fn parse_client_frame(
     buf: &[u8],
     max_payload: usize,
 ) -> Result<Option<(Frame, usize)>, WsError> {
+    let Some(h) = client_frame_header(buf, max_payload)? else {
+        return Ok(None);
+    };
+    let mut payload = buf[h.payload.clone()].to_vec();
+    unmask(&mut payload, h.mask);
+    Ok(Some((
+        Frame {
+            fin: h.fin,
+            opcode: h.opcode,
+            payload,
+        },
+        h.payload.end,
+    )))
+}
+
+/// One client frame unmasked where it lies in the caller's buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FrameInPlace {
+    pub fin: bool,
+    pub opcode: OpCode,
+    /// Where the (now unmasked) payload is in the buffer given.
+    pub payload: std::ops::Range<usize>,
+}
+
+impl FrameInPlace {
+    /// The frame, payload copied out of `buf` (for the [`Assembler`]).
+    pub fn to_frame(&self, buf: &[u8]) -> Frame {
+        Frame {
+            fin: self.fin,
+            opcode: self.opcode,
+            payload: buf[self.payload.clone()].to_vec(),
+        }
+    }
+}
+
+/// [`parse_client_frame`] without a copy: the payload is unmasked in `buf` itself
+/// (so those bytes must not be parsed again) and returned as a range of it. What a
+/// client mostly sends, small whole messages such as PushAcks, is then read with no
+/// allocation.
+pub fn unmask_client_frame(
+    buf: &mut [u8],
+    max_payload: usize,
+) -> Result<Option<(FrameInPlace, usize)>, WsError> {
+    let Some(h) = client_frame_header(buf, max_payload)? else {
+        return Ok(None);
+    };
+    unmask(&mut buf[h.payload.clone()], h.mask);
+    let used = h.payload.end;
+    Ok(Some((
+        FrameInPlace {
+            fin: h.fin,
+            opcode: h.opcode,
+            payload: h.payload,
+        },
+        used,
+    )))
+}
+
+/// A checked client frame header and where its payload lies.
+struct ClientHeader {
+    fin: bool,
+    opcode: OpCode,
+    mask: [u8; 4],
+    payload: std::ops::Range<usize>,
+}
+
+/// Parses and checks the header of the frame at the front of `buf`; `Ok(None)` until
+/// the whole frame is there.
+fn client_frame_header(buf: &[u8], max_payload: usize) -> Result<Option<ClientHeader>, WsError> {
     let mut cursor = Cursor::new(buf);
     let (header, len) = match FrameHeader::parse(&mut cursor) {
         Ok(Some(h)) => h,
@@ -77,16 +146,12 @@ pub fn parse_client_frame(
     if buf.len() < end {
         return Ok(None);
     }
-    let mut payload = buf[start..end].to_vec();
-    unmask(&mut payload, mask);
-    Ok(Some((
-        Frame {
-            fin: header.is_final,
-            opcode: header.opcode,
-            payload,
-        },
-        end,
-    )))
+    Ok(Some(ClientHeader {
+        fin: header.is_final,
+        opcode: header.opcode,
+        mask,
+        payload: start..end,
+    }))
 }
 
 /// XORs `data` with the 4-byte mask, eight bytes at a time.
@@ -122,6 +187,12 @@ pub struct Assembler {
 }
 
 impl Assembler {
+    /// No fragmented message is being assembled: a whole data frame now is a whole
+    /// message.
+    pub fn idle(&self) -> bool {
+        self.partial.is_none()
+    }
+
     /// Bytes held for an unfinished fragmented message (its buffer's capacity).
     pub fn buffered(&self) -> usize {
         self.partial.as_ref().map_or(0, |(_, b)| b.capacity())
@@ -282,6 +353,37 @@ mod tests {
             assert_eq!(f.payload, payload);
             assert!(f.fin);
         }
+    }
+
+    #[test]
+    fn in_place_unmasking_reads_what_the_copying_parser_reads() {
+        for (fin, opcode, len) in [
+            (true, 2u8, 0usize),
+            (true, 2, 20),
+            (false, 1, 130),
+            (true, 9, 5),
+        ] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let mut bytes = client_frame(fin, opcode, &payload, [9, 8, 7, 6]);
+            bytes.extend_from_slice(b"next frame");
+            let (copied, used) = parse_client_frame(&bytes, 1 << 20).unwrap().unwrap();
+            let (f, n) = unmask_client_frame(&mut bytes, 1 << 20).unwrap().unwrap();
+            assert_eq!(n, used);
+            assert_eq!(&bytes[f.payload.clone()], &payload[..]);
+            assert_eq!(f.to_frame(&bytes), copied);
+            assert_eq!(
+                &bytes[n..],
+                b"next frame",
+                "bytes after the frame untouched"
+            );
+        }
+        let big = client_frame(true, 2, &[0u8; 200], [0; 4]);
+        assert_eq!(
+            unmask_client_frame(&mut big[..8].to_vec(), 100),
+            Err(WsError::TooBig)
+        );
+        let mut unmasked = vec![0x82, 0x00];
+        assert!(unmask_client_frame(&mut unmasked, 100).is_err());
     }
 
     #[test]

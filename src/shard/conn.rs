@@ -31,6 +31,7 @@ use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 use prost::Message as _;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 use super::msg::HandOver;
 use super::{Service, Shard};
@@ -611,11 +612,25 @@ fn process<S: Service>(
         if conn.in_flight.get() >= shard.cfg.max_requests_in_flight {
             break true;
         }
-        match ws::parse_client_frame(&data[used..], max) {
+        match ws::unmask_client_frame(&mut data[used..], max) {
             Ok(None) => break true,
             Ok(Some((frame, n))) => {
+                let at = used;
                 used += n;
-                match asm.push(frame, max) {
+                let whole_data = frame.fin
+                    && asm.idle()
+                    && matches!(frame.opcode, OpCode::Data(Data::Binary | Data::Text));
+                if whole_data {
+                    // A whole message (most are): read where it lies, no copy.
+                    progressed = true;
+                    let payload = &data[at + frame.payload.start..at + frame.payload.end];
+                    let text = frame.opcode == OpCode::Data(Data::Text);
+                    if !on_data(shard, conn, text, payload) {
+                        break false;
+                    }
+                    continue;
+                }
+                match asm.push(frame.to_frame(&data[at..]), max) {
                     Ok(None) => {}
                     Ok(Some(msg)) => {
                         progressed = true;
@@ -645,22 +660,8 @@ fn process<S: Service>(
 
 fn on_message<S: Service>(shard: &Rc<Shard<S>>, conn: &Rc<Conn>, msg: ws::Message) -> bool {
     match msg {
-        ws::Message::Binary(payload) if !conn.json => {
-            // Acks are most of what a client sends: read them in place.
-            if let Some(ack) = envelope::peek_push_ack(&payload) {
-                on_push_ack(shard, conn, ack.req_id, ack.conv_id, ack.seq);
-                return true;
-            }
-            on_client_frame(shard, conn, decode_client_frame(&payload))
-        }
-        ws::Message::Text(payload) if conn.json => {
-            on_client_frame(shard, conn, json::decode_client_frame(&payload))
-        }
-        // The other encoding than the one negotiated: refused as a text frame always was.
-        ws::Message::Binary(_) | ws::Message::Text(_) => {
-            conn.close(shard, close::UNSUPPORTED_DATA, None);
-            false
-        }
+        ws::Message::Binary(payload) => on_data(shard, conn, false, &payload),
+        ws::Message::Text(payload) => on_data(shard, conn, true, &payload),
         ws::Message::Ping(p) => {
             S::conn_seen(shard, conn);
             conn.send(shard, ws::frame(ws::PONG, &p));
@@ -669,6 +670,26 @@ fn on_message<S: Service>(shard: &Rc<Shard<S>>, conn: &Rc<Conn>, msg: ws::Messag
         ws::Message::Pong => true,
         ws::Message::Close(_) => {
             conn.close(shard, close::NORMAL, None);
+            false
+        }
+    }
+}
+
+/// A whole data message (`text`: a text frame) from the client.
+fn on_data<S: Service>(shard: &Rc<Shard<S>>, conn: &Rc<Conn>, text: bool, payload: &[u8]) -> bool {
+    match (text, conn.json) {
+        (false, false) => {
+            // Acks are most of what a client sends: read them in place.
+            if let Some(ack) = envelope::peek_push_ack(payload) {
+                on_push_ack(shard, conn, ack.req_id, ack.conv_id, ack.seq);
+                return true;
+            }
+            on_client_frame(shard, conn, decode_client_frame(payload))
+        }
+        (true, true) => on_client_frame(shard, conn, json::decode_client_frame(payload)),
+        // The other encoding than the one negotiated: refused as a text frame always was.
+        _ => {
+            conn.close(shard, close::UNSUPPORTED_DATA, None);
             false
         }
     }
