@@ -582,7 +582,7 @@ impl ShardStore {
         match &self.backend {
             Backend::Embedded(f) => {
                 if f.jobs.send(Job::Batch { id, puts }).is_err() {
-                    self.fail_upto(id, "sync thread is gone".to_string());
+                    self.fail_upto(id, StoreError::Write("sync thread is gone".to_string()));
                 }
             }
             Backend::Redis(r) => {
@@ -593,9 +593,9 @@ impl ShardStore {
         }
     }
 
-    fn fail_upto(&self, upto: u64, error: String) {
+    fn fail_upto(&self, upto: u64, error: StoreError) {
         self.failed.set(true);
-        self.resolve_upto(upto, Err(StoreError::Write(error)));
+        self.resolve_upto(upto, Err(error));
     }
 
     fn resolve_upto(&self, upto: u64, result: Result<(), StoreError>) {
@@ -654,11 +654,11 @@ impl RoundSink for RedisSink {
         match result {
             Ok(()) => store.resolve_upto(upto, Ok(())),
             Err(RoundError::AfterFailure) => {
-                store.fail_upto(upto, "an earlier batch failed".into())
+                store.fail_upto(upto, StoreError::Write("an earlier batch failed".into()))
             }
             Err(error) => {
                 tracing::error!(%error, upto, "redis batch failed; answering 50301 until the shard resets");
-                store.fail_upto(upto, error.to_string());
+                store.fail_upto(upto, error.into());
             }
         }
     }
@@ -990,7 +990,7 @@ async fn completion_loop(store: Rc<ShardStore>) {
                 Done::Failed { upto, error } => {
                     seen = seen.max(upto);
                     tracing::error!(%error, upto, "store batch failed; answering 50301 until the shard resets");
-                    store.fail_upto(upto, error);
+                    store.fail_upto(upto, StoreError::Write(error));
                 }
             }
         }

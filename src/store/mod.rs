@@ -61,6 +61,11 @@ pub enum StoreError {
     Corrupt(String),
     /// A batch could not be committed or synced; nothing of it is acknowledged.
     Write(String),
+    /// The Redis fence refused the batch's round: a conversation it adds messages to
+    /// holds another number of messages than this shard expected (another node wrote
+    /// to it after an ownership change). Nothing of the round was written; the shard
+    /// drops its cached state and reloads.
+    Fenced(String),
     /// The data dir was made with another shard count.
     Layout(String),
 }
@@ -72,6 +77,7 @@ impl std::fmt::Display for StoreError {
             StoreError::Read(e) => write!(f, "store read failed: {e}"),
             StoreError::Corrupt(e) => write!(f, "corrupt record: {e}"),
             StoreError::Write(e) => write!(f, "store write failed: {e}"),
+            StoreError::Fenced(e) => write!(f, "store write refused by the fence: {e}"),
             StoreError::Layout(e) => f.write_str(e),
         }
     }

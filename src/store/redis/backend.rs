@@ -588,15 +588,10 @@ impl RoundError {
     }
 }
 
-/// The start of the [`StoreError::Write`] text of a batch whose round the fence
-/// refused: the shard can tell a fence failure from an outage by it
-/// ([`is_fence_failure`]).
-pub const FENCED: &str = "fenced: ";
-
 impl std::fmt::Display for RoundError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RoundError::Fenced(detail) => write!(f, "{FENCED}{detail}"),
+            RoundError::Fenced(detail) => write!(f, "fenced: {detail}"),
             RoundError::AfterFailure => f.write_str("an earlier batch failed"),
             RoundError::Redis(e) => f.write_str(e),
         }
@@ -605,13 +600,16 @@ impl std::fmt::Display for RoundError {
 
 impl From<RoundError> for StoreError {
     fn from(e: RoundError) -> StoreError {
-        StoreError::Write(e.to_string())
+        match e {
+            RoundError::Fenced(detail) => StoreError::Fenced(detail),
+            other => StoreError::Write(other.to_string()),
+        }
     }
 }
 
 /// Whether a failed batch was refused by the fence (see [`RoundError::Fenced`]).
 pub fn is_fence_failure(e: &StoreError) -> bool {
-    matches!(e, StoreError::Write(text) if text.starts_with(FENCED))
+    matches!(e, StoreError::Fenced(_))
 }
 
 /// A round sent and not yet reported.
