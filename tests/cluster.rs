@@ -306,6 +306,99 @@ fn group_members_on_every_node_and_a_node_without_members_hears_nothing() {
     drop(c1b);
 }
 
+/// Senders on three nodes at once: the group's owner stores several messages in a
+/// loop turn, and their row updates leave for each member's owner node batched per
+/// turn. Every member's row, on whichever node owns it, must end up with what those
+/// messages change: a sender has read up to its own last message, an offline reader
+/// has everything unread.
+#[test]
+fn concurrent_group_sends_update_every_members_rows_on_its_owner_node() {
+    const PER_SENDER: i64 = 25;
+    let Some(c) = Cluster::start() else { return };
+    let senders: Vec<String> = (0..3)
+        .map(|n| user_owned_by(&c, n, &format!("rs{n}_")))
+        .collect();
+    let readers: Vec<String> = (0..3)
+        .map(|n| user_owned_by(&c, n, &format!("rr{n}_")))
+        .collect();
+    let mut owner = c.nodes[0].connect(&senders[0], "d");
+    let mut members: Vec<String> = senders[1..].to_vec();
+    members.extend(readers.iter().cloned());
+    let created = owner.request(Body::CreateGroup(pb::CreateGroupRequest {
+        group_id: "rowsgrp".into(),
+        name: "rows".into(),
+        members,
+    }));
+    assert_eq!(created.code, 0, "{}", created.message);
+    drop(owner);
+    let workers: Vec<_> = senders
+        .iter()
+        .enumerate()
+        .map(|(i, user)| {
+            // Each sender on a node that does not own its rows.
+            let node = &c.nodes[(i + 1) % 3];
+            let (addr, token, user) = (node.addr, node.token(user, "d"), user.clone());
+            std::thread::spawn(move || {
+                let mut client = Client::connect(addr, &token);
+                let mut last = 0;
+                for k in 0..PER_SENDER {
+                    let r = client.request(Body::Send(pb::SendMessageRequest {
+                        conv_type: ConvType::Group as i32,
+                        target: "rowsgrp".into(),
+                        client_msg_id: format!("{user}-{k}"),
+                        content: format!("{k}"),
+                        ..Default::default()
+                    }));
+                    assert_eq!(r.code, 0, "{user}: {}", r.message);
+                    last = pb::SendMessageResponse::decode(&*r.body).expect("sent").seq;
+                }
+                (user, last)
+            })
+        })
+        .collect();
+    let lasts: Vec<(String, i64)> = workers
+        .into_iter()
+        .map(|w| w.join().expect("sender"))
+        .collect();
+    let max_seq = 1 + 3 * PER_SENDER;
+    let row = |node: usize, user: &str| -> Option<pb::ConversationItem> {
+        let mut cl = c.nodes[node].connect(user, "check");
+        let list = cl.request(Body::GetConversations(
+            pb::GetConversationsRequest::default(),
+        ));
+        assert_eq!(list.code, 0, "{}", list.message);
+        pb::GetConversationsResponse::decode(&*list.body)
+            .expect("list")
+            .conversations
+            .into_iter()
+            .find(|i| i.conv_type == ConvType::Group as i32)
+    };
+    // Row updates travel asynchronously after the replies: allow them a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (i, (user, last)) in lasts.iter().enumerate() {
+        loop {
+            let item = row((i + 2) % 3, user).expect("the sender's row");
+            assert_eq!(item.max_seq, max_seq);
+            if item.read_seq == *last {
+                assert_eq!(i64::from(item.unread_count), max_seq - last);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{user}: read_seq {} != its last message {last}",
+                item.read_seq
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    for (i, user) in readers.iter().enumerate() {
+        let item = row((i + 1) % 3, user).expect("the reader's row");
+        assert_eq!(item.max_seq, max_seq);
+        assert_eq!(item.read_seq, 0);
+        assert_eq!(i64::from(item.unread_count), max_seq);
+    }
+}
+
 #[test]
 fn kick_broadcast_and_presence_across_nodes() {
     let Some(c) = Cluster::start() else { return };
