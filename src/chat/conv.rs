@@ -509,7 +509,10 @@ fn store_new(shard: &Rc<Shard>, reply: ReplyTo<Sent>, cmd: SendCmd) {
                 }
                 // The deliveries go before the reply on the same rings, so the sender's
                 // own row shows the message by the time the reply reaches them (a
-                // GetConversations right after a send lists it).
+                // GetConversations right after a send lists it). That holds for a
+                // fan-out that goes out at once (small, nothing queued: every 1:1
+                // message); a big group's queued chunks, or a row on another node,
+                // may be updated after the reply.
                 fan_out(&shard, &msg, members, Vec::new(), &[], &cmd.sender_device);
                 let body = sent(&msg.msg_id, &msg.conv_id, seq, send_time);
                 shard.reply(reply, Ok(body.clone()));
