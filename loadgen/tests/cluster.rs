@@ -6,37 +6,15 @@
 //! is not installed, unless `CI=true`.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+use common::{free_port, server_binary};
+
 const SECRET: &str = "loadgen-cluster-secret-0123456789";
-
-fn server_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = dir.join("imshard");
-    assert!(
-        bin.exists(),
-        "{} not found: build the server first (cargo build -p imshard)",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind port 0")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
 
 /// A child process killed by pid on drop.
 struct Proc(Child);

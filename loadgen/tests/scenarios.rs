@@ -2,39 +2,15 @@
 //! shards on a free loopback port, a temp data dir) and checks correctness only: no
 //! failures, nothing lost, duplicated or out of order, and some traffic. Never timing.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+use common::{free_port, server_binary};
+
 const SECRET: &str = "loadgen-test-secret-0123456789";
-
-/// The server binary next to the test's own deps dir: target/debug/deps/<test> ->
-/// target/debug/imshard (the workspace test run builds it).
-fn server_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let debug_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = debug_dir.join("imshard");
-    assert!(
-        bin.exists(),
-        "{} not found: build the server first (cargo build -p imshard, or cargo test --workspace)",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind port 0")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
 
 /// A running server; killed by pid on drop.
 struct Server {
