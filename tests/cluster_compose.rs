@@ -7,14 +7,16 @@
 #[path = "common/redis_server.rs"]
 mod redis_server;
 
+#[path = "common/on_loop.rs"]
+mod on_loop;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use imshard::cluster::events::{decode_event, subscribe_cluster_channels, ClusterEvent};
 use imshard::cluster::link::{LinkConfig, LinkError, LinkServer, Links};
@@ -22,15 +24,8 @@ use imshard::cluster::membership::{Membership, MembershipConfig, MembershipEvent
 use imshard::cluster::slots::SlotMap;
 use imshard::cluster::NodeId;
 use imshard::store::redis::{PubSubConn, PubSubEvent, RedisConfig, RedisConn};
+use on_loop::{eventually, run};
 use redis_server::RedisServer;
-
-fn run<F: Future>(f: F) -> F::Output {
-    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .enable_timer()
-        .build()
-        .expect("monoio runtime")
-        .block_on(f)
-}
 
 /// One node: link server, membership, cluster channels, links to the others.
 struct Node {
@@ -110,17 +105,6 @@ impl Node {
         let live = self.membership.live();
         SlotMap::new(live.epoch, live.ids().cloned())
     }
-}
-
-async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        monoio::time::sleep(Duration::from_millis(10)).await;
-    }
-    f()
 }
 
 #[test]

@@ -3,8 +3,10 @@
 //! connection, refusals, a peer that goes away and comes back, a peer removed from
 //! the live set, a stale address now held by another node.
 
+#[path = "common/on_loop.rs"]
+mod on_loop;
+
 use std::cell::RefCell;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,14 +16,7 @@ use std::time::Duration;
 
 use imshard::cluster::link::{LinkConfig, LinkError, LinkServer, Links, Responder};
 use imshard::cluster::NodeId;
-
-fn run<F: Future>(f: F) -> F::Output {
-    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .enable_timer()
-        .build()
-        .expect("monoio runtime")
-        .block_on(f)
-}
+use on_loop::run;
 
 fn id(s: &str) -> NodeId {
     NodeId::new(s).unwrap()

@@ -6,8 +6,10 @@
 #[path = "common/redis_server.rs"]
 mod redis_server;
 
+#[path = "common/on_loop.rs"]
+mod on_loop;
+
 use std::cell::RefCell;
-use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::rc::Rc;
@@ -22,15 +24,8 @@ use imshard::cluster::membership::{
 use imshard::cluster::slots::SlotMap;
 use imshard::cluster::NodeId;
 use imshard::store::redis::{PubSubConn, PubSubEvent, RedisConfig, RedisConn};
+use on_loop::{eventually, run};
 use redis_server::RedisServer;
-
-fn run<F: Future>(f: F) -> F::Output {
-    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .enable_timer()
-        .build()
-        .expect("monoio runtime")
-        .block_on(f)
-}
 
 fn redis_config(url: String) -> RedisConfig {
     let mut c = RedisConfig::new(url);
@@ -39,17 +34,6 @@ fn redis_config(url: String) -> RedisConfig {
     c.backoff_min = Duration::from_millis(20);
     c.backoff_max = Duration::from_millis(100);
     c
-}
-
-async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        monoio::time::sleep(Duration::from_millis(10)).await;
-    }
-    f()
 }
 
 type Log = Rc<RefCell<Vec<(Instant, MembershipEvent)>>>;

@@ -5,7 +5,9 @@
 #[path = "common/redis_server.rs"]
 mod redis_server;
 
-use std::future::Future;
+#[path = "common/on_loop.rs"]
+mod on_loop;
+
 use std::time::{Duration, Instant};
 
 use imshard::store::redis::presence::now_ms;
@@ -13,16 +15,9 @@ use imshard::store::redis::{
     online_devices, online_key, run_script, LuaScript, PresenceBatch, PresenceWriter, RedisConfig,
     RedisConn, RedisError,
 };
+use on_loop::run;
 use redis::Value;
 use redis_server::RedisServer;
-
-fn run<F: Future>(f: F) -> F::Output {
-    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .enable_timer()
-        .build()
-        .expect("monoio runtime")
-        .block_on(f)
-}
 
 fn config(server: &RedisServer) -> RedisConfig {
     let mut c = RedisConfig::new(server.url());

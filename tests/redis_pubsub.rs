@@ -5,22 +5,17 @@
 #[path = "common/redis_server.rs"]
 mod redis_server;
 
+#[path = "common/on_loop.rs"]
+mod on_loop;
+
 use std::cell::RefCell;
-use std::future::Future;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use imshard::store::redis::{publish, PubSubConn, PubSubEvent, RedisConfig, RedisConn};
+use on_loop::{eventually, run};
 use redis_server::RedisServer;
-
-fn run<F: Future>(f: F) -> F::Output {
-    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .enable_timer()
-        .build()
-        .expect("monoio runtime")
-        .block_on(f)
-}
 
 fn config(server: &RedisServer) -> RedisConfig {
     let mut c = RedisConfig::new(server.url());
@@ -29,17 +24,6 @@ fn config(server: &RedisServer) -> RedisConfig {
     c.backoff_min = Duration::from_millis(20);
     c.backoff_max = Duration::from_millis(200);
     c
-}
-
-async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        monoio::time::sleep(Duration::from_millis(10)).await;
-    }
-    f()
 }
 
 type Events = Rc<RefCell<Vec<PubSubEvent>>>;
