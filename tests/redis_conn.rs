@@ -19,17 +19,8 @@ use on_loop::run;
 use redis::Value;
 use redis_server::RedisServer;
 
-fn config(server: &RedisServer) -> RedisConfig {
-    let mut c = RedisConfig::new(server.url());
-    c.timeout = Duration::from_millis(500);
-    c.connect_timeout = Duration::from_millis(500);
-    c.backoff_min = Duration::from_millis(20);
-    c.backoff_max = Duration::from_millis(200);
-    c
-}
-
 async fn connect(server: &RedisServer) -> RedisConn {
-    RedisConn::connect(config(server), Duration::from_secs(5))
+    RedisConn::connect(server.quick_config(), Duration::from_secs(5))
         .await
         .expect("connect to the test redis")
 }
@@ -511,7 +502,7 @@ fn auth_and_db_come_from_the_url() {
         return;
     };
     run(async {
-        let mut c = config(&server);
+        let mut c = server.quick_config();
         c.url = format!("redis://:s3cret@127.0.0.1:{}/2", server.port);
         let conn = RedisConn::connect(c.clone(), Duration::from_secs(5))
             .await

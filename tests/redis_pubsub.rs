@@ -13,25 +13,16 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use imshard::store::redis::{publish, PubSubConn, PubSubEvent, RedisConfig, RedisConn};
+use imshard::store::redis::{publish, PubSubConn, PubSubEvent, RedisConn};
 use on_loop::{eventually, run};
 use redis_server::RedisServer;
-
-fn config(server: &RedisServer) -> RedisConfig {
-    let mut c = RedisConfig::new(server.url());
-    c.timeout = Duration::from_millis(500);
-    c.connect_timeout = Duration::from_millis(500);
-    c.backoff_min = Duration::from_millis(20);
-    c.backoff_max = Duration::from_millis(200);
-    c
-}
 
 type Events = Rc<RefCell<Vec<PubSubEvent>>>;
 
 fn start(server: &RedisServer) -> (PubSubConn, Events) {
     let events: Events = Rc::default();
     let sink = events.clone();
-    let conn = PubSubConn::start(config(server), move |e| sink.borrow_mut().push(e))
+    let conn = PubSubConn::start(server.quick_config(), move |e| sink.borrow_mut().push(e))
         .expect("start pub/sub");
     (conn, events)
 }
@@ -56,7 +47,7 @@ fn subscribe_publish_unsubscribe() {
         return;
     };
     run(async {
-        let publisher = RedisConn::connect(config(&server), Duration::from_secs(5))
+        let publisher = RedisConn::connect(server.quick_config(), Duration::from_secs(5))
             .await
             .expect("publisher");
         let (sub, events) = start(&server);
@@ -119,7 +110,7 @@ fn many_channels_one_write() {
         return;
     };
     run(async {
-        let publisher = RedisConn::connect(config(&server), Duration::from_secs(5))
+        let publisher = RedisConn::connect(server.quick_config(), Duration::from_secs(5))
             .await
             .expect("publisher");
         let (sub, events) = start(&server);
@@ -201,7 +192,7 @@ fn restart_resubscribes_and_delivery_resumes() {
         assert!(sub.is_confirmed(b"connect:events:kick") && sub.is_confirmed(b"while-down"));
         assert_eq!(sub.stats().reconnects, 1);
 
-        let publisher = RedisConn::connect(config(&server), Duration::from_secs(5))
+        let publisher = RedisConn::connect(server.quick_config(), Duration::from_secs(5))
             .await
             .expect("publisher");
         assert_eq!(
@@ -262,7 +253,7 @@ fn dropping_the_handle_ends_the_connection_quietly() {
         return;
     };
     run(async {
-        let publisher = RedisConn::connect(config(&server), Duration::from_secs(5))
+        let publisher = RedisConn::connect(server.quick_config(), Duration::from_secs(5))
             .await
             .expect("publisher");
         let (sub, events) = start(&server);

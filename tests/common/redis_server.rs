@@ -54,6 +54,18 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// A client config for this server with short timeouts and backoff, so that
+    /// tests of outages and reconnects run in well under a second.
+    #[allow(dead_code)] // only the tests that drive the Redis client themselves use it
+    pub fn quick_config(&self) -> imshard::store::redis::RedisConfig {
+        let mut c = imshard::store::redis::RedisConfig::new(self.url());
+        c.timeout = std::time::Duration::from_millis(500);
+        c.connect_timeout = std::time::Duration::from_millis(500);
+        c.backoff_min = std::time::Duration::from_millis(20);
+        c.backoff_max = std::time::Duration::from_millis(200);
+        c
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
