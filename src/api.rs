@@ -49,7 +49,7 @@ async fn healthz(shard: &Rc<Shard>, ka: bool) -> Vec<u8> {
 
 /// Every metric: name, Prometheus type, help. One value per shard each, in this order
 /// (see [`metric_values`]).
-pub const METRICS: [(&str, &str, &str); 29] = [
+pub const METRICS: [(&str, &str, &str); 30] = [
     ("imshard_connections", "gauge", "open WebSocket connections"),
     (
         "imshard_connections_total",
@@ -84,7 +84,12 @@ pub const METRICS: [(&str, &str, &str); 29] = [
     (
         "imshard_store_sync_rounds_total",
         "counter",
-        "store commit + fsync rounds",
+        "store rounds: commits, each with its fsync unless it held lazy writes only",
+    ),
+    (
+        "imshard_store_fsyncs_total",
+        "counter",
+        "store fsyncs (a round of lazy writes, such as a sender's own read mark, rides on the next fsync; at most 50 ms later)",
     ),
     (
         "imshard_store_sync_slow_rounds_total",
@@ -166,9 +171,9 @@ pub const METRICS: [(&str, &str, &str); 29] = [
 ];
 
 /// This shard's values for [`METRICS`] (the last one in microseconds).
-pub fn metric_values(shard: &Shard) -> [u64; 29] {
+pub fn metric_values(shard: &Shard) -> [u64; 30] {
     let c = &shard.counters;
-    let (rounds, slow, micros) = shard.store.sync_stats();
+    let (rounds, fsyncs, slow, micros) = shard.store.sync_stats();
     let node = shard.node.get();
     let routes = node.and_then(|n| n.routes.get());
     let ev = shard.events.get().map_or([0; 7], |e| {
@@ -183,6 +188,7 @@ pub fn metric_values(shard: &Shard) -> [u64; 29] {
         c.slow_reader_cuts.get(),
         c.heartbeat_timeouts.get(),
         rounds,
+        fsyncs,
         slow,
         micros,
         shard.cache_bytes.get() as u64,

@@ -314,7 +314,7 @@ fn finish_rows_load(
         .collect();
     let mut write = WriteSet::new();
     for upd in &updates {
-        if let Some(row) = upd.apply(user, &mut rows) {
+        if let Some((row, _)) = upd.apply(user, &mut rows) {
             write.row(user, &upd.conv_id, &row);
         }
     }
@@ -428,8 +428,9 @@ impl RowUpdate<&str> {
 
 impl<C: AsRef<str>> RowUpdate<C> {
     /// Applies the update (creating the row on the first message); the row when it
-    /// changed.
-    fn apply(&self, user: &str, rows: &mut Rows) -> Option<ConvRow> {
+    /// changed, and whether the change is only the sender's own read mark (which may
+    /// be stored lazily: [`crate::store::ShardStore::stage_lazy`]).
+    fn apply(&self, user: &str, rows: &mut Rows) -> Option<(ConvRow, bool)> {
         let conv = ConvRef::parse(self.conv_id.as_ref()).ok()?;
         let mut changed = false;
         if !rows.contains_key(self.conv_id.as_ref()) {
@@ -451,9 +452,10 @@ impl<C: AsRef<str>> RowUpdate<C> {
             changed = true;
         }
         // Sending a message means having read the conversation up to it.
+        let mut read_mark = false;
         if self.sender && row.read_seq < self.seq {
             row.read_seq = self.seq;
-            changed = true;
+            read_mark = true;
         }
         // A group's first message is its creation, sent by its owner.
         if self.seq == 1 && self.sender && !row.owner {
@@ -471,7 +473,7 @@ impl<C: AsRef<str>> RowUpdate<C> {
         }
         row.max_seq = row.max_seq.max(self.seq);
         row.updated_at = row.updated_at.max(self.send_time);
-        changed.then(|| (**row).clone())
+        (changed || read_mark).then(|| ((**row).clone(), !changed))
     }
 }
 
@@ -481,6 +483,7 @@ impl<C: AsRef<str>> RowUpdate<C> {
 /// order its messages arrived), so delivery never waits for the store.
 pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
     let mut write = WriteSet::new();
+    let mut lazy = WriteSet::new();
     for user in d.users.iter() {
         let user: &str = user;
         let upd = RowUpdate {
@@ -497,8 +500,9 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
                 Some(RowsSlot::Loaded(c)) => {
                     c.used = true;
                     let before = c.rows.len();
-                    if let Some(row) = upd.apply(user, &mut c.rows) {
-                        write.row(user, &d.conv_id, &row);
+                    if let Some((row, only_read_mark)) = upd.apply(user, &mut c.rows) {
+                        let w = if only_read_mark { &mut lazy } else { &mut write };
+                        w.row(user, &d.conv_id, &row);
                         c.pending_batch = shard.store.staging_batch();
                     }
                     if c.rows.len() > before {
@@ -536,6 +540,9 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
     }
     if !write.is_empty() {
         shard.store.stage_detached(write);
+    }
+    if !lazy.is_empty() {
+        shard.store.stage_lazy(lazy);
     }
 }
 

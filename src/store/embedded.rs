@@ -60,6 +60,8 @@ const MEMTABLE_BYTES: [u64; 6] = [16 << 20, 4 << 20, 8 << 20, 4 << 20, 1 << 20, 
 const JOURNAL_BYTES: u64 = 128 << 20;
 /// Block cache per shard.
 const CACHE_BYTES: u64 = 32 << 20;
+/// The longest a committed lazy batch ([`ShardStore::stage_lazy`]) waits for its fsync.
+pub const LAZY_SYNC: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// One staged write: a value, or a removal when `value` is `None`. Keys are those of
 /// [`super::keys`]; the Redis backend maps each keyspace onto its own key layout.
@@ -80,6 +82,9 @@ enum Job {
     Batch {
         id: u64,
         puts: Vec<Put>,
+        /// Only [`ShardStore::stage_lazy`] writes: committed at once, fsynced with the
+        /// next batch that needs it or after [`LAZY_SYNC`].
+        lazy: bool,
     },
     /// The shard dropped its cached state after a failure: accept batches again.
     Reset,
@@ -115,6 +120,8 @@ struct SyncShared {
     rounds: AtomicU64,
     slow_rounds: AtomicU64,
     round_micros: AtomicU64,
+    /// fsyncs done (a round of lazy writes only commits).
+    fsyncs: AtomicU64,
     /// Duration of each round, for /metrics.
     round_histogram: AtomicHistogram,
     /// Highest batch id reported (durable or failed); lets the loop skip empty wakes.
@@ -129,6 +136,7 @@ impl SyncShared {
             rounds: AtomicU64::new(0),
             slow_rounds: AtomicU64::new(0),
             round_micros: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
             round_histogram: AtomicHistogram::default(),
             reported: AtomicU64::new(0),
         }
@@ -170,6 +178,9 @@ pub struct ShardStore {
     backend: Backend,
     /// Writes staged during this loop turn.
     staged: RefCell<Vec<Put>>,
+    /// Something staged this turn needs its fsync now (a waiter or a detached write);
+    /// otherwise the batch is lazy.
+    staged_eager: Cell<bool>,
     /// Id of the batch being staged; batches are numbered from 1.
     staging_id: Cell<u64>,
     /// Callers waiting for a batch, oldest first.
@@ -300,6 +311,7 @@ impl ShardStore {
         ShardStore {
             backend,
             staged: RefCell::new(Vec::new()),
+            staged_eager: Cell::new(false),
             staging_id: Cell::new(1),
             waiters: RefCell::new(VecDeque::new()),
             shared,
@@ -336,8 +348,24 @@ impl ShardStore {
         self.stage_detached(write);
     }
 
-    /// Stages a write nobody waits for (it still keeps batch order).
+    /// Stages a write nobody waits for (it still keeps batch order); it is fsynced in
+    /// its own round like any other.
     pub fn stage_detached(self: &Rc<Self>, write: WriteSet) {
+        self.staged_eager.set(true);
+        self.stage_puts(write);
+    }
+
+    /// Stages a write nobody waits for and whose loss in a crash is harmless: readable
+    /// at once (committed in batch order), made durable by the next round that fsyncs
+    /// anyway, or after [`LAZY_SYNC`] at the latest. A sender's own read mark is one
+    /// (lost, the sender's unread count includes the last messages they sent until
+    /// their next send or mark read); without this every message paid a second fsync
+    /// round for it. The Redis backend writes it like any other.
+    pub fn stage_lazy(self: &Rc<Self>, write: WriteSet) {
+        self.stage_puts(write);
+    }
+
+    fn stage_puts(self: &Rc<Self>, write: WriteSet) {
         let mut staged = self.staged.borrow_mut();
         let first = staged.is_empty();
         staged.extend(write.puts);
@@ -347,11 +375,12 @@ impl ShardStore {
         }
     }
 
-    /// (sync rounds, rounds of 10 ms or more, total µs in rounds) so far.
-    pub fn sync_stats(&self) -> (u64, u64, u64) {
+    /// (store rounds, fsyncs, rounds of 10 ms or more, total µs in rounds) so far.
+    pub fn sync_stats(&self) -> (u64, u64, u64, u64) {
         let s = &self.shared;
         (
             s.rounds.load(Ordering::Relaxed),
+            s.fsyncs.load(Ordering::Relaxed),
             s.slow_rounds.load(Ordering::Relaxed),
             s.round_micros.load(Ordering::Relaxed),
         )
@@ -571,6 +600,7 @@ impl ShardStore {
 
     fn flush(self: &Rc<Self>) {
         let puts = std::mem::take(&mut *self.staged.borrow_mut());
+        let lazy = !self.staged_eager.replace(false);
         if puts.is_empty() {
             return;
         }
@@ -581,7 +611,7 @@ impl ShardStore {
         self.unsynced_bytes.set(self.unsynced_bytes.get() + bytes);
         match &self.backend {
             Backend::Embedded(f) => {
-                if f.jobs.send(Job::Batch { id, puts }).is_err() {
+                if f.jobs.send(Job::Batch { id, puts, lazy }).is_err() {
                     self.fail_upto(id, StoreError::Write("sync thread is gone".to_string()));
                 }
             }
@@ -1005,18 +1035,42 @@ fn sync_thread(
     shared: Arc<SyncShared>,
 ) {
     let mut failed = false;
-    while let Ok(first) = jobs.recv() {
-        let mut round = vec![first];
-        while let Ok(more) = jobs.try_recv() {
-            round.push(more);
+    // Lazy batches committed but not yet fsynced: the highest id, and when the first
+    // of them was committed.
+    let mut lazy: Option<(u64, std::time::Instant)> = None;
+    loop {
+        let first = match lazy {
+            None => match jobs.recv() {
+                Ok(job) => Some(job),
+                Err(_) => break,
+            },
+            Some((_, since)) => {
+                let left = (since + LAZY_SYNC).saturating_duration_since(std::time::Instant::now());
+                match jobs.recv_timeout(left) {
+                    Ok(job) => Some(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        sync_and_report(&db, &done, &shared, lazy.map_or(0, |l| l.0));
+                        break;
+                    }
+                }
+            }
+        };
+        let mut round: Vec<Job> = first.into_iter().collect();
+        if !round.is_empty() {
+            while let Ok(more) = jobs.try_recv() {
+                round.push(more);
+            }
         }
         let mut ok_upto = 0;
+        let mut eager = false;
         let mut fail: Option<(u64, String)> = None;
         let started = std::time::Instant::now();
         for job in round {
             match job {
                 Job::Reset => failed = false,
-                Job::Batch { id, puts } => {
+                Job::Batch { id, puts, lazy } => {
+                    eager |= !lazy;
                     if failed {
                         fail = Some((
                             id,
@@ -1045,23 +1099,17 @@ fn sync_thread(
                 }
             }
         }
-        if ok_upto > 0 {
-            match db.persist(PersistMode::SyncData) {
-                Ok(()) => {
-                    let _ = done.send(Done::Durable { upto: ok_upto });
-                }
-                Err(e) => {
-                    // After a failed fsync the kernel may have dropped the dirty pages:
-                    // a later fsync could "succeed" without the data ("fsyncgate").
-                    // Retrying on the same files is not safe; stop, and let the
-                    // supervisor restart us: recovery replays the journal.
-                    tracing::error!(error = %e, "fsync of the store failed; aborting so that recovery starts from the journal");
-                    eprintln!("imshard: fsync of the store failed ({e}); aborting");
-                    std::process::abort();
-                }
-            }
+        let lazy_due = lazy.is_some_and(|(_, since)| since.elapsed() >= LAZY_SYNC);
+        let mut reported = 0;
+        if ok_upto > 0 && !eager && !lazy_due && fail.is_none() {
+            // Only lazy writes: committed (readable), fsynced later with others.
+            lazy = Some((ok_upto, lazy.map_or(started, |l| l.1)));
+        } else if ok_upto > 0 || lazy.is_some() {
+            let upto = ok_upto.max(lazy.map_or(0, |l| l.0));
+            lazy = None;
+            sync_and_report(&db, &done, &shared, upto);
+            reported = upto;
         }
-        let mut reported = ok_upto;
         if let Some((upto, error)) = fail {
             reported = reported.max(upto);
             let _ = done.send(Done::Failed { upto, error });
@@ -1070,6 +1118,29 @@ fn sync_thread(
         if reported > 0 {
             shared.reported.fetch_max(reported, Ordering::AcqRel);
             shared.bell.ring();
+        }
+    }
+}
+
+/// fsyncs everything committed and reports it durable up to `upto` (the caller rings
+/// the bell). A failed fsync aborts the process.
+fn sync_and_report(db: &Database, done: &mpsc::Sender<Done>, shared: &SyncShared, upto: u64) {
+    if upto == 0 {
+        return;
+    }
+    match db.persist(PersistMode::SyncData) {
+        Ok(()) => {
+            shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+            let _ = done.send(Done::Durable { upto });
+        }
+        Err(e) => {
+            // After a failed fsync the kernel may have dropped the dirty pages:
+            // a later fsync could "succeed" without the data ("fsyncgate").
+            // Retrying on the same files is not safe; stop, and let the
+            // supervisor restart us: recovery replays the journal.
+            tracing::error!(error = %e, "fsync of the store failed; aborting so that recovery starts from the journal");
+            eprintln!("imshard: fsync of the store failed ({e}); aborting");
+            std::process::abort();
         }
     }
 }
@@ -1143,6 +1214,72 @@ mod tests {
             assert_eq!(read(1, true, 4 * high - 1).await, vec![298, 299, 300]);
             assert_eq!(read(5, false, 0).await, vec![5]);
             assert_eq!(read(1, false, usize::MAX).await.len(), 200);
+        });
+    }
+
+    /// A batch of lazy writes alone is committed (readable) without an fsync; the next
+    /// batch that needs one makes it durable with the same fsync, and a lazy batch left
+    /// alone is fsynced after `LAZY_SYNC`.
+    #[test]
+    fn lazy_writes_ride_on_the_next_fsync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let bell = Arc::new(Bell::new().expect("eventfd"));
+            let store = ShardStore::open(dir.path(), 0, bell.clone()).expect("open");
+            let s = store.clone();
+            monoio::spawn(async move {
+                bell.listen(|| s.wake_local()).await;
+            });
+            let row = |read_seq| ConvRow {
+                read_seq,
+                ..ConvRow::default()
+            };
+            let fsyncs = |store: &ShardStore| store.sync_stats().1;
+            let rounds = |store: &ShardStore| store.sync_stats().0;
+
+            // A lazy batch alone: committed in its own round, not fsynced.
+            let started = std::time::Instant::now();
+            let lazy_batch = store.staging_batch();
+            let mut w = WriteSet::new();
+            w.row("alice", "p2p-alice-bob", &row(3));
+            store.stage_lazy(w);
+            while rounds(&store) < 1 {
+                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            if started.elapsed() < LAZY_SYNC {
+                assert_eq!(fsyncs(&store), 0, "a lazy round commits without an fsync");
+                assert!(store.settled_upto() < lazy_batch, "not reported durable yet");
+            }
+            let rows = store.rows("alice").await.expect("read");
+            assert_eq!(rows.len(), 1, "a committed lazy write is readable");
+            assert_eq!(rows[0].1.read_seq, 3);
+
+            // The next eager batch fsyncs both.
+            let mut w = WriteSet::new();
+            w.message(&msg(1));
+            let durable = store.stage(w).await;
+            assert!(matches!(durable, Ok(Ok(()))), "{durable:?}");
+            assert!(store.settled_upto() > lazy_batch, "the lazy batch settled too");
+            if started.elapsed() < LAZY_SYNC {
+                assert_eq!(fsyncs(&store), 1, "one fsync for both");
+            }
+
+            // A lazy batch left alone is fsynced after LAZY_SYNC.
+            let before = fsyncs(&store);
+            let lone = store.staging_batch();
+            let mut w = WriteSet::new();
+            w.row("alice", "p2p-alice-bob", &row(4));
+            store.stage_lazy(w);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while store.settled_upto() < lone {
+                assert!(std::time::Instant::now() < deadline, "lazy batch never fsynced");
+                monoio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            assert_eq!(fsyncs(&store), before + 1);
         });
     }
 }

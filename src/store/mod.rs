@@ -9,6 +9,11 @@
 //!   after the batch is fsynced (`fdatasync`). Only then may the caller answer a client.
 //! - **Batching**: writes staged during one loop turn form one batch; while an fsync
 //!   is in flight, further batches queue and are committed and synced together.
+//! - **Lazy writes**: a batch made only of [`ShardStore::stage_lazy`] writes (writes
+//!   whose loss in a crash is harmless: a sender's own read mark) is committed at
+//!   once and fsynced with the next batch that needs an fsync, or after
+//!   [`embedded::LAZY_SYNC`] (50 ms). Without it every message paid a second fsync
+//!   round for its sender's row.
 //! - **Failure**: when a batch fails, it and every batch staged after it fail too
 //!   (so no seq after a failed one is ever stored), until the shard has dropped its
 //!   cached conversation state and called [`ShardStore::reset_after_failure`].
