@@ -501,7 +501,11 @@ pub fn deliver(shard: &Rc<Shard>, d: &Delivery) {
                     c.used = true;
                     let before = c.rows.len();
                     if let Some((row, only_read_mark)) = upd.apply(user, &mut c.rows) {
-                        let w = if only_read_mark { &mut lazy } else { &mut write };
+                        let w = if only_read_mark {
+                            &mut lazy
+                        } else {
+                            &mut write
+                        };
                         w.row(user, &d.conv_id, &row);
                         c.pending_batch = shard.store.staging_batch();
                     }

@@ -1252,7 +1252,10 @@ mod tests {
             }
             if started.elapsed() < LAZY_SYNC {
                 assert_eq!(fsyncs(&store), 0, "a lazy round commits without an fsync");
-                assert!(store.settled_upto() < lazy_batch, "not reported durable yet");
+                assert!(
+                    store.settled_upto() < lazy_batch,
+                    "not reported durable yet"
+                );
             }
             let rows = store.rows("alice").await.expect("read");
             assert_eq!(rows.len(), 1, "a committed lazy write is readable");
@@ -1263,7 +1266,10 @@ mod tests {
             w.message(&msg(1));
             let durable = store.stage(w).await;
             assert!(matches!(durable, Ok(Ok(()))), "{durable:?}");
-            assert!(store.settled_upto() > lazy_batch, "the lazy batch settled too");
+            assert!(
+                store.settled_upto() > lazy_batch,
+                "the lazy batch settled too"
+            );
             if started.elapsed() < LAZY_SYNC {
                 assert_eq!(fsyncs(&store), 1, "one fsync for both");
             }
@@ -1276,7 +1282,10 @@ mod tests {
             store.stage_lazy(w);
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             while store.settled_upto() < lone {
-                assert!(std::time::Instant::now() < deadline, "lazy batch never fsynced");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "lazy batch never fsynced"
+                );
                 monoio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
             assert_eq!(fsyncs(&store), before + 1);
