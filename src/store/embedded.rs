@@ -1161,10 +1161,13 @@ mod tests {
         }
     }
 
-    /// Callbacks run in staging order even when their writes span several batches
-    /// and other tasks are scheduled in between; every write is then readable.
-    #[test]
-    fn stage_then_runs_in_staging_order_and_writes_are_durable() {
+    /// Runs `test` on a monoio loop with an embedded store in a fresh directory, its
+    /// completions woken by the store's bell as on a shard.
+    fn on_store<F, Fut>(test: F)
+    where
+        F: FnOnce(Rc<ShardStore>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
             .enable_timer()
@@ -1177,6 +1180,15 @@ mod tests {
             monoio::spawn(async move {
                 bell.listen(|| s.wake_local()).await;
             });
+            test(store).await;
+        });
+    }
+
+    /// Callbacks run in staging order even when their writes span several batches
+    /// and other tasks are scheduled in between; every write is then readable.
+    #[test]
+    fn stage_then_runs_in_staging_order_and_writes_are_durable() {
+        on_store(|store| async move {
             let order = Rc::new(RefCell::new(Vec::new()));
             for seq in 1..=300 {
                 let mut w = WriteSet::new();
@@ -1222,18 +1234,7 @@ mod tests {
     /// alone is fsynced after `LAZY_SYNC`.
     #[test]
     fn lazy_writes_ride_on_the_next_fsync() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .enable_timer()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let bell = Arc::new(Bell::new().expect("eventfd"));
-            let store = ShardStore::open(dir.path(), 0, bell.clone()).expect("open");
-            let s = store.clone();
-            monoio::spawn(async move {
-                bell.listen(|| s.wake_local()).await;
-            });
+        on_store(|store| async move {
             let row = |read_seq| ConvRow {
                 read_seq,
                 ..ConvRow::default()
