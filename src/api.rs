@@ -89,7 +89,7 @@ pub const METRICS: [(&str, &str, &str); 30] = [
     (
         "imshard_store_fsyncs_total",
         "counter",
-        "store fsyncs (a round of lazy writes, such as a sender's own read mark, rides on the next fsync; at most 50 ms later)",
+        "embedded store: fsyncs (a round of lazy writes, such as a sender's own read mark, rides on the next fsync, at most 50 ms later; 0 on --store redis, where Redis fsyncs)",
     ),
     (
         "imshard_store_sync_slow_rounds_total",
