@@ -51,6 +51,24 @@ fn config(brokers: &str, topic: &str, offline: &str) -> EventLogConfig {
     }
 }
 
+/// A broker with a test's own two topics (`{prefix}.events`, `{prefix}.offline`): the
+/// broker, its address and the event log's config for the topics. `None` only outside
+/// CI on a machine without tansu (the test then does nothing).
+fn broker(prefix: &str) -> Option<(Tansu, String, EventLogConfig)> {
+    broker_with(prefix, Tansu::start)
+}
+
+fn broker_with(
+    prefix: &str,
+    start: fn(&[&str]) -> Option<Tansu>,
+) -> Option<(Tansu, String, EventLogConfig)> {
+    let (events, offline) = (format!("{prefix}.events"), format!("{prefix}.offline"));
+    let tansu = start(&[&events, &offline])?;
+    let brokers = tansu.brokers();
+    let cfg = config(&brokers, &events, &offline);
+    Some((tansu, brokers, cfg))
+}
+
 /// Starts the producer for one shard and its [`EventLog`] on the current runtime, with
 /// the bell listener a shard runs.
 fn start_log(cfg: &EventLogConfig) -> (KafkaLog, EventLog) {
@@ -125,12 +143,11 @@ fn assert_in_order(got: &[Got], convs: &[&str], n: i64) {
 
 #[test]
 fn events_of_two_conversations_arrive_in_seq_order_with_their_content() {
-    let Some(tansu) = Tansu::start(&["t.events", "t.offline"]) else {
+    let Some((_tansu, brokers, cfg)) = broker("t") else {
         return;
     };
-    let brokers = tansu.brokers();
     runtime().block_on(async move {
-        let (_kafka, log) = start_log(&config(&brokers, "t.events", "t.offline"));
+        let (_kafka, log) = start_log(&cfg);
         let convs = ["p2p:alice:bob", "grp:g1"];
         let n = 200;
         for seq in 1..=n {
@@ -176,13 +193,11 @@ fn events_of_two_conversations_arrive_in_seq_order_with_their_content() {
 
 #[test]
 fn broker_down_backlog_is_reported_capped_and_produced_after_it_returns() {
-    let Some(mut tansu) = Tansu::start(&["d.events", "d.offline"]) else {
+    let Some((mut tansu, brokers, mut cfg)) = broker("d") else {
         return;
     };
-    let brokers = tansu.brokers();
     let mut rt = runtime();
     rt.block_on(async {
-        let mut cfg = config(&brokers, "d.events", "d.offline");
         cfg.max_records = 100;
         let (_kafka, log) = start_log(&cfg);
         let conv = "p2p:carol:dave";
@@ -242,15 +257,13 @@ fn broker_down_backlog_is_reported_capped_and_produced_after_it_returns() {
 /// produces what is left, then the outbox is empty.
 #[test]
 fn outbox_entries_survive_a_crash_while_kafka_is_down_and_are_produced_after() {
-    let Some(mut tansu) = Tansu::start(&["o.events", "o.offline"]) else {
+    let Some((mut tansu, brokers, cfg)) = broker("o") else {
         return;
     };
     let Some(redis) = redis_server::RedisServer::start() else {
         return;
     };
-    let brokers = tansu.brokers();
     runtime().block_on(async {
-        let cfg = config(&brokers, "o.events", "o.offline");
         let conn = RedisConn::connect(RedisConfig::new(redis.url()), PATIENCE)
             .await
             .expect("redis");
@@ -326,12 +339,10 @@ fn outbox_entries_survive_a_crash_while_kafka_is_down_and_are_produced_after() {
 /// and retried; the cursor stops before it while later records are delivered.
 #[test]
 fn a_record_that_fails_is_retried_and_holds_the_cursor() {
-    let Some(tansu) = Tansu::start(&["f.events", "f.offline"]) else {
+    let Some((_tansu, _, mut cfg)) = broker("f") else {
         return;
     };
-    let brokers = tansu.brokers();
     runtime().block_on(async move {
-        let mut cfg = config(&brokers, "f.events", "f.offline");
         cfg.kafka_properties
             .push(("message.max.bytes".into(), "2000".into()));
         let (_kafka, log) = start_log(&cfg);
@@ -362,12 +373,10 @@ fn a_record_that_fails_is_retried_and_holds_the_cursor() {
 /// taken it off the ring once let the shard overfill the ring and lose an append).
 #[test]
 fn a_backlog_kept_at_its_cap_loses_no_append() {
-    let Some(tansu) = Tansu::start(&["c.events", "c.offline"]) else {
+    let Some((_tansu, brokers, mut cfg)) = broker("c") else {
         return;
     };
-    let brokers = tansu.brokers();
     runtime().block_on(async move {
-        let mut cfg = config(&brokers, "c.events", "c.offline");
         cfg.max_records = 4;
         let (_kafka, log) = start_log(&cfg);
         let total = 5_000u64;
@@ -423,12 +432,10 @@ async fn wait_until(mut f: impl FnMut() -> bool) {
 #[test]
 #[ignore]
 fn measure_throughput_and_confirmation_latency() {
-    let Some(tansu) = Tansu::start_direct(&["m.events", "m.offline"]) else {
+    let Some((_tansu, brokers, mut cfg)) = broker_with("m", Tansu::start_direct) else {
         return;
     };
-    let brokers = tansu.brokers();
     runtime().block_on(async move {
-        let mut cfg = config(&brokers, "m.events", "m.offline");
         if let Some(ms) = std::env::var("IMSHARD_BENCH_LINGER_MS")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -513,19 +520,18 @@ fn measure_throughput_and_confirmation_latency() {
 #[test]
 #[ignore]
 fn measure_outbox_path() {
-    let Some(tansu) = Tansu::start_direct(&["mo.events", "mo.offline"]) else {
+    let Some((_tansu, _, cfg)) = broker_with("mo", Tansu::start_direct) else {
         return;
     };
     let Some(redis) = redis_server::RedisServer::start() else {
         return;
     };
-    let brokers = tansu.brokers();
     runtime().block_on(async move {
         let conn = RedisConn::connect(RedisConfig::new(redis.url()), PATIENCE)
             .await
             .expect("redis");
         let key = outbox_key("bench", 0);
-        let (_kafka, log) = start_log(&config(&brokers, "mo.events", "mo.offline"));
+        let (_kafka, log) = start_log(&cfg);
         let outbox = RedisOutbox::new(conn.clone(), key.clone());
         let pump = OutboxPump::start(outbox.clone(), log.clone(), PumpConfig::default());
         let value = record::message_stored(&origin(), &msg("grp:bench0", 1)).value;
